@@ -1,0 +1,55 @@
+# The project's one entry point. `make help` lists the targets.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: help
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=23" "maturin>=1.8,<2"
+	touch $@
+
+.PHONY: develop
+develop: $(VENV)/.installed ## Build the extension (dev profile) into .venv with the test extras
+	rm -f python/distsrv/_native*.so
+	maturin develop --quiet --extras test
+
+.PHONY: develop-release
+develop-release: $(VENV)/.installed ## Build the extension optimised, for benchmarks
+	rm -f python/distsrv/_native*.so
+	maturin develop --quiet --release --extras test
+
+.PHONY: demo
+demo: develop ## Set up and run the main job: a local cluster at work
+	distsrv demo
+
+.PHONY: lint
+lint: develop ## Formatting, clippy, ruff, mypy and the stub check
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+	ruff check python tests benches
+	ruff format --check python tests benches
+	mypy
+	python -m mypy.stubtest distsrv._native --allowlist .stubtest-allowlist
+
+.PHONY: test
+test: lint ## Set up and run every check and test: Rust and Python
+	cargo test
+	cargo bench --no-run
+	python -m pytest
+
+.PHONY: bench
+bench: develop-release ## Run the benchmarks: Rust criterion, then distsrv beside its peers
+	cargo bench
+	python benches/bench_exchange.py
+
+.PHONY: clean
+clean: ## Remove build outputs and the virtualenv
+	cargo clean
+	rm -rf $(VENV) python/distsrv/_native*.so tests/_generated

@@ -1,0 +1,25 @@
+"""distsrv: an in-process server for distributed training.
+
+Every process of a training job runs one :class:`Server`; all share one :class:`ClusterSpec`.
+Servers find each other, and move numpy arrays between them by name, over gRPC.
+"""
+
+from distsrv import errors
+from distsrv._native import __version__
+from distsrv.cluster import ClusterSpec
+from distsrv.config import ServerConfig
+from distsrv.messages import ClusterDef, JobDef, ServerDef
+from distsrv.server import RecvHandle, SendHandle, Server
+
+__all__ = [
+    "ClusterDef",
+    "ClusterSpec",
+    "JobDef",
+    "RecvHandle",
+    "SendHandle",
+    "Server",
+    "ServerConfig",
+    "ServerDef",
+    "__version__",
+    "errors",
+]

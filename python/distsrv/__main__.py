@@ -1,0 +1,5 @@
+import sys
+
+from distsrv.cli import main
+
+sys.exit(main())

@@ -1,0 +1,93 @@
+"""Runs a local cluster: one process per task, output prefixed and streamed, all stopped if one
+fails. Used by ``distsrv demo``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+__all__ = ["free_ports", "run_local_cluster"]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Ports free on ``host`` right now (held together, so they are distinct)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+def _stream(prefix: str, process: subprocess.Popen[str]) -> None:
+    assert process.stdout is not None
+    for line in process.stdout:
+        sys.stdout.write(f"{prefix} {line}")
+        sys.stdout.flush()
+
+
+def run_local_cluster(
+    jobs: dict[str, int], command: Sequence[str], timeout: float, host: str = "127.0.0.1"
+) -> int:
+    """Starts ``command`` once per task of ``jobs`` (job name -> task count) with the cluster in
+    ``TF_CONFIG``, as Kubeflow's TFJob does. Returns 0 when every task exits 0; when one fails or
+    the timeout passes, stops the rest and returns non-zero, naming the task."""
+    tasks = [(job, index) for job, count in jobs.items() for index in range(count)]
+    ports = iter(free_ports(len(tasks), host))
+    cluster = {job: [f"{host}:{next(ports)}" for _ in range(count)] for job, count in jobs.items()}
+    processes: dict[tuple[str, int], subprocess.Popen[str]] = {}
+    streams = []
+    for job, index in tasks:
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": job, "index": index}})
+        process = subprocess.Popen(
+            list(command),
+            env={**_environ(), "TF_CONFIG": tf_config, "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        processes[(job, index)] = process
+        stream = threading.Thread(target=_stream, args=(f"[{job}:{index}]", process), daemon=True)
+        stream.start()
+        streams.append(stream)
+    deadline = time.monotonic() + timeout
+    failed: str | None = None
+    try:
+        while failed is None and any(p.poll() is None for p in processes.values()):
+            for (job, index), process in processes.items():
+                code = process.poll()
+                if code not in (None, 0):
+                    failed = f"/job:{job}/task:{index} exited with status {code}"
+            if time.monotonic() > deadline:
+                failed = f"the cluster did not finish within {timeout:.0f}s"
+            time.sleep(0.05)
+        for (job, index), process in processes.items():
+            if failed is None and process.returncode not in (None, 0):
+                failed = f"/job:{job}/task:{index} exited with status {process.returncode}"
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in processes.values():
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for stream in streams:
+            stream.join(timeout=5)
+    if failed is not None:
+        print(f"distsrv: {failed}; stopped the other tasks", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _environ() -> dict[str, str]:
+    import os
+
+    return dict(os.environ)

@@ -1,0 +1,367 @@
+"""``distsrv.Server``: the server every task of a cluster runs."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import os
+import threading
+import weakref
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from distsrv import _native, tensors
+from distsrv.cluster import ClusterLike, ClusterSpec
+from distsrv.config import ServerConfig
+from distsrv.errors import InvalidArgumentError
+from distsrv.messages import ServerDef
+
+__all__ = ["RecvHandle", "SendHandle", "Server", "Status", "TaskLike"]
+
+#: A task: "/job:ps/task:0" (TensorFlow's spelling, "/replica:0/" allowed) or ("ps", 0).
+TaskLike = str | tuple[str, int]
+Status = Literal["created", "running", "closing", "closed", "failed"]
+
+_PROTOBUF_SERVER_DEFS = ("tensorflow.ServerDef", "distsrv.v1.ServerDef")
+
+
+class Server:
+    """An in-process server for one task of a cluster, like ``tf.distribute.Server``.
+
+    ``server_or_cluster_def`` is a :class:`ServerDef` (ours, or TensorFlow's protobuf), or
+    anything :class:`ClusterSpec` accepts. ``job_name`` and ``task_index`` follow TensorFlow's
+    rules: they may be left out when the cluster leaves no choice. The address is bound at
+    construction (port 0 picks a free port), so a port in use fails here; serving begins with
+    :meth:`start`, called at once unless ``start=False``.
+
+    Tensors move with :meth:`send` / :meth:`recv` (rendezvous by name: each tensor sent is
+    received exactly once, in order per source and name) and their non-blocking and asyncio forms.
+    """
+
+    def __init__(
+        self,
+        server_or_cluster_def: ServerDef | ClusterLike | Any,
+        job_name: str | None = None,
+        task_index: int | None = None,
+        protocol: str | None = None,
+        config: ServerConfig | None = None,
+        start: bool = True,
+        *,
+        handlers: Mapping[str, Callable[..., Any]] | None = None,
+    ) -> None:
+        if config is not None and not isinstance(config, ServerConfig):
+            raise TypeError(f"config must be a distsrv.ServerConfig, not {type(config).__name__}")
+        self._config = config or ServerConfig()
+        definition = _make_server_def(server_or_cluster_def, job_name, task_index, protocol)
+        if definition.protocol not in ("grpc",):
+            raise InvalidArgumentError(
+                f"unknown protocol {definition.protocol!r}: distsrv speaks 'grpc'"
+            )
+        spec = ClusterSpec(definition.cluster)
+        if definition.job_name not in spec.jobs:
+            raise InvalidArgumentError(
+                f"job {definition.job_name!r} is not in the cluster spec (jobs: {spec.jobs})"
+            )
+        if definition.task_index not in spec.task_indices(definition.job_name):
+            raise InvalidArgumentError(
+                f"task {definition.task_index} is not defined in job {definition.job_name!r} "
+                f"(tasks: {spec.task_indices(definition.job_name)})"
+            )
+        self.handlers: dict[str, Callable[..., Any]] = dict(handlers or {})
+        self._native = _native.Server(
+            _jobs(spec),
+            definition.job_name,
+            definition.task_index,
+            definition.protocol,
+            definition.port,
+            self._config,
+        )
+        self._job_name = definition.job_name
+        self._task_index = definition.task_index
+        self._pid = os.getpid()
+        _live_servers.add(self)
+        if start:
+            self.start()
+
+    @classmethod
+    def create_local_server(
+        cls, config: ServerConfig | None = None, start: bool = True
+    ) -> Server:
+        """A single-task server on a free port of 127.0.0.1, in job "localhost" as TensorFlow's."""
+        return cls({"localhost": ["127.0.0.1:0"]}, protocol="grpc", config=config, start=start)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Starts serving; does nothing if already running."""
+        self._native.start()
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stops gracefully: in-flight calls get ``grace`` seconds (``config.shutdown_grace`` by
+        default) to finish, then are cut off. The port is free when this returns."""
+        self._native.stop(grace)
+
+    def close(self) -> None:
+        """dask's name for :meth:`stop`."""
+        self.stop()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Blocks until the server stops (Ctrl-C interrupts); with a timeout, returns whether it
+        stopped within it."""
+        return self._native.join(timeout)
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def status(self) -> Status:
+        """"created", "running", "closing", "closed" or "failed"."""
+        status: Status = self._native.status  # type: ignore[assignment]
+        return status
+
+    # -- identity -----------------------------------------------------------------------------
+
+    @property
+    def job_name(self) -> str:
+        return self._job_name
+
+    @property
+    def task_index(self) -> int:
+        return self._task_index
+
+    @property
+    def task(self) -> str:
+        """This task's name, "/job:<job>/task:<index>"."""
+        return f"/job:{self._job_name}/task:{self._task_index}"
+
+    @property
+    def address(self) -> str:
+        """This task's "host:port", with the port actually bound."""
+        return self._native.address
+
+    @property
+    def listen_address(self) -> str:
+        """The socket address listened on, e.g. "127.0.0.1:43210"."""
+        return self._native.listen_address
+
+    @property
+    def port(self) -> int:
+        return self._native.port
+
+    @property
+    def target(self) -> str:
+        """"grpc://host:port", as ``tf.distribute.Server.target``."""
+        return f"grpc://{self.address}"
+
+    @property
+    def server_def(self) -> ServerDef:
+        """This server's definition, with the bound port (TensorFlow's own keeps ":0")."""
+        return ServerDef.FromString(self._native.server_def_bytes())
+
+    @property
+    def cluster_spec(self) -> ClusterSpec:
+        """The cluster, with this task's real address."""
+        return ClusterSpec(self.server_def.cluster)
+
+    @property
+    def config(self) -> ServerConfig:
+        return self._config
+
+    @property
+    def connection_limit(self) -> int:
+        """Calls served at once; more are refused with ``ResourceExhaustedError``."""
+        return self._config.connection_limit
+
+    @property
+    def incarnation(self) -> int:
+        """Random and new at every server, so peers can tell a restarted task apart."""
+        return self._native.incarnation
+
+    def __repr__(self) -> str:
+        return f"<distsrv.Server {self.task} at {self.address} ({self.status})>"
+
+    # -- tensor exchange ----------------------------------------------------------------------
+
+    def send(self, name: str, array: npt.ArrayLike, to: TaskLike) -> None:
+        """Sends ``array`` to task ``to`` under ``name``; returns once that task's server holds
+        all of it (from then on it cannot be lost). Sending to oneself works too."""
+        code, shape, contiguous = tensors.to_wire(array)
+        self._native.send(_task(to), name, code, shape, contiguous)
+
+    def recv(self, name: str, source: TaskLike, timeout: float | None = None) -> npt.NDArray[Any]:
+        """The next tensor ``name`` sent by task ``source``, waiting up to ``timeout`` seconds
+        (``DeadlineExceededError`` past it). An unreachable source raises ``UnavailableError``
+        within ``config.connect_timeout``."""
+        code, shape, data = self._native.recv(_task(source), name, timeout)
+        return tensors.from_wire(code, shape, data)
+
+    def isend(self, name: str, array: npt.ArrayLike, to: TaskLike) -> SendHandle:
+        """Starts a send and returns at once; ``wait()`` on the handle for its acknowledgement.
+        The array must not be modified until then."""
+        code, shape, contiguous = tensors.to_wire(array)
+        return SendHandle(self._native.isend(_task(to), name, code, shape, contiguous))
+
+    def irecv(self, name: str, source: TaskLike, timeout: float | None = None) -> RecvHandle:
+        """Starts a receive and returns at once; ``wait()`` on the handle for the array. Dropping
+        the handle before it finishes cancels the receive."""
+        return RecvHandle(self._native.irecv(_task(source), name, timeout))
+
+    async def asend(self, name: str, array: npt.ArrayLike, to: TaskLike) -> None:
+        """Awaitable :meth:`send`."""
+        await self.isend(name, array, to).wait_async()
+
+    async def arecv(
+        self, name: str, source: TaskLike, timeout: float | None = None
+    ) -> npt.NDArray[Any]:
+        """Awaitable :meth:`recv`."""
+        return await self.irecv(name, source, timeout).wait_async()
+
+
+class _Handle:
+    def __init__(self, pending: _native.Pending) -> None:
+        self._pending = pending
+
+    def done(self) -> bool:
+        """Whether the operation has finished (successfully or not)."""
+        return self._pending.done()
+
+    async def _finished(self) -> None:
+        """Waits, without a thread, until the operation finishes: its pipe becomes readable."""
+        if self._pending.done():
+            return
+        loop = asyncio.get_running_loop()
+        finished = loop.create_future()
+        fd = self._pending.fileno()
+        loop.add_reader(fd, lambda: finished.done() or finished.set_result(None))
+        try:
+            await finished
+        finally:
+            loop.remove_reader(fd)
+
+
+class SendHandle(_Handle):
+    """A send in flight."""
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Blocks until the receiver holds the tensor; re-raises the send's error."""
+        self._pending.wait(timeout)
+
+    async def wait_async(self) -> None:
+        await self._finished()
+        self._pending.wait(None)
+
+
+class RecvHandle(_Handle):
+    """A receive in flight."""
+
+    def wait(self, timeout: float | None = None) -> npt.NDArray[Any]:
+        """Blocks until the tensor is here and returns it; re-raises the receive's error."""
+        return _received(self._pending.wait(timeout))
+
+    async def wait_async(self) -> npt.NDArray[Any]:
+        await self._finished()
+        return _received(self._pending.wait(None))
+
+
+def _received(result: tuple[int, list[int], _native.TensorBytes] | None) -> npt.NDArray[Any]:
+    assert result is not None, "a receive yields a tensor"
+    return tensors.from_wire(*result)
+
+
+def _task(task: TaskLike) -> tuple[str, int]:
+    if isinstance(task, str):
+        return _native.parse_task(task)
+    if (
+        isinstance(task, tuple)
+        and len(task) == 2
+        and isinstance(task[0], str)
+        and isinstance(task[1], int | np.integer)
+        and not isinstance(task[1], bool)
+    ):
+        return task[0], int(task[1])
+    raise TypeError(f'a task is "/job:<job>/task:<index>" or (job, index), not {task!r}')
+
+
+def _jobs(spec: ClusterSpec) -> dict[str, dict[int, str]]:
+    return {
+        job: {index: spec.task_address(job, index) for index in spec.task_indices(job)}
+        for job in spec.jobs
+    }
+
+
+def _make_server_def(
+    server_or_cluster_def: Any,
+    job_name: str | None,
+    task_index: int | None,
+    protocol: str | None,
+) -> ServerDef:
+    """TensorFlow's ``_make_server_def``: explicit arguments override a ServerDef's fields; for a
+    cluster, job and task may be omitted when the cluster leaves one choice."""
+    if isinstance(server_or_cluster_def, ServerDef) or (
+        _protobuf_name(server_or_cluster_def) in _PROTOBUF_SERVER_DEFS
+    ):
+        if not isinstance(server_or_cluster_def, ServerDef):
+            server_or_cluster_def = ServerDef.FromString(
+                server_or_cluster_def.SerializeToString()
+            )
+        base: ServerDef = server_or_cluster_def
+        return ServerDef(
+            cluster=base.cluster,
+            job_name=base.job_name if job_name is None else job_name,
+            task_index=base.task_index if task_index is None else task_index,
+            protocol=(base.protocol or "grpc") if protocol is None else protocol,
+            port=base.port,
+        )
+    try:
+        spec = ClusterSpec(server_or_cluster_def)
+    except TypeError:
+        raise TypeError(
+            "Could not convert `server_or_cluster_def` to a `distsrv.ServerDef` or "
+            "`distsrv.ClusterSpec`."
+        ) from None
+    if job_name is None:
+        if len(spec.jobs) != 1:
+            raise ValueError("Must specify an explicit `job_name`.")
+        job_name = spec.jobs[0]
+    if task_index is None:
+        indices = spec.task_indices(job_name)
+        if len(indices) != 1:
+            raise ValueError("Must specify an explicit `task_index`.")
+        task_index = indices[0]
+    return ServerDef(
+        cluster=spec.as_cluster_def(),
+        job_name=job_name,
+        task_index=task_index,
+        protocol="grpc" if protocol is None else protocol,
+    )
+
+
+def _protobuf_name(message: Any) -> str | None:
+    descriptor = getattr(message, "DESCRIPTOR", None)
+    return getattr(descriptor, "full_name", None)
+
+
+# Servers still running at interpreter exit are stopped before the runtime's threads would be torn
+# down under them. A forked child leaves its parent's servers alone.
+_live_servers: weakref.WeakSet[Server] = weakref.WeakSet()
+_exit_lock = threading.Lock()
+
+
+@atexit.register
+def _stop_live_servers() -> None:
+    with _exit_lock:
+        for server in list(_live_servers):
+            if server._pid == os.getpid() and server.status in ("created", "running"):
+                server.stop(grace=0)

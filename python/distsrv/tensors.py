@@ -1,0 +1,72 @@
+"""numpy arrays to and from the wire: TensorFlow's DataType codes, C-order native-endian bytes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from distsrv import _native
+
+__all__ = ["dtype_code", "from_wire", "supported_dtypes", "to_wire"]
+
+# TensorFlow's DataType numbers (tensorflow/core/framework/types.proto).
+_CODES: dict[np.dtype[Any], int] = {
+    np.dtype(np.float32): 1,
+    np.dtype(np.float64): 2,
+    np.dtype(np.int32): 3,
+    np.dtype(np.uint8): 4,
+    np.dtype(np.int16): 5,
+    np.dtype(np.int8): 6,
+    np.dtype(np.complex64): 8,
+    np.dtype(np.int64): 9,
+    np.dtype(np.bool_): 10,
+    np.dtype(np.uint16): 17,
+    np.dtype(np.complex128): 18,
+    np.dtype(np.float16): 19,
+    np.dtype(np.uint32): 22,
+    np.dtype(np.uint64): 23,
+}
+try:
+    import ml_dtypes
+
+    _CODES[np.dtype(ml_dtypes.bfloat16)] = 14
+except ImportError:  # bfloat16 is carried only where ml_dtypes provides it
+    pass
+_DTYPES = {code: dtype for dtype, code in _CODES.items()}
+
+
+def supported_dtypes() -> tuple[np.dtype[Any], ...]:
+    """The dtypes that can be sent, in TensorFlow's DataType order."""
+    return tuple(sorted(_CODES, key=_CODES.__getitem__))
+
+
+def dtype_code(dtype: npt.DTypeLike) -> int:
+    """TensorFlow's DataType number of ``dtype``; TypeError for dtypes the wire cannot carry."""
+    native = np.dtype(dtype).newbyteorder("=")
+    try:
+        return _CODES[native]
+    except KeyError:
+        raise TypeError(
+            f"cannot send arrays of dtype {np.dtype(dtype)}: supported are "
+            + ", ".join(str(d) for d in supported_dtypes())
+        ) from None
+
+
+def to_wire(array: npt.ArrayLike) -> tuple[int, list[int], npt.NDArray[Any]]:
+    """(dtype code, shape, flat C-contiguous native-endian array) for sending; copies only when
+    the array is not already laid out that way."""
+    array = np.asarray(array)
+    code = dtype_code(array.dtype)
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    if not array.flags.c_contiguous:
+        array = array.copy(order="C")
+    # Flat: a 0-d array exports no shape, which the buffer protocol's consumers refuse.
+    return code, list(array.shape), array.reshape(-1)
+
+
+def from_wire(code: int, shape: list[int], data: _native.TensorBytes) -> npt.NDArray[Any]:
+    """A writable array over a received tensor's bytes, without copying them."""
+    return np.frombuffer(data, dtype=_DTYPES[code]).reshape(shape)

@@ -1,0 +1,453 @@
+//! The tensor-exchange loop: tasks hand each other tensors by name.
+//!
+//! Rendezvous semantics: every tensor sent is received exactly once, in order per (source, name),
+//! and a receive may come before or after its send. Sends push: the sender streams the tensor to
+//! the receiving task's server, which answers only once it holds the whole tensor in its inbox, so
+//! an acknowledged tensor is never lost. The inbox holds at most `max_pending_bytes` of tensors
+//! nobody has received yet; a send beyond that is refused rather than buffered without bound.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::Either;
+use http_body_util::BodyExt;
+use tokio::sync::oneshot;
+use tonic::codec::Streaming;
+use tonic_prost::ProstDecoder;
+
+use crate::cluster::TaskId;
+use crate::codec::{self, ChunkParser, Tensor, TensorBuf, TensorKey, TensorMeta};
+use crate::config::ServerConfig;
+use crate::errors::{Code, Error, Result};
+use crate::peers::Peers;
+use crate::proto;
+
+/// gRPC path of the tensor push, served by hand (see `service`) so payload bytes are copied once.
+pub const SEND_TENSOR_PATH: &str = "/distsrv.v1.Worker/SendTensor";
+
+/// A header message is a few hundred bytes; this bounds what an off-protocol peer can make the
+/// server buffer before the header is checked.
+const MAX_HEADER_BYTES: usize = 64 << 10;
+
+pub struct Exchange {
+    me: TaskId,
+    peers: Arc<Peers>,
+    chunk_bytes: usize,
+    inbox: Arc<Inbox>,
+    order: Arc<SendOrder>,
+}
+
+impl Exchange {
+    pub fn new(me: TaskId, peers: Arc<Peers>, config: &ServerConfig) -> Self {
+        Self {
+            me,
+            peers,
+            chunk_bytes: config.chunk_bytes,
+            inbox: Arc::new(Inbox::new(config.max_pending_bytes)),
+            order: Arc::default(),
+        }
+    }
+
+    /// Starts sending `payload` (row-major bytes of a `meta` tensor) to `to` under `name`.
+    ///
+    /// The send's place in the order of sends to the same (task, name) is taken now, so the
+    /// returned future may run on any thread and still deliver in call order. It resolves once the
+    /// receiving server holds the whole tensor. A send to this task itself copies into the inbox
+    /// at once.
+    pub fn send(
+        &self,
+        to: TaskId,
+        name: String,
+        meta: TensorMeta,
+        payload: Bytes,
+    ) -> Result<impl Future<Output = Result<()>> + Send + 'static> {
+        self.peers.cluster().require(&to)?;
+        if meta.byte_len() != Some(payload.len() as u64) {
+            return Err(Error::invalid_argument(format!(
+                "{} bytes given for a {:?} tensor of shape {:?}",
+                payload.len(),
+                meta.dtype,
+                meta.shape
+            )));
+        }
+        let key = TensorKey {
+            source: self.me.clone(),
+            name,
+        };
+        if to == self.me {
+            let reservation = Reservation::new(&self.inbox, payload.len() as u64)?;
+            let tensor = Tensor {
+                meta,
+                data: TensorBuf::from_slice(&payload),
+            };
+            self.inbox.deliver(key, tensor, reservation)?;
+            return Ok(Either::Left(std::future::ready(Ok(()))));
+        }
+        let turn = self.order.take_turn(&to, &key.name);
+        let peers = Arc::clone(&self.peers);
+        let chunk = self.chunk_bytes;
+        Ok(Either::Right(async move {
+            let _turn = turn.wait().await;
+            let frames = codec::tensor_frames(&codec::header(&key, &meta), payload, chunk);
+            push(&peers, &to, frames, meta.byte_len().unwrap_or(0))
+                .await
+                .map_err(|e| e.context(format!("send of {:?} to {to}", key.name)))
+        }))
+    }
+
+    /// Receives the next tensor `name` from `source`, waiting up to `timeout` (`None`: no limit)
+    /// for it to arrive. While waiting, the source is checked now and then: if it cannot be reached
+    /// for the connect timeout, the receive fails with `Unavailable` instead of waiting forever.
+    pub async fn recv(
+        &self,
+        source: TaskId,
+        name: String,
+        timeout: Option<Duration>,
+    ) -> Result<Tensor> {
+        self.peers.cluster().require(&source)?;
+        let key = TensorKey { source, name };
+        let take = self.inbox.take(key.clone());
+        let timed = async {
+            match timeout {
+                None => take.await,
+                Some(limit) => tokio::time::timeout(limit, take).await.unwrap_or_else(|_| {
+                    Err(Error::deadline_exceeded(format!(
+                        "no {key} within {:.3}s",
+                        limit.as_secs_f64()
+                    )))
+                }),
+            }
+        };
+        if key.source == self.me {
+            return timed.await;
+        }
+        tokio::select! {
+            received = timed => received,
+            lost = watch_alive(&self.peers, &key.source) => Err(lost.context(format!("recv of {key}"))),
+        }
+    }
+
+    /// Serves one pushed tensor: parses the stream as it arrives, holds the tensor, and returns the
+    /// number of bytes kept. Nothing is delivered unless the whole tensor arrived intact.
+    pub async fn receive(&self, mut body: tonic::body::Body) -> Result<u64> {
+        let mut parser = ChunkParser::new(MAX_HEADER_BYTES);
+        let mut reservation = None;
+        let cluster = self.peers.cluster();
+        let mut admit = |announced: codec::Announced<'_>| {
+            cluster.require(&announced.key.source)?;
+            let size = announced.meta.byte_len().unwrap_or(0);
+            reservation = Some(Reservation::new(&self.inbox, size)?);
+            Ok(())
+        };
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| Error::cancelled(format!("the sender went away: {e}")))?;
+            if let Ok(data) = frame.into_data() {
+                parser.feed(data, &mut admit)?;
+            }
+        }
+        let (key, tensor) = parser.finish()?;
+        let size = tensor.data.len() as u64;
+        let reservation = reservation.expect("a finished stream was admitted");
+        self.inbox.deliver(key, tensor, reservation)?;
+        Ok(size)
+    }
+
+    /// Ends every waiting receive and refuses new tensors; unreceived tensors are dropped.
+    pub fn close(&self) {
+        self.inbox.close();
+    }
+}
+
+/// Streams the frames of one tensor to `to` and waits for its acknowledgement.
+async fn push(peers: &Peers, to: &TaskId, frames: Vec<Bytes>, total: u64) -> Result<()> {
+    use tower::ServiceExt;
+
+    let channel = peers.channel(to).await?;
+    let body = http_body_util::StreamBody::new(futures::stream::iter(
+        frames
+            .into_iter()
+            .map(|frame| Ok::<_, tonic::Status>(http_body::Frame::data(frame))),
+    ));
+    let request = http::Request::builder()
+        .method(http::Method::POST)
+        .uri(SEND_TENSOR_PATH)
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .body(tonic::body::Body::new(body))
+        .map_err(|e| Error::internal(format!("cannot build the request: {e}")))?;
+    let response = channel
+        .oneshot(request)
+        .await
+        .map_err(|e| Error::from(tonic::Status::from_error(e.into())))?;
+    if let Some(status) = tonic::Status::from_header_map(response.headers())
+        && status.code() != Code::Ok
+    {
+        return Err(status.into());
+    }
+    let status_code = response.status();
+    let mut replies = Streaming::new_response(
+        ProstDecoder::<proto::SendTensorResponse>::default(),
+        response.into_body(),
+        status_code,
+        None,
+        None,
+    );
+    let reply = replies
+        .message()
+        .await?
+        .ok_or_else(|| Error::internal("the receiver acknowledged nothing"))?;
+    // Reading on to the end surfaces a non-OK status sent in the trailers.
+    while replies.message().await?.is_some() {}
+    if reply.received_bytes != total {
+        return Err(Error::data_loss(format!(
+            "the receiver kept {} of {total} bytes",
+            reply.received_bytes
+        )));
+    }
+    Ok(())
+}
+
+/// Resolves only when `task` has been unreachable for the connect timeout, checking a few times a
+/// second; its answer to GetStatus proves it alive.
+async fn watch_alive(peers: &Peers, task: &TaskId) -> Error {
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if let Err(error) = peers.status(task).await
+            && error.code == Code::Unavailable
+        {
+            return error;
+        }
+    }
+}
+
+/// Bytes counted against the inbox's limit until dropped.
+struct Reservation {
+    inbox: Arc<Inbox>,
+    bytes: u64,
+}
+
+impl Reservation {
+    fn new(inbox: &Arc<Inbox>, bytes: u64) -> Result<Self> {
+        let limit = inbox.max_pending_bytes;
+        inbox
+            .pending_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |pending| {
+                pending.checked_add(bytes).filter(|total| *total <= limit)
+            })
+            .map_err(|pending| {
+                Error::resource_exhausted(format!(
+                    "the receiver holds {pending} bytes of unreceived tensors; {bytes} more would \
+                     pass its limit of {limit} (max_pending_bytes)"
+                ))
+            })?;
+        Ok(Self {
+            inbox: Arc::clone(inbox),
+            bytes,
+        })
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.inbox.pending_bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+/// A tensor that has arrived but not been received; its bytes count as pending until then.
+struct Arrived {
+    tensor: Tensor,
+    _reservation: Reservation,
+}
+
+#[derive(Default)]
+struct Slot {
+    arrived: VecDeque<Arrived>,
+    waiting: VecDeque<oneshot::Sender<Arrived>>,
+}
+
+struct InboxState {
+    slots: HashMap<TensorKey, Slot>,
+    closed: Option<Error>,
+}
+
+/// Tensors that arrived at this task, by (source, name), and the receives waiting for them.
+struct Inbox {
+    state: Mutex<InboxState>,
+    /// Outside the lock, so a reservation can be dropped while it is held.
+    pending_bytes: AtomicU64,
+    max_pending_bytes: u64,
+}
+
+impl Inbox {
+    fn new(max_pending_bytes: u64) -> Self {
+        Self {
+            state: Mutex::new(InboxState {
+                slots: HashMap::new(),
+                closed: None,
+            }),
+            pending_bytes: AtomicU64::new(0),
+            max_pending_bytes,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, InboxState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands the tensor to the longest-waiting receive, or keeps it in arrival order.
+    fn deliver(&self, key: TensorKey, tensor: Tensor, reservation: Reservation) -> Result<()> {
+        let mut state = self.lock();
+        if let Some(error) = &state.closed {
+            return Err(error.clone());
+        }
+        let mut arrived = Arrived {
+            tensor,
+            _reservation: reservation,
+        };
+        let slot = state.slots.entry(key).or_default();
+        while let Some(waiter) = slot.waiting.pop_front() {
+            match waiter.send(arrived) {
+                Ok(()) => return Ok(()),
+                // That receive gave up (timeout, Ctrl-C); try the next one.
+                Err(back) => arrived = back,
+            }
+        }
+        slot.arrived.push_back(arrived);
+        Ok(())
+    }
+
+    /// The next tensor under `key`, as soon as there is one.
+    async fn take(self: &Arc<Self>, key: TensorKey) -> Result<Tensor> {
+        let receiver = {
+            let mut state = self.lock();
+            if let Some(error) = &state.closed {
+                return Err(error.clone());
+            }
+            let slot = state.slots.entry(key.clone()).or_default();
+            if let Some(arrived) = slot.arrived.pop_front() {
+                if slot.arrived.is_empty() && slot.waiting.is_empty() {
+                    state.slots.remove(&key);
+                }
+                return Ok(arrived.tensor);
+            }
+            let (sender, receiver) = oneshot::channel();
+            slot.waiting.push_back(sender);
+            receiver
+        };
+        let mut waiting = Waiting {
+            inbox: Arc::clone(self),
+            key,
+            receiver: Some(receiver),
+        };
+        let receiver = waiting.receiver.as_mut().expect("set above");
+        match receiver.await {
+            Ok(arrived) => {
+                waiting.receiver = None;
+                Ok(arrived.tensor)
+            }
+            Err(_) => Err(self
+                .lock()
+                .closed
+                .clone()
+                .unwrap_or_else(|| Error::cancelled("the receive was abandoned"))),
+        }
+    }
+
+    /// Puts back a tensor handed to a receive that gave up before taking it, first in line.
+    fn put_back(&self, key: TensorKey, arrived: Arrived) {
+        let mut state = self.lock();
+        if state.closed.is_none() {
+            state.slots.entry(key).or_default().arrived.push_front(arrived);
+        }
+    }
+
+    fn close(&self) {
+        let mut state = self.lock();
+        state.closed = Some(Error::cancelled("the server is stopping"));
+        // Dropping the waiters' senders wakes every waiting receive.
+        let slots = std::mem::take(&mut state.slots);
+        drop(state);
+        drop(slots);
+    }
+}
+
+/// A receive in progress; if it is dropped (timeout, Ctrl-C) after a tensor was handed to it,
+/// the tensor goes back to the inbox instead of being lost.
+struct Waiting {
+    inbox: Arc<Inbox>,
+    key: TensorKey,
+    receiver: Option<oneshot::Receiver<Arrived>>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if let Some(mut receiver) = self.receiver.take() {
+            receiver.close();
+            if let Ok(arrived) = receiver.try_recv() {
+                self.inbox.put_back(self.key.clone(), arrived);
+            }
+        }
+    }
+}
+
+/// Keeps sends to the same (task, name) in call order: each send waits for the previous one.
+#[derive(Default)]
+struct SendOrder {
+    last: Mutex<HashMap<(TaskId, String), (u64, oneshot::Receiver<()>)>>,
+    next_id: AtomicU64,
+}
+
+impl SendOrder {
+    fn take_turn(self: &Arc<Self>, to: &TaskId, name: &str) -> Turn {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (done, finished) = oneshot::channel();
+        let slot = (to.clone(), name.to_owned());
+        let previous = self
+            .lock()
+            .insert(slot.clone(), (id, finished))
+            .map(|(_, previous)| previous);
+        Turn {
+            order: Arc::clone(self),
+            slot,
+            id,
+            previous,
+            _done: done,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<(TaskId, String), (u64, oneshot::Receiver<()>)>> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A send's place in line; dropping it (send finished or abandoned) lets the next one go.
+struct Turn {
+    order: Arc<SendOrder>,
+    slot: (TaskId, String),
+    id: u64,
+    previous: Option<oneshot::Receiver<()>>,
+    _done: oneshot::Sender<()>,
+}
+
+impl Turn {
+    async fn wait(mut self) -> Self {
+        if let Some(previous) = self.previous.take() {
+            // An error means the previous send ended without signalling: it is over either way.
+            let _ = previous.await;
+        }
+        self
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let mut last = self.order.lock();
+        // The last send of a name leaves no entry behind, so names used once do not pile up.
+        if last.get(&self.slot).is_some_and(|(id, _)| *id == self.id) {
+            last.remove(&self.slot);
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! The Python binding, `distsrv._native`: converts types, releases the GIL around Rust work, and
+//! nothing else. The Pythonic API lives in `python/distsrv/`.
+
+mod errors;
+mod server;
+mod tensor;
+
+use pyo3::prelude::*;
+
+#[pymodule(name = "_native")]
+mod native {
+    use std::collections::BTreeMap;
+
+    use pyo3::exceptions::PyValueError;
+    use pyo3::prelude::*;
+    use pyo3::types::PyBytes;
+
+    use crate::cluster::{self, Cluster, Jobs, ServerDef, TaskId};
+
+    #[pymodule_export]
+    use super::server::{NativeServer, Pending};
+    #[pymodule_export]
+    use super::tensor::TensorBytes;
+
+    #[pymodule_init]
+    fn init(module: &Bound<'_, PyModule>) -> PyResult<()> {
+        module.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        // Benchmarks refuse to time a debug build.
+        module.add(
+            "BUILD_PROFILE",
+            if cfg!(debug_assertions) { "debug" } else { "release" },
+        )?;
+        Ok(())
+    }
+
+    /// Splits "host:port" (IPv6 in brackets) into host and port; ValueError if it is not one.
+    #[pyfunction]
+    fn parse_address(address: &str) -> PyResult<(String, u16)> {
+        cluster::parse_address(address).map_err(|e| PyValueError::new_err(e.message))
+    }
+
+    /// Splits "/job:ps/task:0" (or "/job:ps/replica:0/task:0") into job and index.
+    #[pyfunction]
+    fn parse_task(name: &str) -> PyResult<(String, u32)> {
+        TaskId::parse(name)
+            .map(|task| (task.job, task.index))
+            .map_err(|e| PyValueError::new_err(e.message))
+    }
+
+    /// Encodes jobs as a ClusterDef (TensorFlow's field numbers).
+    #[pyfunction]
+    fn cluster_def_to_bytes<'py>(py: Python<'py>, jobs: Jobs) -> PyResult<Bound<'py, PyBytes>> {
+        let cluster = Cluster::new(jobs).map_err(|e| PyValueError::new_err(e.message))?;
+        Ok(PyBytes::new(py, &prost::Message::encode_to_vec(&cluster.to_proto())))
+    }
+
+    /// Decodes a ClusterDef into jobs; ValueError if the bytes are not one.
+    #[pyfunction]
+    fn cluster_def_from_bytes(data: &[u8]) -> PyResult<Jobs> {
+        let def: crate::proto::ClusterDef = prost::Message::decode(data)
+            .map_err(|e| PyValueError::new_err(format!("not a ClusterDef: {e}")))?;
+        Cluster::from_proto(&def)
+            .map(|cluster| cluster.jobs().clone())
+            .map_err(|e| PyValueError::new_err(e.message))
+    }
+
+    /// Encodes a ServerDef (TensorFlow's field numbers).
+    #[pyfunction]
+    fn server_def_to_bytes<'py>(
+        py: Python<'py>,
+        jobs: Jobs,
+        job_name: String,
+        task_index: u32,
+        protocol: String,
+        port: u16,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let def = ServerDef {
+            cluster: Cluster::new(jobs).map_err(|e| PyValueError::new_err(e.message))?,
+            task: TaskId::new(job_name, task_index),
+            protocol,
+            port,
+        };
+        Ok(PyBytes::new(py, &def.encode()))
+    }
+
+    /// Decodes a ServerDef into (jobs, job_name, task_index, protocol, port).
+    #[pyfunction]
+    fn server_def_from_bytes(data: &[u8]) -> PyResult<(Jobs, String, u32, String, u16)> {
+        let def = ServerDef::decode(data).map_err(|e| PyValueError::new_err(e.message))?;
+        let jobs: BTreeMap<_, _> = def.cluster.jobs().clone();
+        Ok((jobs, def.task.job, def.task.index, def.protocol, def.port))
+    }
+}

@@ -1,0 +1,446 @@
+//! `distsrv._native.Server`: a task's server as Python sees it.
+
+use std::mem::ManuallyDrop;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+use tokio::runtime::Handle;
+use tokio::task::JoinHandle;
+
+use super::errors::{IntoPyResult, to_py};
+use super::tensor::{HeldBuffer, TensorBytes};
+use crate::cluster::{Cluster, Jobs, ServerDef, TaskId, format_address, parse_address};
+use crate::codec::{Tensor, TensorMeta};
+use crate::config::ServerConfig;
+use crate::errors::{Error, Result};
+use crate::server::Server;
+
+/// How long a blocking call waits between checks for signals, so Ctrl-C interrupts it promptly.
+const SIGNAL_CHECK: Duration = Duration::from_millis(50);
+
+/// `distsrv.ServerConfig`'s fields, read by attribute name.
+#[derive(FromPyObject)]
+pub struct ConfigArgs {
+    connect_timeout: f64,
+    shutdown_grace: f64,
+    max_message_bytes: usize,
+    chunk_bytes: usize,
+    max_pending_bytes: u64,
+    connection_limit: usize,
+    worker_threads: usize,
+}
+
+impl ConfigArgs {
+    fn into_config(self) -> PyResult<ServerConfig> {
+        let seconds = |name: &str, value: f64| {
+            Duration::try_from_secs_f64(value)
+                .map_err(|_| to_py(Error::invalid_argument(format!("{name} must be >= 0"))))
+        };
+        Ok(ServerConfig {
+            connect_timeout: seconds("connect_timeout", self.connect_timeout)?,
+            shutdown_grace: seconds("shutdown_grace", self.shutdown_grace)?,
+            max_message_bytes: self.max_message_bytes,
+            chunk_bytes: self.chunk_bytes,
+            max_pending_bytes: self.max_pending_bytes,
+            connection_limit: self.connection_limit,
+            worker_threads: self.worker_threads,
+        })
+    }
+}
+
+fn seconds(value: Option<f64>) -> PyResult<Option<Duration>> {
+    value
+        .map(|v| {
+            Duration::try_from_secs_f64(v)
+                .map_err(|_| to_py(Error::invalid_argument(format!("a timeout of {v} s is invalid"))))
+        })
+        .transpose()
+}
+
+#[pyclass(frozen, name = "Server", module = "distsrv._native")]
+pub struct NativeServer {
+    server: ManuallyDrop<Server>,
+    /// The process that made the server: its runtime's threads exist only there.
+    pid: u32,
+}
+
+#[pymethods]
+impl NativeServer {
+    /// Binds the task's address (port 0 picks a free port); serving starts with `start()`.
+    #[new]
+    fn new(
+        py: Python<'_>,
+        jobs: Jobs,
+        job_name: String,
+        task_index: u32,
+        protocol: String,
+        port: u16,
+        config: ConfigArgs,
+    ) -> PyResult<Self> {
+        let config = config.into_config()?;
+        let def = ServerDef {
+            cluster: Cluster::new(jobs).into_py()?,
+            task: TaskId::new(job_name, task_index),
+            protocol,
+            port,
+        };
+        let server = py.detach(|| Server::bind(def, config)).into_py()?;
+        Ok(Self {
+            server: ManuallyDrop::new(server),
+            pid: std::process::id(),
+        })
+    }
+
+    fn start(&self, py: Python<'_>) -> PyResult<()> {
+        let server = self.server()?;
+        py.detach(|| server.start()).into_py()
+    }
+
+    #[pyo3(signature = (grace=None))]
+    fn stop(&self, py: Python<'_>, grace: Option<f64>) -> PyResult<()> {
+        let grace = seconds(grace)?;
+        let server = self.server()?;
+        py.detach(|| server.stop(grace));
+        Ok(())
+    }
+
+    /// Blocks until the server has stopped or `timeout` seconds passed; whether it stopped.
+    #[pyo3(signature = (timeout=None))]
+    fn join(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        let server = self.server()?;
+        let deadline = seconds(timeout)?.map(|t| std::time::Instant::now() + t);
+        loop {
+            let slice = match deadline {
+                Some(deadline) => {
+                    deadline.saturating_duration_since(std::time::Instant::now()).min(SIGNAL_CHECK)
+                }
+                None => SIGNAL_CHECK,
+            };
+            if py.detach(|| server.wait(Some(slice))) {
+                return Ok(true);
+            }
+            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                return Ok(false);
+            }
+            py.check_signals()?;
+        }
+    }
+
+    #[getter]
+    fn status(&self) -> &'static str {
+        self.server.status().as_str()
+    }
+
+    /// This task's address as the cluster knows it, with the real port.
+    #[getter]
+    fn address(&self) -> String {
+        let (host, port) = (self.host(), self.server.local_addr().port());
+        format_address(&host, port)
+    }
+
+    /// The socket address actually listened on.
+    #[getter]
+    fn listen_address(&self) -> String {
+        let local = self.server.local_addr();
+        format_address(&local.ip().to_string(), local.port())
+    }
+
+    #[getter]
+    fn port(&self) -> u16 {
+        self.server.local_addr().port()
+    }
+
+    #[getter]
+    fn incarnation(&self) -> u64 {
+        self.server.task().incarnation
+    }
+
+    fn server_def_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.server.server_def().encode())
+    }
+
+    /// Sends `data` (a C-contiguous buffer of a `dtype` tensor of `shape`) to task `to`; returns
+    /// once the receiving server holds all of it.
+    fn send(
+        &self,
+        py: Python<'_>,
+        to: (String, u32),
+        name: String,
+        dtype: i32,
+        shape: Vec<u64>,
+        data: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let (held, future, runtime) = self.start_send(to, name, dtype, shape, data)?;
+        let sent = wait_interruptibly(py, &runtime, future);
+        held.release(py);
+        sent?.into_py()
+    }
+
+    /// Like `send`, but returns at once with a handle to wait on.
+    fn isend(
+        &self,
+        to: (String, u32),
+        name: String,
+        dtype: i32,
+        shape: Vec<u64>,
+        data: &Bound<'_, PyAny>,
+    ) -> PyResult<Pending> {
+        let (held, future, runtime) = self.start_send(to, name, dtype, shape, data)?;
+        let (done, finished) = completion_pipe()?;
+        let task = runtime.spawn(async move {
+            let _done = finished;
+            future.await.map(|()| Completed::Sent)
+        });
+        Ok(Pending::new(runtime, task, done, Some(held)))
+    }
+
+    /// Receives the next tensor `name` from `source`: (dtype code, shape, bytes).
+    #[pyo3(signature = (source, name, timeout=None))]
+    fn recv(
+        &self,
+        py: Python<'_>,
+        source: (String, u32),
+        name: String,
+        timeout: Option<f64>,
+    ) -> PyResult<(i32, Vec<u64>, TensorBytes)> {
+        let timeout = seconds(timeout)?;
+        let server = self.server()?;
+        let runtime = server.runtime().into_py()?;
+        let source = TaskId::new(source.0, source.1);
+        let received = wait_interruptibly(
+            py,
+            &runtime,
+            server.task().exchange.recv(source, name, timeout),
+        )?;
+        received.map(tensor_parts).into_py()
+    }
+
+    /// Like `recv`, but returns at once with a handle to wait on.
+    #[pyo3(signature = (source, name, timeout=None))]
+    fn irecv(&self, source: (String, u32), name: String, timeout: Option<f64>) -> PyResult<Pending> {
+        let timeout = seconds(timeout)?;
+        let server = self.server()?;
+        let runtime = server.runtime().into_py()?;
+        let task = server.task().clone();
+        let source = TaskId::new(source.0, source.1);
+        let (done, finished) = completion_pipe()?;
+        let join = runtime.spawn(async move {
+            let _done = finished;
+            task.exchange.recv(source, name, timeout).await.map(Completed::Received)
+        });
+        Ok(Pending::new(runtime, join, done, None))
+    }
+}
+
+type SendFuture = std::pin::Pin<Box<dyn Future<Output = Result<()>> + Send>>;
+
+impl NativeServer {
+    /// The server, unless this is a forked child of the process that made it.
+    fn server(&self) -> PyResult<&Server> {
+        if std::process::id() != self.pid {
+            return Err(to_py(Error::failed_precondition(format!(
+                "this server was created in process {} and cannot be used after fork(); create \
+                 servers in the process that uses them (or use the 'spawn' start method)",
+                self.pid
+            ))));
+        }
+        Ok(&self.server)
+    }
+
+    fn host(&self) -> String {
+        let server = &self.server;
+        let address = server.cluster().address(server.task_id()).unwrap_or_default();
+        parse_address(address).map_or_else(|_| String::new(), |(host, _)| host)
+    }
+
+    fn start_send(
+        &self,
+        to: (String, u32),
+        name: String,
+        dtype: i32,
+        shape: Vec<u64>,
+        data: &Bound<'_, PyAny>,
+    ) -> PyResult<(HeldBuffer, SendFuture, Handle)> {
+        let server = self.server()?;
+        let runtime = server.runtime().into_py()?;
+        let meta = TensorMeta::checked(dtype, shape).into_py()?;
+        let (held, payload) = HeldBuffer::hold(data)?;
+        let future = server
+            .task()
+            .exchange
+            .send(TaskId::new(to.0, to.1), name, meta, payload)
+            .into_py()?;
+        Ok((held, Box::pin(future), runtime))
+    }
+}
+
+impl Drop for NativeServer {
+    fn drop(&mut self) {
+        if std::process::id() == self.pid {
+            // SAFETY: dropped exactly once, here.
+            let server = unsafe { ManuallyDrop::take(&mut self.server) };
+            Python::attach(|py| py.detach(|| drop(server)));
+        }
+        // In a forked child the runtime's threads do not exist: stopping it would hang, so the
+        // copy is left alone.
+    }
+}
+
+fn tensor_parts(tensor: Tensor) -> (i32, Vec<u64>, TensorBytes) {
+    (tensor.meta.dtype as i32, tensor.meta.shape, TensorBytes::new(tensor.data))
+}
+
+/// Drives `future` on the server's runtime without the GIL, checking for signals in between so
+/// Ctrl-C raises KeyboardInterrupt (dropping the future, which abandons the operation cleanly).
+fn wait_interruptibly<F>(py: Python<'_>, runtime: &Handle, future: F) -> PyResult<F::Output>
+where
+    F: Future + Send,
+    F::Output: Send,
+{
+    let mut future = std::pin::pin!(future);
+    loop {
+        let step = py.detach(|| {
+            runtime.block_on(async { tokio::time::timeout(SIGNAL_CHECK, future.as_mut()).await })
+        });
+        match step {
+            Ok(output) => return Ok(output),
+            Err(_) => py.check_signals()?,
+        }
+    }
+}
+
+enum Completed {
+    Sent,
+    Received(Tensor),
+}
+
+enum Stage {
+    Running(JoinHandle<Result<Completed>>),
+    /// A thread is waiting on it.
+    Claimed,
+    /// Its result was handed out.
+    Finished,
+}
+
+/// A pipe whose write end the operation's task owns: when the task ends, for any reason, the
+/// write end closes and the read end becomes readable, which an event loop can watch.
+fn completion_pipe() -> PyResult<(std::io::PipeReader, std::io::PipeWriter)> {
+    std::io::pipe().map_err(|e| to_py(Error::internal(format!("cannot create a pipe: {e}"))))
+}
+
+/// A send or receive in flight (`isend` / `irecv`). Dropping an unfinished receive cancels it;
+/// an unfinished send runs to its end.
+#[pyclass(frozen, module = "distsrv._native")]
+pub struct Pending {
+    runtime: Handle,
+    stage: Mutex<Stage>,
+    done: std::io::PipeReader,
+    held: Mutex<Option<HeldBuffer>>,
+}
+
+impl Pending {
+    fn new(
+        runtime: Handle,
+        task: JoinHandle<Result<Completed>>,
+        done: std::io::PipeReader,
+        held: Option<HeldBuffer>,
+    ) -> Self {
+        Self {
+            runtime,
+            stage: Mutex::new(Stage::Running(task)),
+            done,
+            held: Mutex::new(held),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Stage> {
+        self.stage.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[pymethods]
+impl Pending {
+    /// A file descriptor that becomes readable when the operation has finished, for event loops
+    /// (asyncio's `add_reader`).
+    fn fileno(&self) -> i32 {
+        use std::os::fd::AsRawFd;
+        self.done.as_raw_fd()
+    }
+
+    /// Whether the operation has finished (successfully or not).
+    fn done(&self) -> bool {
+        match &*self.lock() {
+            Stage::Running(task) => task.is_finished(),
+            Stage::Claimed => false,
+            Stage::Finished => true,
+        }
+    }
+
+    /// Waits for the result: None for a send, (dtype code, shape, bytes) for a receive. With a
+    /// timeout, raises DeadlineExceededError if it has not finished by then (it keeps running).
+    #[pyo3(signature = (timeout=None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<(i32, Vec<u64>, TensorBytes)>> {
+        let timeout = seconds(timeout)?;
+        let mut task = match std::mem::replace(&mut *self.lock(), Stage::Claimed) {
+            Stage::Running(task) => task,
+            Stage::Claimed => {
+                return Err(to_py(Error::failed_precondition(
+                    "another thread is already waiting on this operation",
+                )));
+            }
+            Stage::Finished => {
+                *self.lock() = Stage::Finished;
+                return Err(to_py(Error::failed_precondition(
+                    "the result of this operation was already taken",
+                )));
+            }
+        };
+        let waited = wait_interruptibly(py, &self.runtime, async {
+            match timeout {
+                None => Some((&mut task).await),
+                Some(limit) => tokio::time::timeout(limit, &mut task).await.ok(),
+            }
+        });
+        let outcome = match waited {
+            Ok(Some(joined)) => joined,
+            Ok(None) | Err(_) => {
+                *self.lock() = Stage::Running(task);
+                waited?;
+                return Err(to_py(Error::deadline_exceeded(
+                    "the operation did not finish within the timeout",
+                )));
+            }
+        };
+        *self.lock() = Stage::Finished;
+        let result = outcome.unwrap_or_else(|e| Err(Error::internal(format!("the operation failed: {e}"))));
+        self.deliver(py, result)
+    }
+}
+
+impl Pending {
+    fn deliver(
+        &self,
+        py: Python<'_>,
+        result: Result<Completed>,
+    ) -> PyResult<Option<(i32, Vec<u64>, TensorBytes)>> {
+        if let Some(held) = self.held.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            held.release(py);
+        }
+        match result.into_py()? {
+            Completed::Sent => Ok(None),
+            Completed::Received(tensor) => Ok(Some(tensor_parts(tensor))),
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Stage::Running(task) = &*self.lock()
+            && self.held.lock().map(|h| h.is_none()).unwrap_or(true)
+        {
+            task.abort();
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! The gRPC services a task serves, over state shared by all of them.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::future::BoxFuture;
+use tonic::body::Body;
+use tonic::server::NamedService;
+use tonic::transport::server::Router;
+use tonic::{Request, Response, Status};
+use tonic_health::server::HealthReporter;
+use tower::Service;
+
+use crate::cluster::ServerDef;
+use crate::codec::{self, TensorKey};
+use crate::config::ServerConfig;
+use crate::errors::Error;
+use crate::exchange::{Exchange, SEND_TENSOR_PATH};
+use crate::peers::{self, Peers};
+use crate::proto::worker_server::{Worker, WorkerServer};
+use crate::proto;
+
+pub const WORKER_SERVICE_NAME: &str = "distsrv.v1.Worker";
+/// The encoded descriptors of `protos/`, for server reflection.
+const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("distsrv_descriptor");
+
+/// One task's state, shared by its services and by the calls its user makes.
+pub struct Task {
+    pub def: ServerDef,
+    pub config: ServerConfig,
+    /// New at every start, so peers can tell a restarted task from the one they knew.
+    pub incarnation: u64,
+    pub peers: Arc<Peers>,
+    pub exchange: Exchange,
+}
+
+impl Task {
+    pub fn new(def: ServerDef, config: ServerConfig) -> Self {
+        let peers = Arc::new(Peers::new(def.cluster.clone(), &config));
+        let exchange = Exchange::new(def.task.clone(), Arc::clone(&peers), &config);
+        Self {
+            incarnation: rand::random::<u64>() | 1,
+            def,
+            config,
+            peers,
+            exchange,
+        }
+    }
+}
+
+/// Health, reflection, and the Worker service, ready to serve.
+pub fn router(task: &Arc<Task>) -> (HealthReporter, Router) {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let max_message = task.config.max_message_bytes;
+    let worker = WorkerServer::from_arc(Arc::clone(task))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    let limit = Arc::new(tokio::sync::Semaphore::new(task.config.connection_limit));
+    let router = tonic::transport::Server::builder()
+        .initial_stream_window_size(peers::STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(peers::CONNECTION_WINDOW_BYTES)
+        .max_frame_size(peers::MAX_FRAME_BYTES)
+        .add_service(health_service)
+        .add_service(reflection().build_v1().expect("descriptors are valid"))
+        .add_service(reflection().build_v1alpha().expect("descriptors are valid"))
+        .add_service(WorkerRoutes {
+            task: Arc::clone(task),
+            generated: worker,
+            limit,
+        });
+    (health, router)
+}
+
+/// Reflection over our protos and the health service, so generic gRPC tools can list them.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
+#[tonic::async_trait]
+impl Worker for Task {
+    async fn get_status(
+        &self,
+        _request: Request<proto::GetStatusRequest>,
+    ) -> Result<Response<proto::GetStatusResponse>, Status> {
+        Ok(Response::new(proto::GetStatusResponse {
+            device_attributes: Vec::new(),
+            task: Some(self.def.task.to_proto()),
+            incarnation: self.incarnation,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        }))
+    }
+
+    async fn recv_tensor(
+        &self,
+        request: Request<proto::RecvTensorRequest>,
+    ) -> Result<Response<tonic::codegen::BoxStream<proto::TensorChunk>>, Status> {
+        let request = request.into_inner();
+        let source = request
+            .source
+            .as_ref()
+            .ok_or_else(|| Error::invalid_argument("RecvTensor needs a source task"))
+            .and_then(crate::cluster::TaskId::from_proto)?;
+        let timeout = (request.timeout_millis > 0)
+            .then(|| std::time::Duration::from_millis(request.timeout_millis));
+        let tensor = self
+            .exchange
+            .recv(source.clone(), request.name.clone(), timeout)
+            .await?;
+        let key = TensorKey {
+            source,
+            name: request.name,
+        };
+        let header = codec::header(&key, &tensor.meta);
+        let payload = bytes::Bytes::from_owner(tensor.data);
+        let chunk = self.config.chunk_bytes;
+        let first = proto::TensorChunk {
+            header: Some(header),
+            data: bytes::Bytes::new(),
+        };
+        let chunks = (0..payload.len().div_ceil(chunk)).map(move |i| proto::TensorChunk {
+            header: None,
+            data: payload.slice(i * chunk..((i + 1) * chunk).min(payload.len())),
+        });
+        let stream = futures::stream::iter(std::iter::once(first).chain(chunks).map(Ok));
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// The Worker service as served: SendTensor by hand (payload copied once, straight into the
+/// tensor), the other methods by the generated server; all of it behind the in-flight call
+/// limit, past which calls get RESOURCE_EXHAUSTED instead of queueing.
+#[derive(Clone)]
+struct WorkerRoutes {
+    task: Arc<Task>,
+    generated: WorkerServer<Task>,
+    limit: Arc<tokio::sync::Semaphore>,
+}
+
+impl NamedService for WorkerRoutes {
+    const NAME: &'static str = WORKER_SERVICE_NAME;
+}
+
+impl Service<http::Request<Body>> for WorkerRoutes {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let Ok(permit) = Arc::clone(&self.limit).try_acquire_owned() else {
+            let status = Status::resource_exhausted(format!(
+                "task {} is serving its limit of {} calls (connection_limit)",
+                self.task.def.task, self.task.config.connection_limit
+            ));
+            return Box::pin(std::future::ready(Ok(status.into_http())));
+        };
+        if request.uri().path() == SEND_TENSOR_PATH {
+            let task = Arc::clone(&self.task);
+            return Box::pin(async move {
+                let received = task.exchange.receive(request.into_body()).await;
+                drop(permit);
+                Ok(match received {
+                    Ok(bytes) => acknowledge(bytes),
+                    Err(error) => Status::from(error).into_http(),
+                })
+            });
+        }
+        let mut generated = self.generated.clone();
+        Box::pin(async move {
+            let response = generated.call(request).await;
+            drop(permit);
+            response
+        })
+    }
+}
+
+/// A SendTensor reply by hand: one framed SendTensorResponse, then an OK status in the trailers.
+fn acknowledge(received_bytes: u64) -> http::Response<Body> {
+    let reply = codec::frame_message(&proto::SendTensorResponse { received_bytes });
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    let frames = [
+        http_body::Frame::data(reply),
+        http_body::Frame::trailers(trailers),
+    ];
+    let body = http_body_util::StreamBody::new(futures::stream::iter(
+        frames.map(Ok::<_, Status>),
+    ));
+    http::Response::builder()
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .body(Body::new(body))
+        .expect("a valid response")
+}
