@@ -13,6 +13,7 @@ import pickle
 from typing import Any
 
 import pytest
+
 from distsrv.cluster import ClusterSpec
 from distsrv.messages import ClusterDef, JobDef
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 
 import pytest
+
 from distsrv import errors
 
 # TensorFlow's table (tensorflow/python/framework/errors_impl.py): class name -> gRPC code.

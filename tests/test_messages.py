@@ -13,6 +13,7 @@ import pickle
 from typing import Any
 
 import pytest
+
 from distsrv.messages import ClusterDef, JobDef, ServerDef
 
 

@@ -2,6 +2,20 @@
 
 from typing import Any, final
 
+__all__ = [
+    "BUILD_PROFILE",
+    "Pending",
+    "Server",
+    "TensorBytes",
+    "__version__",
+    "cluster_def_from_bytes",
+    "cluster_def_to_bytes",
+    "parse_address",
+    "parse_task",
+    "server_def_from_bytes",
+    "server_def_to_bytes",
+]
+
 __version__: str
 BUILD_PROFILE: str
 

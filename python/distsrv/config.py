@@ -45,7 +45,9 @@ class ServerConfig:
         for name in ("connect_timeout", "shutdown_grace"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-                raise InvalidArgumentError(f"ServerConfig.{name} must be a number >= 0, not {value!r}")
+                raise InvalidArgumentError(
+                    f"ServerConfig.{name} must be a number >= 0, not {value!r}"
+                )
         for name in (
             "max_message_bytes",
             "chunk_bytes",

@@ -15,7 +15,8 @@ __all__ = ["worker"]
 
 def worker() -> int:
     spec, job, index = ClusterSpec.from_tf_config()
-    assert job is not None and index is not None, "TF_CONFIG names this task"
+    if job is None or index is None:
+        raise SystemExit("TF_CONFIG must name this task (its 'task' key)")
     with Server(spec, job_name=job, task_index=index) as server:
         peers = [(job, i) for i in spec.task_indices(job)]
         size = len(peers)
@@ -56,8 +57,11 @@ def worker() -> int:
         expected = size * (size + 1) / 2
         ok = bool(np.all(total == expected))
         elapsed = time.perf_counter() - started
-        print(f"ring sum of {total.nbytes >> 20} MiB = {total[0]:g} (expected {expected:g}): "
-              f"{'ok' if ok else 'WRONG'} in {elapsed * 1e3:.1f} ms", flush=True)
+        print(
+            f"ring sum of {total.nbytes >> 20} MiB = {total[0]:g} (expected {expected:g}): "
+            f"{'ok' if ok else 'WRONG'} in {elapsed * 1e3:.1f} ms",
+            flush=True,
+        )
         # Nobody leaves before everyone has finished receiving.
         for peer in peers:
             if peer != (job, index):

@@ -88,9 +88,7 @@ class Server:
             self.start()
 
     @classmethod
-    def create_local_server(
-        cls, config: ServerConfig | None = None, start: bool = True
-    ) -> Server:
+    def create_local_server(cls, config: ServerConfig | None = None, start: bool = True) -> Server:
         """A single-task server on a free port of 127.0.0.1, in job "localhost" as TensorFlow's."""
         return cls({"localhost": ["127.0.0.1:0"]}, protocol="grpc", config=config, start=start)
 
@@ -127,7 +125,7 @@ class Server:
 
     @property
     def status(self) -> Status:
-        """"created", "running", "closing", "closed" or "failed"."""
+        """ "created", "running", "closing", "closed" or "failed"."""
         status: Status = self._native.status  # type: ignore[assignment]
         return status
 
@@ -162,7 +160,7 @@ class Server:
 
     @property
     def target(self) -> str:
-        """"grpc://host:port", as ``tf.distribute.Server.target``."""
+        """ "grpc://host:port", as ``tf.distribute.Server.target``."""
         return f"grpc://{self.address}"
 
     @property
@@ -244,7 +242,12 @@ class _Handle:
         loop = asyncio.get_running_loop()
         finished = loop.create_future()
         fd = self._pending.fileno()
-        loop.add_reader(fd, lambda: finished.done() or finished.set_result(None))
+
+        def wake() -> None:
+            if not finished.done():
+                finished.set_result(None)
+
+        loop.add_reader(fd, wake)
         try:
             await finished
         finally:
@@ -313,9 +316,7 @@ def _make_server_def(
         _protobuf_name(server_or_cluster_def) in _PROTOBUF_SERVER_DEFS
     ):
         if not isinstance(server_or_cluster_def, ServerDef):
-            server_or_cluster_def = ServerDef.FromString(
-                server_or_cluster_def.SerializeToString()
-            )
+            server_or_cluster_def = ServerDef.FromString(server_or_cluster_def.SerializeToString())
         base: ServerDef = server_or_cluster_def
         return ServerDef(
             cluster=base.cluster,

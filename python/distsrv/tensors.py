@@ -55,18 +55,18 @@ def dtype_code(dtype: npt.DTypeLike) -> int:
 
 
 def to_wire(array: npt.ArrayLike) -> tuple[int, list[int], npt.NDArray[Any]]:
-    """(dtype code, shape, flat C-contiguous native-endian array) for sending; copies only when
-    the array is not already laid out that way."""
+    """(dtype code, shape, its bytes as a flat uint8 view) for sending; copies only when the array
+    is not C-contiguous and native-endian already."""
     array = np.asarray(array)
     code = dtype_code(array.dtype)
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
     if not array.flags.c_contiguous:
         array = array.copy(order="C")
-    # Flat: a 0-d array exports no shape, which the buffer protocol's consumers refuse.
-    return code, list(array.shape), array.reshape(-1)
+    # Flat bytes: a 0-d array exports no shape, and extension dtypes (bfloat16) export no format.
+    return code, list(array.shape), array.reshape(-1).view(np.uint8)
 
 
 def from_wire(code: int, shape: list[int], data: _native.TensorBytes) -> npt.NDArray[Any]:
     """A writable array over a received tensor's bytes, without copying them."""
-    return np.frombuffer(data, dtype=_DTYPES[code]).reshape(shape)
+    return np.frombuffer(memoryview(data), dtype=_DTYPES[code]).reshape(shape)

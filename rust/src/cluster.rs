@@ -92,7 +92,9 @@ pub fn parse_address(address: &str) -> Result<(String, u16)> {
         return Err(bad("the host is empty"));
     }
     if host.contains(':') {
-        return Err(bad("IPv6 hosts must be written in brackets, e.g. [::1]:2222"));
+        return Err(bad(
+            "IPv6 hosts must be written in brackets, e.g. [::1]:2222",
+        ));
     }
     let valid_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_');
     if !host.chars().all(valid_char) {
@@ -138,7 +140,10 @@ impl Cluster {
     }
 
     pub fn address(&self, task: &TaskId) -> Option<&str> {
-        self.jobs.get(&task.job)?.get(&task.index).map(String::as_str)
+        self.jobs
+            .get(&task.job)?
+            .get(&task.index)
+            .map(String::as_str)
     }
 
     /// Every task, in job then index order.
@@ -246,10 +251,15 @@ mod tests {
 
     #[test]
     fn addresses_parse_and_reject() {
-        assert_eq!(parse_address("localhost:2222").unwrap(), ("localhost".into(), 2222));
+        assert_eq!(
+            parse_address("localhost:2222").unwrap(),
+            ("localhost".into(), 2222)
+        );
         assert_eq!(parse_address("[::1]:0").unwrap(), ("::1".into(), 0));
         assert_eq!(format_address("::1", 80), "[::1]:80");
-        for bad in ["", "host", "host:", ":80", "::1:80", "[::1:80", "[zz]:1", "h:65536", "a/b:1"] {
+        for bad in [
+            "", "host", "host:", ":80", "::1:80", "[::1:80", "[zz]:1", "h:65536", "a/b:1",
+        ] {
             assert_eq!(
                 parse_address(bad).unwrap_err().code,
                 crate::errors::Code::InvalidArgument,
@@ -273,7 +283,10 @@ mod tests {
     fn server_def_round_trips_with_sparse_jobs() {
         let jobs = Jobs::from([
             ("ps".into(), BTreeMap::from([(0, "h:1".into())])),
-            ("worker".into(), BTreeMap::from([(1, "h:2".into()), (7, "[::1]:3".into())])),
+            (
+                "worker".into(),
+                BTreeMap::from([(1, "h:2".into()), (7, "[::1]:3".into())]),
+            ),
         ]);
         let def = ServerDef {
             cluster: Cluster::new(jobs).unwrap(),

@@ -42,7 +42,10 @@ impl TensorMeta {
             .ok_or_else(|| Error::invalid_argument(format!("unsupported dtype code {dtype}")))?;
         let meta = Self { dtype, shape };
         if meta.byte_len().is_none() {
-            return Err(Error::invalid_argument(format!("shape {:?} is too large", meta.shape)));
+            return Err(Error::invalid_argument(format!(
+                "shape {:?} is too large",
+                meta.shape
+            )));
         }
         Ok(meta)
     }
@@ -166,7 +169,9 @@ pub fn parse_header(header: &proto::TensorHeader) -> Result<(TensorKey, TensorMe
         .ok_or_else(|| Error::invalid_argument("the tensor header names no source task"))?;
     let shape = header.shape.clone().unwrap_or_default();
     if shape.unknown_rank {
-        return Err(Error::invalid_argument("a sent tensor must have a known rank"));
+        return Err(Error::invalid_argument(
+            "a sent tensor must have a known rank",
+        ));
     }
     let dims = shape
         .dim
@@ -214,7 +219,8 @@ pub fn tensor_frames(header: &proto::TensorHeader, payload: Bytes, chunk: usize)
         let end = (offset + chunk).min(payload.len());
         let slice_len = end - offset;
         let mut prefix = BytesMut::with_capacity(16);
-        let field = prost::encoding::key_len(2) + prost::encoding::encoded_len_varint(slice_len as u64);
+        let field =
+            prost::encoding::key_len(2) + prost::encoding::encoded_len_varint(slice_len as u64);
         grpc_prefix(&mut prefix, field + slice_len);
         prost::encoding::encode_key(2, prost::encoding::WireType::LengthDelimited, &mut prefix);
         prost::encoding::encode_varint(slice_len as u64, &mut prefix);
@@ -451,9 +457,17 @@ mod tests {
     }
 
     fn frames_for(payload: &[u8], chunk: usize) -> (TensorMeta, Vec<Bytes>) {
-        let meta = TensorMeta::new(DataType::DtUint8 as i32, vec![payload.len() as u64], payload.len() as u64)
-            .unwrap();
-        let frames = tensor_frames(&header(&key(), &meta), Bytes::copy_from_slice(payload), chunk);
+        let meta = TensorMeta::new(
+            DataType::DtUint8 as i32,
+            vec![payload.len() as u64],
+            payload.len() as u64,
+        )
+        .unwrap();
+        let frames = tensor_frames(
+            &header(&key(), &meta),
+            Bytes::copy_from_slice(payload),
+            chunk,
+        );
         (meta, frames)
     }
 
@@ -520,7 +534,12 @@ mod tests {
         assert!(TensorMeta::new(DataType::DtString as i32, vec![1], 8).is_err());
         assert!(TensorMeta::new(99, vec![], 0).is_err());
         assert!(TensorMeta::new(DataType::DtDouble as i32, vec![u64::MAX, 2], 0).is_err());
-        assert_eq!(TensorMeta::new(DataType::DtBool as i32, vec![], 1).unwrap().byte_len(), Some(1));
+        assert_eq!(
+            TensorMeta::new(DataType::DtBool as i32, vec![], 1)
+                .unwrap()
+                .byte_len(),
+            Some(1)
+        );
     }
 
     #[test]

@@ -74,7 +74,13 @@ mod tests {
             worker_threads: 0,
             ..ServerConfig::default()
         };
-        assert!(config.validate().unwrap_err().message.contains("worker_threads"));
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .message
+                .contains("worker_threads")
+        );
         let config = ServerConfig {
             chunk_bytes: 2 << 20,
             max_message_bytes: 1 << 20,

@@ -143,7 +143,8 @@ impl Exchange {
             Ok(())
         };
         while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| Error::cancelled(format!("the sender went away: {e}")))?;
+            let frame =
+                frame.map_err(|e| Error::cancelled(format!("the sender went away: {e}")))?;
             if let Ok(data) = frame.into_data() {
                 parser.feed(data, &mut admit)?;
             }
@@ -252,7 +253,9 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.inbox.pending_bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+        self.inbox
+            .pending_bytes
+            .fetch_sub(self.bytes, Ordering::AcqRel);
     }
 }
 
@@ -360,7 +363,12 @@ impl Inbox {
     fn put_back(&self, key: TensorKey, arrived: Arrived) {
         let mut state = self.lock();
         if state.closed.is_none() {
-            state.slots.entry(key).or_default().arrived.push_front(arrived);
+            state
+                .slots
+                .entry(key)
+                .or_default()
+                .arrived
+                .push_front(arrived);
         }
     }
 
@@ -393,10 +401,15 @@ impl Drop for Waiting {
     }
 }
 
+/// Destination and name: sends sharing one are delivered in call order.
+type Line = (TaskId, String);
+/// Per line, the id of the newest send and what signals its end.
+type LineEnds = HashMap<Line, (u64, oneshot::Receiver<()>)>;
+
 /// Keeps sends to the same (task, name) in call order: each send waits for the previous one.
 #[derive(Default)]
 struct SendOrder {
-    last: Mutex<HashMap<(TaskId, String), (u64, oneshot::Receiver<()>)>>,
+    last: Mutex<LineEnds>,
     next_id: AtomicU64,
 }
 
@@ -418,7 +431,7 @@ impl SendOrder {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<(TaskId, String), (u64, oneshot::Receiver<()>)>> {
+    fn lock(&self) -> MutexGuard<'_, LineEnds> {
         self.last.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -426,7 +439,7 @@ impl SendOrder {
 /// A send's place in line; dropping it (send finished or abandoned) lets the next one go.
 struct Turn {
     order: Arc<SendOrder>,
-    slot: (TaskId, String),
+    slot: Line,
     id: u64,
     previous: Option<oneshot::Receiver<()>>,
     _done: oneshot::Sender<()>,

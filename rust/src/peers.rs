@@ -68,11 +68,7 @@ impl Peers {
                 }
             }
         };
-        Ok(self
-            .lock()
-            .entry(task.clone())
-            .or_insert(channel)
-            .clone())
+        Ok(self.lock().entry(task.clone()).or_insert(channel).clone())
     }
 
     /// Asks `task` who it is; the answer says it is up, and which incarnation is running.

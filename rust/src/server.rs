@@ -164,7 +164,10 @@ impl Server {
             Status::Failed => return Err(state.failure.clone().expect("failed has a failure")),
             Status::Created => {}
         }
-        let listener = state.listener.take().expect("a created server holds its listener");
+        let listener = state
+            .listener
+            .take()
+            .expect("a created server holds its listener");
         match self.serve(listener) {
             Ok(serving) => {
                 state.serving = Some(serving);
@@ -272,7 +275,11 @@ impl Server {
         let mut state = self.lifecycle.lock();
         while !state.status.is_final() {
             state = match deadline {
-                None => self.lifecycle.changed.wait(state).unwrap_or_else(|e| e.into_inner()),
+                None => self
+                    .lifecycle
+                    .changed
+                    .wait(state)
+                    .unwrap_or_else(|e| e.into_inner()),
                 Some(deadline) => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {

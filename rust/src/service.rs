@@ -18,8 +18,8 @@ use crate::config::ServerConfig;
 use crate::errors::Error;
 use crate::exchange::{Exchange, SEND_TENSOR_PATH};
 use crate::peers::{self, Peers};
-use crate::proto::worker_server::{Worker, WorkerServer};
 use crate::proto;
+use crate::proto::worker_server::{Worker, WorkerServer};
 
 pub const WORKER_SERVICE_NAME: &str = "distsrv.v1.Worker";
 /// The encoded descriptors of `protos/`, for server reflection.
@@ -189,9 +189,7 @@ fn acknowledge(received_bytes: u64) -> http::Response<Body> {
         http_body::Frame::data(reply),
         http_body::Frame::trailers(trailers),
     ];
-    let body = http_body_util::StreamBody::new(futures::stream::iter(
-        frames.map(Ok::<_, Status>),
-    ));
+    let body = http_body_util::StreamBody::new(futures::stream::iter(frames.map(Ok::<_, Status>)));
     http::Response::builder()
         .header(http::header::CONTENT_TYPE, "application/grpc")
         .body(Body::new(body))

@@ -28,7 +28,11 @@ mod native {
         // Benchmarks refuse to time a debug build.
         module.add(
             "BUILD_PROFILE",
-            if cfg!(debug_assertions) { "debug" } else { "release" },
+            if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            },
         )?;
         Ok(())
     }
@@ -51,7 +55,10 @@ mod native {
     #[pyfunction]
     fn cluster_def_to_bytes<'py>(py: Python<'py>, jobs: Jobs) -> PyResult<Bound<'py, PyBytes>> {
         let cluster = Cluster::new(jobs).map_err(|e| PyValueError::new_err(e.message))?;
-        Ok(PyBytes::new(py, &prost::Message::encode_to_vec(&cluster.to_proto())))
+        Ok(PyBytes::new(
+            py,
+            &prost::Message::encode_to_vec(&cluster.to_proto()),
+        ))
     }
 
     /// Decodes a ClusterDef into jobs; ValueError if the bytes are not one.

@@ -53,8 +53,11 @@ impl ConfigArgs {
 fn seconds(value: Option<f64>) -> PyResult<Option<Duration>> {
     value
         .map(|v| {
-            Duration::try_from_secs_f64(v)
-                .map_err(|_| to_py(Error::invalid_argument(format!("a timeout of {v} s is invalid"))))
+            Duration::try_from_secs_f64(v).map_err(|_| {
+                to_py(Error::invalid_argument(format!(
+                    "a timeout of {v} s is invalid"
+                )))
+            })
         })
         .transpose()
 }
@@ -113,9 +116,9 @@ impl NativeServer {
         let deadline = seconds(timeout)?.map(|t| std::time::Instant::now() + t);
         loop {
             let slice = match deadline {
-                Some(deadline) => {
-                    deadline.saturating_duration_since(std::time::Instant::now()).min(SIGNAL_CHECK)
-                }
+                Some(deadline) => deadline
+                    .saturating_duration_since(std::time::Instant::now())
+                    .min(SIGNAL_CHECK),
                 None => SIGNAL_CHECK,
             };
             if py.detach(|| server.wait(Some(slice))) {
@@ -219,7 +222,12 @@ impl NativeServer {
 
     /// Like `recv`, but returns at once with a handle to wait on.
     #[pyo3(signature = (source, name, timeout=None))]
-    fn irecv(&self, source: (String, u32), name: String, timeout: Option<f64>) -> PyResult<Pending> {
+    fn irecv(
+        &self,
+        source: (String, u32),
+        name: String,
+        timeout: Option<f64>,
+    ) -> PyResult<Pending> {
         let timeout = seconds(timeout)?;
         let server = self.server()?;
         let runtime = server.runtime().into_py()?;
@@ -228,7 +236,10 @@ impl NativeServer {
         let (done, finished) = completion_pipe()?;
         let join = runtime.spawn(async move {
             let _done = finished;
-            task.exchange.recv(source, name, timeout).await.map(Completed::Received)
+            task.exchange
+                .recv(source, name, timeout)
+                .await
+                .map(Completed::Received)
         });
         Ok(Pending::new(runtime, join, done, None))
     }
@@ -251,7 +262,10 @@ impl NativeServer {
 
     fn host(&self) -> String {
         let server = &self.server;
-        let address = server.cluster().address(server.task_id()).unwrap_or_default();
+        let address = server
+            .cluster()
+            .address(server.task_id())
+            .unwrap_or_default();
         parse_address(address).map_or_else(|_| String::new(), |(host, _)| host)
     }
 
@@ -289,7 +303,11 @@ impl Drop for NativeServer {
 }
 
 fn tensor_parts(tensor: Tensor) -> (i32, Vec<u64>, TensorBytes) {
-    (tensor.meta.dtype as i32, tensor.meta.shape, TensorBytes::new(tensor.data))
+    (
+        tensor.meta.dtype as i32,
+        tensor.meta.shape,
+        TensorBytes::new(tensor.data),
+    )
 }
 
 /// Drives `future` on the server's runtime without the GIL, checking for signals in between so
@@ -381,9 +399,14 @@ impl Pending {
     /// Waits for the result: None for a send, (dtype code, shape, bytes) for a receive. With a
     /// timeout, raises DeadlineExceededError if it has not finished by then (it keeps running).
     #[pyo3(signature = (timeout=None))]
-    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<(i32, Vec<u64>, TensorBytes)>> {
+    fn wait(
+        &self,
+        py: Python<'_>,
+        timeout: Option<f64>,
+    ) -> PyResult<Option<(i32, Vec<u64>, TensorBytes)>> {
         let timeout = seconds(timeout)?;
-        let mut task = match std::mem::replace(&mut *self.lock(), Stage::Claimed) {
+        let stage = std::mem::replace(&mut *self.lock(), Stage::Claimed);
+        let mut task = match stage {
             Stage::Running(task) => task,
             Stage::Claimed => {
                 return Err(to_py(Error::failed_precondition(
@@ -414,7 +437,8 @@ impl Pending {
             }
         };
         *self.lock() = Stage::Finished;
-        let result = outcome.unwrap_or_else(|e| Err(Error::internal(format!("the operation failed: {e}"))));
+        let result =
+            outcome.unwrap_or_else(|e| Err(Error::internal(format!("the operation failed: {e}"))));
         self.deliver(py, result)
     }
 }

@@ -51,7 +51,9 @@ impl HeldBuffer {
     pub fn hold(object: &Bound<'_, PyAny>) -> PyResult<(Self, Bytes)> {
         let buffer = PyUntypedBuffer::get(object)?;
         if !buffer.is_c_contiguous() {
-            return Err(PyValueError::new_err("the tensor's memory must be C-contiguous"));
+            return Err(PyValueError::new_err(
+                "the tensor's memory must be C-contiguous",
+            ));
         }
         let (alive, leases_gone) = mpsc::channel();
         let lease = Lease {
