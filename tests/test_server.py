@@ -610,11 +610,6 @@ def test_stop_with_a_waiting_receive_cancels_it(make_server: MakeServer) -> None
     assert isinstance(outcome[0], errors.CancelledError), repr(outcome[0])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="stop() waits the whole shutdown_grace for a TCP connection that never sent the "
-    "HTTP/2 preface (e.g. a TCP port probe), although no call is in flight",
-)
 def test_stop_does_not_wait_for_an_idle_connection_that_never_spoke_http2() -> None:
     config = distsrv.ServerConfig(shutdown_grace=2.0)
     server = distsrv.Server.create_local_server(config=config)
@@ -708,42 +703,10 @@ def test_chunk_bytes_may_not_exceed_max_message_bytes() -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        pytest.param(
-            "connect_timeout",
-            math.inf,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="ServerConfig accepts an infinite timeout that Server() then refuses "
-                "with InvalidArgumentError 'connect_timeout must be >= 0'",
-            ),
-        ),
-        pytest.param(
-            "shutdown_grace",
-            1e300,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="ServerConfig accepts a timeout too large for a Rust Duration; Server() "
-                "then refuses it with 'shutdown_grace must be >= 0'",
-            ),
-        ),
-        pytest.param(
-            "max_pending_bytes",
-            2**64,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="ServerConfig accepts an int above u64; Server() then raises TypeError "
-                "'failed to extract field ConfigArgs.max_pending_bytes'",
-            ),
-        ),
-        pytest.param(
-            "connection_limit",
-            2**62,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="a connection_limit above tokio's Semaphore::MAX_PERMITS (2**61 - 1) "
-                "panics in start() (pyo3 PanicException from service::router)",
-            ),
-        ),
+        ("connect_timeout", math.inf),
+        ("shutdown_grace", 1e300),
+        ("max_pending_bytes", 2**64),
+        ("connection_limit", 2**62),
     ],
 )
 def test_a_config_that_validates_makes_a_working_server(field: str, value: Any) -> None:

@@ -8,6 +8,7 @@ __all__ = [
     "Server",
     "TensorBytes",
     "__version__",
+    "blocked_threads",
     "cluster_def_from_bytes",
     "cluster_def_to_bytes",
     "parse_address",
@@ -19,6 +20,7 @@ __all__ = [
 __version__: str
 BUILD_PROFILE: str
 
+def blocked_threads() -> int: ...
 def parse_address(address: str) -> tuple[str, int]: ...
 def parse_task(name: str) -> tuple[str, int]: ...
 def cluster_def_to_bytes(jobs: dict[str, dict[int, str]]) -> bytes: ...

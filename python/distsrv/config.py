@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 from distsrv.errors import InvalidArgumentError
@@ -10,6 +11,18 @@ from distsrv.errors import InvalidArgumentError
 __all__ = ["ServerConfig"]
 
 _MiB = 1 << 20
+
+
+# The same bounds as the Rust side's: gRPC frames a message length in 32 bits, durations must be
+# representable, and the call limit is a semaphore's count.
+_MAX_SECONDS = 1e9
+_MAX_INTS = {
+    "max_message_bytes": (1 << 31) - 1,
+    "chunk_bytes": (1 << 31) - 1,
+    "max_pending_bytes": (1 << 63) - 1,
+    "connection_limit": 1 << 20,
+    "worker_threads": 1024,
+}
 
 
 def _default_worker_threads() -> int:
@@ -44,20 +57,18 @@ class ServerConfig:
     def __post_init__(self) -> None:
         for name in ("connect_timeout", "shutdown_grace"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not number or not math.isfinite(value) or not 0 <= value <= _MAX_SECONDS:
                 raise InvalidArgumentError(
-                    f"ServerConfig.{name} must be a number >= 0, not {value!r}"
+                    f"ServerConfig.{name} must be a finite number of seconds in "
+                    f"[0, {_MAX_SECONDS:g}], not {value!r}"
                 )
-        for name in (
-            "max_message_bytes",
-            "chunk_bytes",
-            "max_pending_bytes",
-            "connection_limit",
-            "worker_threads",
-        ):
+        for name, maximum in _MAX_INTS.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise InvalidArgumentError(f"ServerConfig.{name} must be an int > 0, not {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= maximum:
+                raise InvalidArgumentError(
+                    f"ServerConfig.{name} must be an int in [1, {maximum}], not {value!r}"
+                )
         if self.chunk_bytes > self.max_message_bytes:
             raise InvalidArgumentError(
                 f"ServerConfig.chunk_bytes ({self.chunk_bytes}) cannot exceed "

@@ -6,6 +6,7 @@ import asyncio
 import atexit
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Mapping
 from types import TracebackType
@@ -354,10 +355,13 @@ def _protobuf_name(message: Any) -> str | None:
     return getattr(descriptor, "full_name", None)
 
 
-# Servers still running at interpreter exit are stopped before the runtime's threads would be torn
-# down under them. A forked child leaves its parent's servers alone.
+# Servers still running at interpreter exit are stopped while the interpreter is still whole:
+# stopping wakes every thread blocked in a distsrv call, and those threads must be back in Python
+# before finalization begins (CPython ends late threads with an unwind that must not cross Rust
+# code). A forked child leaves its parent's servers alone.
 _live_servers: weakref.WeakSet[Server] = weakref.WeakSet()
 _exit_lock = threading.Lock()
+_EXIT_WAIT_SECONDS = 5.0
 
 
 @atexit.register
@@ -366,3 +370,6 @@ def _stop_live_servers() -> None:
         for server in list(_live_servers):
             if server._pid == os.getpid() and server.status in ("created", "running"):
                 server.stop(grace=0)
+        deadline = time.monotonic() + _EXIT_WAIT_SECONDS
+        while _native.blocked_threads() and time.monotonic() < deadline:
+            time.sleep(0.005)

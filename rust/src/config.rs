@@ -40,6 +40,11 @@ impl Default for ServerConfig {
     }
 }
 
+/// Upper bounds: gRPC frames a message length in 32 bits, and a semaphore counts the calls.
+pub const MAX_MESSAGE_BYTES: usize = (1 << 31) - 1;
+pub const MAX_CONNECTION_LIMIT: usize = 1 << 20;
+pub const MAX_WORKER_THREADS: usize = 1024;
+
 impl ServerConfig {
     pub fn validate(&self) -> Result<()> {
         let positive = [
@@ -51,6 +56,26 @@ impl ServerConfig {
         for (name, value) in positive {
             if value == 0 {
                 return Err(Error::invalid_argument(format!("{name} must be positive")));
+            }
+        }
+        let bounded = [
+            (
+                "max_message_bytes",
+                self.max_message_bytes,
+                MAX_MESSAGE_BYTES,
+            ),
+            (
+                "connection_limit",
+                self.connection_limit,
+                MAX_CONNECTION_LIMIT,
+            ),
+            ("worker_threads", self.worker_threads, MAX_WORKER_THREADS),
+        ];
+        for (name, value, max) in bounded {
+            if value > max {
+                return Err(Error::invalid_argument(format!(
+                    "{name} must be at most {max}"
+                )));
             }
         }
         if self.chunk_bytes > self.max_message_bytes {

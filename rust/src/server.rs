@@ -254,12 +254,18 @@ impl Server {
             mut serve,
             health,
         } = serving;
+        let task = Arc::clone(&self.task);
         runtime.block_on(async {
             set_health(&health, ServingStatus::NotServing).await;
             let _ = shutdown.send(());
-            if tokio::time::timeout(grace, &mut serve).await.is_err() {
-                serve.abort();
+            // Wait for the calls in flight, not for idle connections: one that never even
+            // finished its HTTP/2 handshake would otherwise hold the whole grace.
+            tokio::select! {
+                _ = &mut serve => {}
+                _ = task.calls_drained() => {}
+                _ = tokio::time::sleep(grace) => {}
             }
+            serve.abort();
         });
         runtime.shutdown_timeout(Duration::from_secs(1));
         let mut state = self.lifecycle.lock();

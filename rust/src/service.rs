@@ -33,6 +33,8 @@ pub struct Task {
     pub incarnation: u64,
     pub peers: Arc<Peers>,
     pub exchange: Exchange,
+    /// One permit per Worker call in flight, `connection_limit` in all.
+    pub calls: Arc<tokio::sync::Semaphore>,
 }
 
 impl Task {
@@ -41,11 +43,18 @@ impl Task {
         let exchange = Exchange::new(def.task.clone(), Arc::clone(&peers), &config);
         Self {
             incarnation: rand::random::<u64>() | 1,
+            calls: Arc::new(tokio::sync::Semaphore::new(config.connection_limit)),
             def,
             config,
             peers,
             exchange,
         }
+    }
+
+    /// Resolves once no Worker call is in flight.
+    pub async fn calls_drained(&self) {
+        let all = u32::try_from(self.config.connection_limit).unwrap_or(u32::MAX);
+        let _ = self.calls.acquire_many(all).await;
     }
 }
 
@@ -56,7 +65,6 @@ pub fn router(task: &Arc<Task>) -> (HealthReporter, Router) {
     let worker = WorkerServer::from_arc(Arc::clone(task))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
-    let limit = Arc::new(tokio::sync::Semaphore::new(task.config.connection_limit));
     let router = tonic::transport::Server::builder()
         .initial_stream_window_size(peers::STREAM_WINDOW_BYTES)
         .initial_connection_window_size(peers::CONNECTION_WINDOW_BYTES)
@@ -67,7 +75,6 @@ pub fn router(task: &Arc<Task>) -> (HealthReporter, Router) {
         .add_service(WorkerRoutes {
             task: Arc::clone(task),
             generated: worker,
-            limit,
         });
     (health, router)
 }
@@ -136,7 +143,6 @@ impl Worker for Task {
 struct WorkerRoutes {
     task: Arc<Task>,
     generated: WorkerServer<Task>,
-    limit: Arc<tokio::sync::Semaphore>,
 }
 
 impl NamedService for WorkerRoutes {
@@ -153,7 +159,7 @@ impl Service<http::Request<Body>> for WorkerRoutes {
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let Ok(permit) = Arc::clone(&self.limit).try_acquire_owned() else {
+        let Ok(permit) = Arc::clone(&self.task.calls).try_acquire_owned() else {
             let status = Status::resource_exhausted(format!(
                 "task {} is serving its limit of {} calls (connection_limit)",
                 self.task.def.task, self.task.config.connection_limit

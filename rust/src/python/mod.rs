@@ -18,7 +18,7 @@ mod native {
     use crate::cluster::{self, Cluster, Jobs, ServerDef, TaskId};
 
     #[pymodule_export]
-    use super::server::{NativeServer, Pending};
+    use super::server::{NativeServer, Pending, blocked_threads};
     #[pymodule_export]
     use super::tensor::TensorBytes;
 

@@ -2,6 +2,7 @@
 
 use std::mem::ManuallyDrop;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use pyo3::prelude::*;
@@ -19,6 +20,34 @@ use crate::server::Server;
 
 /// How long a blocking call waits between checks for signals, so Ctrl-C interrupts it promptly.
 const SIGNAL_CHECK: Duration = Duration::from_millis(50);
+
+/// Threads inside a blocking wait (`join`, `send`, `recv`, `wait`). At interpreter exit, a thread
+/// that takes the GIL back after finalization has begun is ended by CPython with a forced unwind,
+/// which must not cross Rust frames; so the exit handler stops every server (waking these
+/// threads) and waits for this count to reach zero first.
+static BLOCKED_THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts the current thread as blocked in Rust while alive.
+struct Blocked;
+
+impl Blocked {
+    fn enter() -> Self {
+        BLOCKED_THREADS.fetch_add(1, Ordering::SeqCst);
+        Self
+    }
+}
+
+impl Drop for Blocked {
+    fn drop(&mut self) {
+        BLOCKED_THREADS.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// How many threads are inside a blocking distsrv call right now.
+#[pyfunction]
+pub fn blocked_threads() -> usize {
+    BLOCKED_THREADS.load(Ordering::SeqCst)
+}
 
 /// `distsrv.ServerConfig`'s fields, read by attribute name.
 #[derive(FromPyObject)]
@@ -114,6 +143,7 @@ impl NativeServer {
     fn join(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         let server = self.server()?;
         let deadline = seconds(timeout)?.map(|t| std::time::Instant::now() + t);
+        let _blocked = Blocked::enter();
         loop {
             let slice = match deadline {
                 Some(deadline) => deadline
@@ -318,6 +348,7 @@ where
     F::Output: Send,
 {
     let mut future = std::pin::pin!(future);
+    let _blocked = Blocked::enter();
     loop {
         let step = py.detach(|| {
             runtime.block_on(async { tokio::time::timeout(SIGNAL_CHECK, future.as_mut()).await })
