@@ -92,18 +92,32 @@ pub struct TensorBuf {
     len: usize,
 }
 
+/// Buffers this large are recycled through [`POOL`] and backed by transparent huge pages.
+const LARGE_BYTES: usize = 1 << 20;
+/// What the pool may keep: enough for a training step's worth of gradients, bounded.
+const POOL_BUFFERS: usize = 8;
+const POOL_BYTES: usize = 1 << 30;
+
+/// Freed large buffers, kept for the next tensor of about the same size. A fresh buffer costs a
+/// page fault and the kernel zeroing every page on first write, a large share of a big
+/// transfer; a recycled one has its pages already.
+static POOL: std::sync::Mutex<Vec<Vec<u128>>> = std::sync::Mutex::new(Vec::new());
+
 impl TensorBuf {
-    /// Zeroed memory from the allocator: large buffers come straight from fresh pages, so zeroing
-    /// costs no pass over the bytes.
-    pub fn zeroed(len: usize) -> Self {
-        Self {
-            words: vec![0u128; len.div_ceil(16)],
-            len,
-        }
+    /// A buffer of `len` bytes whose contents are unspecified (zero or a previous tensor's) until
+    /// the caller overwrites all of it.
+    pub fn new(len: usize) -> Self {
+        let words = len.div_ceil(16);
+        let words = if len >= LARGE_BYTES {
+            recycled(words).unwrap_or_else(|| huge_page_backed(words))
+        } else {
+            vec![0u128; words]
+        };
+        Self { words, len }
     }
 
     pub fn from_slice(bytes: &[u8]) -> Self {
-        let mut buf = Self::zeroed(bytes.len());
+        let mut buf = Self::new(bytes.len());
         buf.as_mut_slice().copy_from_slice(bytes);
         buf
     }
@@ -123,6 +137,50 @@ impl TensorBuf {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+}
+
+impl Drop for TensorBuf {
+    fn drop(&mut self) {
+        let words = std::mem::take(&mut self.words);
+        if words.capacity() * 16 < LARGE_BYTES {
+            return;
+        }
+        if words.capacity() * 16 > POOL_BYTES {
+            return;
+        }
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        pool.push(words);
+        // The newest buffers are the likeliest to be needed again: evict from the oldest.
+        let mut pooled: usize = pool.iter().map(|w| w.capacity() * 16).sum();
+        while pool.len() > POOL_BUFFERS || pooled > POOL_BYTES {
+            pooled -= pool.remove(0).capacity() * 16;
+        }
+    }
+}
+
+/// A pooled buffer with room for `words`, wasting at most a quarter of it.
+fn recycled(words: usize) -> Option<Vec<u128>> {
+    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    let fits = |w: &Vec<u128>| (words..=words + words / 4).contains(&w.capacity());
+    let index = pool.iter().position(fits)?;
+    let mut buffer = pool.swap_remove(index);
+    drop(pool);
+    buffer.resize(words, 0);
+    Some(buffer)
+}
+
+/// Fresh zeroed memory (untouched pages straight from the kernel), asked to be backed by huge
+/// pages so that the first write faults once per 2 MiB instead of once per 4 KiB.
+fn huge_page_backed(words: usize) -> Vec<u128> {
+    let buffer = vec![0u128; words];
+    let page = 4096;
+    let start = (buffer.as_ptr() as usize).next_multiple_of(page);
+    let end = (buffer.as_ptr() as usize + words * 16) / page * page;
+    if end > start {
+        // SAFETY: advice only, on whole pages inside this allocation; failure changes nothing.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+    }
+    buffer
 }
 
 impl AsRef<[u8]> for TensorBuf {
@@ -204,9 +262,27 @@ pub fn frame_message(message: &impl Message) -> Bytes {
     out.freeze()
 }
 
+/// Tensors up to this size travel as one frame: copying them costs less than the transport's
+/// per-frame work.
+const COALESCE_BYTES: usize = 64 << 10;
+
 /// The frames of a tensor stream: the framed header, then for every chunk a small prefix
-/// (gRPC length prefix, `data` tag and length) followed by a slice of `payload` itself.
+/// (gRPC length prefix, `data` tag and length) followed by a slice of `payload` itself. A small
+/// tensor's frames are joined into one.
 pub fn tensor_frames(header: &proto::TensorHeader, payload: Bytes, chunk: usize) -> Vec<Bytes> {
+    let frames = split_frames(header, payload, chunk);
+    let total: usize = frames.iter().map(Bytes::len).sum();
+    if total > COALESCE_BYTES {
+        return frames;
+    }
+    let mut joined = BytesMut::with_capacity(total);
+    for frame in &frames {
+        joined.extend_from_slice(frame);
+    }
+    vec![joined.freeze()]
+}
+
+fn split_frames(header: &proto::TensorHeader, payload: Bytes, chunk: usize) -> Vec<Bytes> {
     let chunk = chunk.max(1);
     let first = frame_message(&proto::TensorChunk {
         header: Some(header.clone()),
@@ -410,7 +486,7 @@ impl ChunkParser {
             .map_err(|_| Error::resource_exhausted("tensor too large for this machine"))?;
         let mut tensor = Tensor {
             meta,
-            data: TensorBuf::zeroed(total),
+            data: TensorBuf::new(total),
         };
         let filled = message.data.len().min(total);
         if message.data.len() > total {
@@ -483,6 +559,7 @@ mod tests {
     fn stream_parses_whatever_the_frame_boundaries() {
         let payload: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
         let (meta, frames) = frames_for(&payload, 300);
+        assert_eq!(frames.len(), 1, "a small tensor travels as one frame");
         let stream: Vec<u8> = frames.concat();
         for split in [1, 2, 3, 5, 7, 64, 301, stream.len()] {
             let (got_key, tensor) = parse(&stream, split).unwrap();
@@ -515,7 +592,8 @@ mod tests {
     #[test]
     fn truncated_and_oversized_streams_are_refused() {
         let payload = vec![1u8; 100];
-        let (_, frames) = frames_for(&payload, 10);
+        let (meta, _) = frames_for(&payload, 10);
+        let frames = split_frames(&header(&key(), &meta), Bytes::from(payload), 10);
         let stream: Vec<u8> = frames.concat();
         let cut = parse(&stream[..stream.len() - 3], 4).err().unwrap();
         assert_eq!(cut.code, crate::errors::Code::DataLoss);
@@ -543,10 +621,17 @@ mod tests {
     }
 
     #[test]
-    fn tensor_buffers_are_aligned() {
-        let buf = TensorBuf::zeroed(33);
+    fn tensor_buffers_are_aligned_and_large_ones_recycled() {
+        let buf = TensorBuf::new(33);
         assert_eq!(buf.as_slice().as_ptr() as usize % 16, 0);
         assert_eq!(buf.len(), 33);
         assert_eq!(TensorBuf::from_slice(b"abc").as_slice(), b"abc");
+
+        let large = TensorBuf::from_slice(&vec![7u8; 3 << 20]);
+        let address = large.as_slice().as_ptr();
+        drop(large);
+        let again = TensorBuf::new((3 << 20) - 100);
+        assert_eq!(again.as_slice().as_ptr(), address, "a freed buffer of that size is reused");
+        assert_eq!(again.len(), (3 << 20) - 100);
     }
 }

@@ -179,10 +179,16 @@ async fn push(peers: &Peers, to: &TaskId, frames: Vec<Bytes>, total: u64) -> Res
         .header(http::header::TE, "trailers")
         .body(tonic::body::Body::new(body))
         .map_err(|e| Error::internal(format!("cannot build the request: {e}")))?;
-    let response = channel
-        .oneshot(request)
-        .await
-        .map_err(|e| Error::from(tonic::Status::from_error(e.into())))?;
+    let response = channel.oneshot(request).await.map_err(|e| {
+        // The transport's own message ("transport error") says little; its causes say what.
+        let mut why = e.to_string();
+        let mut cause = std::error::Error::source(&e);
+        while let Some(inner) = cause {
+            why = format!("{why}: {inner}");
+            cause = inner.source();
+        }
+        Error::unavailable(why)
+    })?;
     if let Some(status) = tonic::Status::from_header_map(response.headers())
         && status.code() != Code::Ok
     {
