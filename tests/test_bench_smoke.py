@@ -1,0 +1,40 @@
+"""The exchange benchmark still runs end to end (CI builds benchmarks but does not time them)."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+BENCH = pathlib.Path(__file__).resolve().parent.parent / "benches" / "bench_exchange.py"
+
+
+def test_quick_benchmark_runs_and_prints_ratios() -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--allow-debug", "--peers", "distsrv", "tcp"],
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    rows = [line.split() for line in lines if line.lstrip().startswith(("4 KiB", "1 MiB"))]
+    assert {(row[0], row[1], row[2]) for row in rows} >= {
+        ("4", "KiB", "distsrv"),
+        ("1", "MiB", "raw"),
+    }
+    # Each peer row carries a median; each raw TCP row the ratio distsrv achieved against it.
+    assert all(row[-1].endswith("x") for row in rows if row[2] == "raw"), result.stdout
+
+
+def test_the_benchmark_refuses_a_debug_build_by_default() -> None:
+    import distsrv._native
+
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--quick"], capture_output=True, text=True, timeout=60
+    )
+    if distsrv._native.BUILD_PROFILE == "release":
+        assert result.returncode == 0, result.stderr
+    else:
+        assert result.returncode != 0
+        assert "debug build" in result.stderr
