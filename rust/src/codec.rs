@@ -631,7 +631,11 @@ mod tests {
         let address = large.as_slice().as_ptr();
         drop(large);
         let again = TensorBuf::new((3 << 20) - 100);
-        assert_eq!(again.as_slice().as_ptr(), address, "a freed buffer of that size is reused");
+        assert_eq!(
+            again.as_slice().as_ptr(),
+            address,
+            "a freed buffer of that size is reused"
+        );
         assert_eq!(again.len(), (3 << 20) - 100);
     }
 }
