@@ -2,7 +2,7 @@
 //! descriptor set is kept for gRPC server reflection.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["protos/distsrv.proto"];
+    let protos = ["protos/distsrv.proto", "protos/tensorflow_compat.proto"];
     let mut compiler = protox::Compiler::new(["protos"])?;
     compiler.include_imports(true).open_files(protos)?;
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);

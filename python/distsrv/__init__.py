@@ -8,12 +8,14 @@ from distsrv import errors
 from distsrv._native import __version__
 from distsrv.cluster import ClusterSpec
 from distsrv.config import ServerConfig
+from distsrv.devices import DeviceAttributes
 from distsrv.messages import ClusterDef, JobDef, ServerDef
 from distsrv.server import RecvHandle, SendHandle, Server
 
 __all__ = [
     "ClusterDef",
     "ClusterSpec",
+    "DeviceAttributes",
     "JobDef",
     "RecvHandle",
     "SendHandle",

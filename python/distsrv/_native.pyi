@@ -13,6 +13,7 @@ __all__ = [
     "cluster_def_to_bytes",
     "parse_address",
     "parse_task",
+    "query_status",
     "server_def_from_bytes",
     "server_def_to_bytes",
 ]
@@ -29,6 +30,13 @@ def server_def_to_bytes(
     jobs: dict[str, dict[int, str]], job_name: str, task_index: int, protocol: str, port: int
 ) -> bytes: ...
 def server_def_from_bytes(data: bytes) -> tuple[dict[str, dict[int, str]], str, int, str, int]: ...
+
+# (name, device_type, memory_limit, incarnation, physical_device_desc, bus_id)
+_Device = tuple[str, str, int, int, str, int]
+
+def query_status(
+    address: str, timeout: float
+) -> tuple[str | None, str | None, int, str | None, list[_Device]]: ...
 
 @final
 class TensorBytes:
@@ -79,3 +87,6 @@ class Server:
     def irecv(
         self, source: tuple[str, int], name: str, timeout: float | None = None
     ) -> Pending: ...
+    def local_devices(self) -> list[_Device]: ...
+    def list_devices(self, timeout: float | None = None) -> list[_Device]: ...
+    def wait_for_cluster(self, timeout: float | None = None) -> dict[str, int]: ...

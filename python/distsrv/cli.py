@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["main"]
 
@@ -25,6 +26,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--job", help="this task's job (default: from TF_CONFIG)")
     serve.add_argument("--task", type=int, help="this task's index (default: from TF_CONFIG)")
 
+    status = commands.add_parser(
+        "status", help="show the health and devices of running tasks (distsrv or TensorFlow)"
+    )
+    status.add_argument("addresses", nargs="+", metavar="ADDRESS", help="host:port of a task")
+    status.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds to wait for each task (default 5)"
+    )
+
     commands.add_parser("demo-worker", help=argparse.SUPPRESS)
 
     args = parser.parse_args(argv)
@@ -41,6 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return demo_module.worker()
     if args.command == "serve":
         return _serve(args)
+    if args.command == "status":
+        return _status(args.addresses, args.timeout)
     raise AssertionError(args.command)
 
 
@@ -64,3 +75,60 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         server.stop()
     return 0
+
+
+def _status(addresses: list[str], timeout: float) -> int:
+    """Prints one row per device of each task; non-zero if any task did not answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from distsrv import _native
+    from distsrv.devices import DeviceAttributes
+    from distsrv.errors import OpError
+
+    def query(address: str) -> tuple[str, Any]:
+        try:
+            return address, _native.query_status(address, timeout)
+        except OpError as error:
+            return address, error
+
+    # Every task is asked at once: one that does not answer costs the timeout only once.
+    with ThreadPoolExecutor(max_workers=min(len(addresses), 32)) as pool:
+        answers = list(pool.map(query, addresses))
+    rows = [("ADDRESS", "TASK", "HEALTH", "SERVER", "DEVICE", "MEMORY", "DESCRIPTION")]
+    failures = []
+    for address, answer in answers:
+        if isinstance(answer, OpError):
+            rows.append((address, "-", "UNREACHABLE", "-", "-", "-", ""))
+            failures.append(f"distsrv: {address}: {answer}")
+            continue
+        health, task, _, version, records = answer
+        server = f"distsrv {version}" if version is not None else "tensorflow"
+        # A server without the gRPC health service (TensorFlow's) is up if it answered.
+        first = (address, task or "-", health or "SERVING", server)
+        devices = [DeviceAttributes(*record) for record in records]
+        for index, device in enumerate(devices):
+            where = first if index == 0 else ("", "", "", "")
+            short = device.name.rpartition("/device:")[2]
+            rows.append((*where, short, _size(device.memory_limit), device.physical_device_desc))
+        if not devices:
+            rows.append((*first, "-", "-", ""))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip())
+    for failure in failures:
+        print(failure, file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _size(size: int) -> str:
+    if size <= 0:
+        return "-"
+    if size < 1024:
+        return f"{size} B"
+    value = size / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"

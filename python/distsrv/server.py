@@ -18,6 +18,7 @@ import numpy.typing as npt
 from distsrv import _native, tensors
 from distsrv.cluster import ClusterLike, ClusterSpec
 from distsrv.config import ServerConfig
+from distsrv.devices import DeviceAttributes
 from distsrv.errors import InvalidArgumentError
 from distsrv.messages import ServerDef
 
@@ -190,6 +191,28 @@ class Server:
 
     def __repr__(self) -> str:
         return f"<distsrv.Server {self.task} at {self.address} ({self.status})>"
+
+    # -- devices ------------------------------------------------------------------------------
+
+    def local_devices(self) -> list[DeviceAttributes]:
+        """This task's devices: its CPU, then every NVIDIA GPU it can use."""
+        return [DeviceAttributes(*record) for record in self._native.local_devices()]
+
+    def list_devices(self, timeout: float | None = None) -> list[DeviceAttributes]:
+        """Every task's devices, in cluster order, like TensorFlow's ``Session.list_devices()``.
+
+        All tasks are asked at once, each for up to ``timeout`` seconds
+        (``config.connect_timeout`` by default); ``UnavailableError`` names every task that did
+        not answer. A task may be a stock TensorFlow server."""
+        return [DeviceAttributes(*record) for record in self._native.list_devices(timeout)]
+
+    def wait_for_cluster(self, timeout: float | None = None) -> dict[str, int]:
+        """Waits until every task of the cluster answers, asking again with backoff (tasks start
+        in any order), for up to ``timeout`` seconds (no limit by default; Ctrl-C interrupts).
+
+        Returns each task's incarnation by task name; a task that restarted has a new one.
+        ``DeadlineExceededError`` names the tasks that never answered."""
+        return self._native.wait_for_cluster(timeout)
 
     # -- tensor exchange ----------------------------------------------------------------------
 

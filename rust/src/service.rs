@@ -15,11 +15,13 @@ use tower::Service;
 use crate::cluster::ServerDef;
 use crate::codec::{self, TensorKey};
 use crate::config::ServerConfig;
+use crate::devices;
 use crate::errors::Error;
 use crate::exchange::{Exchange, SEND_TENSOR_PATH};
 use crate::peers::{self, Peers};
 use crate::proto;
 use crate::proto::worker_server::{Worker, WorkerServer};
+use crate::tfcompat;
 
 pub const WORKER_SERVICE_NAME: &str = "distsrv.v1.Worker";
 /// The encoded descriptors of `protos/`, for server reflection.
@@ -31,9 +33,11 @@ pub struct Task {
     pub config: ServerConfig,
     /// New at every start, so peers can tell a restarted task from the one they knew.
     pub incarnation: u64,
+    /// This task's devices, found once when the server is made.
+    pub devices: Vec<proto::DeviceAttributes>,
     pub peers: Arc<Peers>,
     pub exchange: Exchange,
-    /// One permit per Worker call in flight, `connection_limit` in all.
+    /// One permit per call in flight (Worker's and TensorFlow's), `connection_limit` in all.
     pub calls: Arc<tokio::sync::Semaphore>,
 }
 
@@ -43,6 +47,7 @@ impl Task {
         let exchange = Exchange::new(def.task.clone(), Arc::clone(&peers), &config);
         Self {
             incarnation: rand::random::<u64>() | 1,
+            devices: devices::discover(&def.task),
             calls: Arc::new(tokio::sync::Semaphore::new(config.connection_limit)),
             def,
             config,
@@ -51,14 +56,25 @@ impl Task {
         }
     }
 
-    /// Resolves once no Worker call is in flight.
+    /// A place for one more call, or RESOURCE_EXHAUSTED past the in-flight call limit (instead
+    /// of queueing).
+    pub fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        Arc::clone(&self.calls).try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "task {} is serving its limit of {} calls (connection_limit)",
+                self.def.task, self.config.connection_limit
+            ))
+        })
+    }
+
+    /// Resolves once no call is in flight.
     pub async fn calls_drained(&self) {
         let all = u32::try_from(self.config.connection_limit).unwrap_or(u32::MAX);
         let _ = self.calls.acquire_many(all).await;
     }
 }
 
-/// Health, reflection, and the Worker service, ready to serve.
+/// Health, reflection, the Worker service and TensorFlow's services, ready to serve.
 pub fn router(task: &Arc<Task>) -> (HealthReporter, Router) {
     let (health, health_service) = tonic_health::server::health_reporter();
     let max_message = task.config.max_message_bytes;
@@ -75,7 +91,9 @@ pub fn router(task: &Arc<Task>) -> (HealthReporter, Router) {
         .add_service(WorkerRoutes {
             task: Arc::clone(task),
             generated: worker,
-        });
+        })
+        .add_service(tfcompat::WorkerService::new(task))
+        .add_service(tfcompat::MasterService::new(task));
     (health, router)
 }
 
@@ -93,7 +111,7 @@ impl Worker for Task {
         _request: Request<proto::GetStatusRequest>,
     ) -> Result<Response<proto::GetStatusResponse>, Status> {
         Ok(Response::new(proto::GetStatusResponse {
-            device_attributes: Vec::new(),
+            device_attributes: self.devices.clone(),
             task: Some(self.def.task.to_proto()),
             incarnation: self.incarnation,
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -159,12 +177,9 @@ impl Service<http::Request<Body>> for WorkerRoutes {
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let Ok(permit) = Arc::clone(&self.task.calls).try_acquire_owned() else {
-            let status = Status::resource_exhausted(format!(
-                "task {} is serving its limit of {} calls (connection_limit)",
-                self.task.def.task, self.task.config.connection_limit
-            ));
-            return Box::pin(std::future::ready(Ok(status.into_http())));
+        let permit = match self.task.admit() {
+            Ok(permit) => permit,
+            Err(status) => return Box::pin(std::future::ready(Ok(status.into_http()))),
         };
         if request.uri().path() == SEND_TENSOR_PATH {
             let task = Arc::clone(&self.task);

@@ -1,6 +1,7 @@
 //! The Python binding, `distsrv._native`: converts types, releases the GIL around Rust work, and
 //! nothing else. The Pythonic API lives in `python/distsrv/`.
 
+mod devices;
 mod errors;
 mod server;
 mod tensor;
@@ -17,6 +18,8 @@ mod native {
 
     use crate::cluster::{self, Cluster, Jobs, ServerDef, TaskId};
 
+    #[pymodule_export]
+    use super::devices::query_status;
     #[pymodule_export]
     use super::server::{NativeServer, Pending, blocked_threads};
     #[pymodule_export]

@@ -1,5 +1,6 @@
 //! `distsrv._native.Server`: a task's server as Python sees it.
 
+use std::collections::BTreeMap;
 use std::mem::ManuallyDrop;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,12 +11,14 @@ use pyo3::types::PyBytes;
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
+use super::devices::{DeviceTuple, device_tuple};
 use super::errors::{IntoPyResult, to_py};
 use super::tensor::{HeldBuffer, TensorBytes};
 use crate::cluster::{Cluster, Jobs, ServerDef, TaskId, format_address, parse_address};
 use crate::codec::{Tensor, TensorMeta};
 use crate::config::ServerConfig;
 use crate::errors::{Error, Result};
+use crate::registry;
 use crate::server::Server;
 
 /// How long a blocking call waits between checks for signals, so Ctrl-C interrupts it promptly.
@@ -273,6 +276,43 @@ impl NativeServer {
         });
         Ok(Pending::new(runtime, join, done, None))
     }
+
+    /// This task's devices.
+    fn local_devices(&self) -> PyResult<Vec<DeviceTuple>> {
+        let devices = self.server()?.task().devices.clone();
+        Ok(devices.into_iter().map(device_tuple).collect())
+    }
+
+    /// Every task's devices in cluster order, all tasks asked at once, each for up to `timeout`
+    /// seconds (the config's connect_timeout when None).
+    #[pyo3(signature = (timeout=None))]
+    fn list_devices(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Vec<DeviceTuple>> {
+        let server = self.server()?;
+        let task = server.task();
+        let timeout = seconds(timeout)?.unwrap_or(task.config.connect_timeout);
+        let runtime = server.runtime().into_py()?;
+        let statuses = wait_interruptibly(py, &runtime, registry::statuses(task, timeout))?;
+        let devices = statuses.into_py()?.into_iter().flat_map(|(_, s)| s.devices);
+        Ok(devices.map(device_tuple).collect())
+    }
+
+    /// Waits until every task answers; task name -> incarnation.
+    #[pyo3(signature = (timeout=None))]
+    fn wait_for_cluster(
+        &self,
+        py: Python<'_>,
+        timeout: Option<f64>,
+    ) -> PyResult<BTreeMap<String, u64>> {
+        let timeout = seconds(timeout)?;
+        let server = self.server()?;
+        let runtime = server.runtime().into_py()?;
+        let waited = registry::wait_for_cluster(server.task(), timeout);
+        let incarnations = wait_interruptibly(py, &runtime, waited)?.into_py()?;
+        Ok(incarnations
+            .into_iter()
+            .map(|(task, incarnation)| (task.to_string(), incarnation))
+            .collect())
+    }
 }
 
 type SendFuture = std::pin::Pin<Box<dyn Future<Output = Result<()>> + Send>>;
@@ -342,7 +382,11 @@ fn tensor_parts(tensor: Tensor) -> (i32, Vec<u64>, TensorBytes) {
 
 /// Drives `future` on the server's runtime without the GIL, checking for signals in between so
 /// Ctrl-C raises KeyboardInterrupt (dropping the future, which abandons the operation cleanly).
-fn wait_interruptibly<F>(py: Python<'_>, runtime: &Handle, future: F) -> PyResult<F::Output>
+pub(super) fn wait_interruptibly<F>(
+    py: Python<'_>,
+    runtime: &Handle,
+    future: F,
+) -> PyResult<F::Output>
 where
     F: Future + Send,
     F::Output: Send,

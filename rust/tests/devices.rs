@@ -1,0 +1,106 @@
+//! The cluster's devices across servers in one process, with no Python involved.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use distsrv::cluster::{Cluster, Jobs, ServerDef, TaskId};
+use distsrv::config::ServerConfig;
+use distsrv::errors::Code;
+use distsrv::registry;
+use distsrv::server::Server;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Servers for the first `started` of `count` tasks of job "w".
+fn cluster(count: u32, started: u32) -> Vec<Server> {
+    let tasks = (0..count).map(|i| (i, format!("127.0.0.1:{}", free_port())));
+    let jobs = Jobs::from([("w".to_owned(), BTreeMap::from_iter(tasks))]);
+    let cluster = Cluster::new(jobs).unwrap();
+    (0..started)
+        .map(|index| {
+            let def = ServerDef {
+                cluster: cluster.clone(),
+                task: TaskId::new("w", index),
+                protocol: "grpc".into(),
+                port: 0,
+            };
+            let server = Server::bind(def, ServerConfig::default()).unwrap();
+            server.start().unwrap();
+            server
+        })
+        .collect()
+}
+
+#[test]
+fn every_task_answers_with_its_devices_and_incarnation() {
+    let servers = cluster(2, 2);
+    let task = servers[0].task();
+    let runtime = servers[0].runtime().unwrap();
+    let seen = runtime
+        .block_on(registry::wait_for_cluster(
+            task,
+            Some(Duration::from_secs(30)),
+        ))
+        .unwrap();
+    let expected: BTreeMap<TaskId, u64> = servers
+        .iter()
+        .map(|s| (s.task_id().clone(), s.task().incarnation))
+        .collect();
+    assert_eq!(seen, expected);
+    let statuses = runtime
+        .block_on(registry::statuses(task, Duration::from_secs(10)))
+        .unwrap();
+    for ((named, status), server) in statuses.iter().zip(&servers) {
+        assert_eq!(named, server.task_id());
+        assert_eq!(status.devices, server.task().devices);
+        assert_eq!(status.version.as_deref(), Some(env!("CARGO_PKG_VERSION")));
+    }
+}
+
+#[test]
+fn a_task_that_never_starts_is_named_in_bounded_time() {
+    let servers = cluster(3, 2);
+    let runtime = servers[0].runtime().unwrap();
+    let began = Instant::now();
+    let error = runtime
+        .block_on(registry::wait_for_cluster(
+            servers[0].task(),
+            Some(Duration::from_millis(800)),
+        ))
+        .unwrap_err();
+    assert!(began.elapsed() < Duration::from_secs(5));
+    assert_eq!(error.code, Code::DeadlineExceeded);
+    assert!(error.message.contains("/job:w/task:2"), "{error}");
+    assert!(!error.message.contains("/job:w/task:1"), "{error}");
+}
+
+#[test]
+fn tensorflows_path_serves_the_same_devices() {
+    let servers = cluster(1, 1);
+    let runtime = servers[0].runtime().unwrap();
+    let address = servers[0].local_addr();
+    let (health, status) = runtime
+        .block_on(registry::query(
+            &format!("grpc://{address}"),
+            Duration::from_secs(10),
+        ))
+        .unwrap();
+    assert_eq!(health.as_deref(), Some("SERVING"));
+    assert_eq!(status.devices, servers[0].task().devices);
+    let channel = runtime.block_on(async {
+        tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    });
+    let reply = runtime
+        .block_on(distsrv::tfcompat::worker_status(channel))
+        .unwrap();
+    assert_eq!(reply.device_attributes, servers[0].task().devices);
+}
