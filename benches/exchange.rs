@@ -1,44 +1,19 @@
 //! The Rust exchange loop alone (no Python): one tensor sent and received between two servers in
 //! this process over loopback gRPC, so regressions show where they come from.
 
-use std::collections::BTreeMap;
-
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use distsrv::cluster::{Cluster, Jobs, ServerDef, TaskId};
+use distsrv::cluster::TaskId;
 use distsrv::codec::TensorMeta;
-use distsrv::config::ServerConfig;
 use distsrv::proto::DataType;
-use distsrv::server::Server;
 
-fn server(cluster: &Cluster, index: u32) -> Server {
-    let def = ServerDef {
-        cluster: cluster.clone(),
-        task: TaskId::new("w", index),
-        protocol: "grpc".into(),
-        port: 0,
-    };
-    let server = Server::bind(def, ServerConfig::default()).expect("bind");
-    server.start().expect("start");
-    server
-}
+#[path = "../rust/tests/common/mod.rs"]
+mod common;
 
 fn exchange(c: &mut Criterion) {
-    let port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port()
-    };
-    let jobs = Jobs::from([(
-        "w".to_owned(),
-        BTreeMap::from([
-            (0, format!("127.0.0.1:{}", port())),
-            (1, format!("127.0.0.1:{}", port())),
-        ]),
-    )]);
-    let cluster = Cluster::new(jobs).expect("cluster");
-    let (a, b) = (server(&cluster, 0), server(&cluster, 1));
+    let mut servers = common::cluster(2, 2);
+    let b = servers.pop().expect("two servers");
+    let a = servers.pop().expect("two servers");
     let runtime = a.runtime().expect("running");
     let mut group = c.benchmark_group("send_recv");
     for size in [4usize << 10, 1 << 20, 64 << 20] {

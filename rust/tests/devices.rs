@@ -3,38 +3,12 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use distsrv::cluster::{Cluster, Jobs, ServerDef, TaskId};
-use distsrv::config::ServerConfig;
+use distsrv::cluster::TaskId;
 use distsrv::errors::Code;
 use distsrv::registry;
-use distsrv::server::Server;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// Servers for the first `started` of `count` tasks of job "w".
-fn cluster(count: u32, started: u32) -> Vec<Server> {
-    let tasks = (0..count).map(|i| (i, format!("127.0.0.1:{}", free_port())));
-    let jobs = Jobs::from([("w".to_owned(), BTreeMap::from_iter(tasks))]);
-    let cluster = Cluster::new(jobs).unwrap();
-    (0..started)
-        .map(|index| {
-            let def = ServerDef {
-                cluster: cluster.clone(),
-                task: TaskId::new("w", index),
-                protocol: "grpc".into(),
-                port: 0,
-            };
-            let server = Server::bind(def, ServerConfig::default()).unwrap();
-            server.start().unwrap();
-            server
-        })
-        .collect()
-}
+mod common;
+use common::cluster;
 
 #[test]
 fn every_task_answers_with_its_devices_and_incarnation() {

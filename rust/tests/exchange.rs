@@ -1,44 +1,20 @@
 //! Two servers in one process exchanging tensors over loopback gRPC, with no Python involved.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use distsrv::cluster::{Cluster, Jobs, ServerDef, TaskId};
+use distsrv::cluster::TaskId;
 use distsrv::codec::TensorMeta;
-use distsrv::config::ServerConfig;
 use distsrv::errors::Code;
 use distsrv::proto::DataType;
 use distsrv::server::{Server, Status};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
+mod common;
 
 fn pair() -> (Server, Server) {
-    let jobs = Jobs::from([(
-        "w".to_owned(),
-        BTreeMap::from([
-            (0, format!("127.0.0.1:{}", free_port())),
-            (1, format!("127.0.0.1:{}", free_port())),
-        ]),
-    )]);
-    let cluster = Cluster::new(jobs).unwrap();
-    let start = |index| {
-        let def = ServerDef {
-            cluster: cluster.clone(),
-            task: TaskId::new("w", index),
-            protocol: "grpc".into(),
-            port: 0,
-        };
-        let server = Server::bind(def, ServerConfig::default()).unwrap();
-        server.start().unwrap();
-        server
-    };
-    (start(0), start(1))
+    let mut servers = common::cluster(2, 2);
+    let b = servers.pop().expect("two servers");
+    (servers.pop().expect("two servers"), b)
 }
 
 fn floats(n: usize) -> (TensorMeta, Bytes) {
