@@ -48,6 +48,15 @@ fn exchange(c: &mut Criterion) {
         });
     }
     group.finish();
+    // A generated unary call's round trip: the transport's floor for small tensors.
+    let peer = TaskId::new("w", 1);
+    c.bench_function("get_status_round_trip", |bench| {
+        bench.iter(|| {
+            runtime
+                .block_on(a.task().peers.status(&peer))
+                .expect("status")
+        });
+    });
 }
 
 criterion_group!(benches, exchange);

@@ -167,17 +167,24 @@ async fn push(peers: &Peers, to: &TaskId, frames: Vec<Bytes>, total: u64) -> Res
     use tower::ServiceExt;
 
     let channel = peers.channel(to).await?;
-    let body = http_body_util::StreamBody::new(futures::stream::iter(
-        frames
-            .into_iter()
-            .map(|frame| Ok::<_, tonic::Status>(http_body::Frame::data(frame))),
-    ));
+    // One frame goes as a complete body, so it carries END_STREAM itself instead of being
+    // followed by an empty frame that costs the receiver another wake-up.
+    let body = match <[Bytes; 1]>::try_from(frames) {
+        Ok([frame]) => tonic::body::Body::new(http_body_util::Full::new(frame)),
+        Err(frames) => {
+            tonic::body::Body::new(http_body_util::StreamBody::new(futures::stream::iter(
+                frames
+                    .into_iter()
+                    .map(|frame| Ok::<_, tonic::Status>(http_body::Frame::data(frame))),
+            )))
+        }
+    };
     let request = http::Request::builder()
         .method(http::Method::POST)
         .uri(SEND_TENSOR_PATH)
         .header(http::header::CONTENT_TYPE, "application/grpc")
         .header(http::header::TE, "trailers")
-        .body(tonic::body::Body::new(body))
+        .body(body)
         .map_err(|e| Error::internal(format!("cannot build the request: {e}")))?;
     let response = channel.oneshot(request).await.map_err(|e| {
         // The transport's own message ("transport error") says little; its causes say what.
