@@ -22,9 +22,38 @@ with warnings.catch_warnings():
     tf = pytest.importorskip(
         "tensorflow", reason="TensorFlow is not installed (pip install tensorflow-cpu)"
     )
-    from tensorflow.core.protobuf import worker_pb2
+    from tensorflow.core.framework import device_attributes_pb2
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _tensorflow_get_status_response() -> Any:
+    """TensorFlow's GetStatusResponse (worker.proto: field 1, repeated DeviceAttributes), built
+    on TensorFlow's own DeviceAttributes: TensorFlow's Python package does not ship worker_pb2."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    pool = descriptor_pool.Default()
+    name = "distsrv_test.GetStatusResponse"
+    try:
+        return message_factory.GetMessageClass(pool.FindMessageTypeByName(name))
+    except KeyError:
+        pass
+    file = descriptor_pb2.FileDescriptorProto(
+        name="distsrv_test/get_status.proto",
+        package="distsrv_test",
+        syntax="proto3",
+        dependency=[device_attributes_pb2.DESCRIPTOR.name],
+    )
+    message = file.message_type.add(name="GetStatusResponse")
+    message.field.add(
+        name="device_attributes",
+        number=1,
+        label=descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED,
+        type=descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE,
+        type_name=".tensorflow.DeviceAttributes",
+    )
+    pool.Add(file)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(name))
 
 
 @pytest.fixture
@@ -42,19 +71,21 @@ def test_a_tensorflow_session_lists_a_distsrv_clusters_devices(
     with tf.compat.v1.Session(pair[0].target) as session:
         listed = session.list_devices()
     expected = pair[0].list_devices(timeout=10)
-    assert [(d.name, d.device_type, d.memory_limit_bytes, d.incarnation) for d in listed] == [
-        (d.name, d.device_type, d.memory_limit, d.incarnation) for d in expected
-    ]
+    # TensorFlow's Python wrapper reports the fixed64 incarnation as a signed int64.
+    assert [
+        (d.name, d.device_type, d.memory_limit_bytes, d.incarnation % 2**64) for d in listed
+    ] == [(d.name, d.device_type, d.memory_limit, d.incarnation) for d in expected]
 
 
 def test_tensorflows_own_messages_decode_our_get_status(pair: list[distsrv.Server]) -> None:
     with grpc.insecure_channel(pair[0].address) as channel:
         get_status = channel.unary_unary(
             "/tensorflow.WorkerService/GetStatus",
-            request_serializer=worker_pb2.GetStatusRequest.SerializeToString,
-            response_deserializer=worker_pb2.GetStatusResponse.FromString,
+            # GetStatusRequest has no fields: its encoding is empty.
+            request_serializer=bytes,
+            response_deserializer=_tensorflow_get_status_response().FromString,
         )
-        reply: Any = get_status(worker_pb2.GetStatusRequest(), timeout=10)
+        reply: Any = get_status(b"", timeout=10)
     assert [
         (d.name, d.device_type, d.memory_limit, d.incarnation) for d in reply.device_attributes
     ] == [(d.name, d.device_type, d.memory_limit, d.incarnation) for d in pair[0].local_devices()]
