@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import statistics
 import subprocess
@@ -52,12 +51,18 @@ def repetitions(size: int, quick: bool, once: bool = False) -> tuple[int, int]:
     if size <= 4 * MiB:
         return (5, 30) if quick else (20, 200)
     if size <= 64 * MiB:
-        return (2, 10)
-    return (1, 5)
+        return (3, 15)
+    return (3, 8)
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident memory. Not getrusage's ru_maxrss: Linux carries that across
+    exec from the parent, hiding a child's own peak; VmHWM starts afresh with each program."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 # -- the peers: a sender (here) and a receiver (in a child process) each --------------------------
@@ -211,17 +216,19 @@ def _connect(port: int) -> socket.socket:
 
 def receiver(peer: str, ports: list[int], sizes: list[int], quick: bool, once: bool) -> None:
     """The child: receives every tensor the sender sends, checks one value, reports memory."""
+    # Taken before the transport exists: a sender may push a tensor before the first receive.
+    before = peak_rss_bytes()
     transport = PEERS[peer](ports, 1)
     report: dict[str, int] = {}
     for size in sizes:
         warm, measured = repetitions(size, quick, once)
-        before = peak_rss_bytes()
         for _ in range(warm + measured):
             array = transport.receive(size)
         if array.size and array[-1] != size // 4 - 1:
             raise SystemExit(f"{peer}: corrupt tensor of {size} bytes")
         del array
         report[str(size)] = peak_rss_bytes() - before
+        before = peak_rss_bytes()
     transport.close()
     print(json.dumps(report), flush=True)
 
@@ -307,7 +314,7 @@ def main() -> None:
     parser.add_argument("--allow-debug", action="store_true", help="time a debug build anyway")
     parser.add_argument("--receiver", help=argparse.SUPPRESS)
     parser.add_argument("--ports", nargs="+", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--sizes", nargs="+", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--sizes", nargs="+", type=int, help="tensor sizes in bytes")
     parser.add_argument("--once", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory-sender", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -321,7 +328,7 @@ def main() -> None:
     if _native.BUILD_PROFILE != "release" and not args.allow_debug:
         raise SystemExit("distsrv is a debug build: run `make develop-release` (or --allow-debug)")
 
-    sizes = QUICK_SIZES if args.quick else SIZES
+    sizes = args.sizes or (QUICK_SIZES if args.quick else SIZES)
     print(
         f"distsrv {distsrv.__version__} ({_native.BUILD_PROFILE}), {os.cpu_count()} CPUs, "
         f"float32 tensors, transfer + 1-byte ack, two processes on {HOST}"
@@ -350,7 +357,7 @@ def main() -> None:
                 f"{human(size):>8} {PEERS[peer].name:>14} {median * 1e6:>8.0f}µs "
                 f"{p99 * 1e6:>8.0f}µs {size / median / 1e9:>7.2f} {ratio:>12}"
             )
-    if not args.quick and "distsrv" in args.peers:
+    if 256 * MiB in sizes and "distsrv" in args.peers:
         size = 256 * MiB
         sender_extra, receiver_extra = memory_of_distsrv(size)
         print(
