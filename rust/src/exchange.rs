@@ -125,6 +125,9 @@ impl Exchange {
             return timed.await;
         }
         tokio::select! {
+            // The receive first: once a stop has closed the inbox it is done, and the watchdog,
+            // which makes a new timer each round, is not polled on a runtime shutting down.
+            biased;
             received = timed => received,
             lost = watch_alive(&self.peers, &key.source) => Err(lost.context(format!("recv of {key}"))),
         }

@@ -2,9 +2,11 @@
 
 use std::collections::BTreeMap;
 use std::mem::ManuallyDrop;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
+use std::time::Instant;
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -380,8 +382,12 @@ fn tensor_parts(tensor: Tensor) -> (i32, Vec<u64>, TensorBytes) {
     )
 }
 
-/// Drives `future` on the server's runtime without the GIL, checking for signals in between so
-/// Ctrl-C raises KeyboardInterrupt (dropping the future, which abandons the operation cleanly).
+/// Drives `future` without the GIL, checking for signals in between so Ctrl-C raises
+/// KeyboardInterrupt (dropping the future, which abandons the operation cleanly).
+///
+/// The future is polled on this thread inside the runtime's context, and the thread parks until
+/// the future's waker or the next signal check. No timer is made for the wait itself: a stop that
+/// shuts the runtime down mid-wait must not find a new one being registered.
 pub(super) fn wait_interruptibly<F>(
     py: Python<'_>,
     runtime: &Handle,
@@ -392,15 +398,41 @@ where
     F::Output: Send,
 {
     let mut future = std::pin::pin!(future);
+    let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
     let _blocked = Blocked::enter();
     loop {
-        let step = py.detach(|| {
-            runtime.block_on(async { tokio::time::timeout(SIGNAL_CHECK, future.as_mut()).await })
+        let polled = py.detach(|| {
+            let _entered = runtime.enter();
+            let mut context = Context::from_waker(&waker);
+            let check_signals_at = Instant::now() + SIGNAL_CHECK;
+            loop {
+                if let Poll::Ready(output) = future.as_mut().poll(&mut context) {
+                    return Some(output);
+                }
+                let left = check_signals_at.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return None;
+                }
+                std::thread::park_timeout(left);
+            }
         });
-        match step {
-            Ok(output) => return Ok(output),
-            Err(_) => py.check_signals()?,
+        match polled {
+            Some(output) => return Ok(output),
+            None => py.check_signals()?,
         }
+    }
+}
+
+/// Wakes a thread parked in [`wait_interruptibly`].
+struct ThreadWaker(std::thread::Thread);
+
+impl Wake for ThreadWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
     }
 }
 
