@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.resources
 import pathlib
+import select
+import subprocess
 import sys
 from collections.abc import Iterator
 
@@ -62,3 +64,14 @@ def pair_cluster(count: int = 2) -> distsrv.ClusterSpec:
     from distsrv.launch import free_ports
 
     return distsrv.ClusterSpec({"worker": [f"127.0.0.1:{p}" for p in free_ports(count)]})
+
+
+def read_line(process: subprocess.Popen[str], timeout: float) -> str:
+    """A child's next line of stdout, stripped; fails the test if none comes within ``timeout``."""
+    assert process.stdout is not None
+    readable, _, _ = select.select([process.stdout], [], [], timeout)
+    if not readable:
+        process.kill()
+        _, stderr = process.communicate(timeout=10)
+        pytest.fail(f"the child printed nothing within {timeout} s; stderr:\n{stderr}")
+    return process.stdout.readline().strip()

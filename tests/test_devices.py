@@ -10,7 +10,6 @@ import ctypes.util
 import json
 import pathlib
 import random
-import select
 import socket
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import pair_cluster
+from conftest import pair_cluster, read_line
 
 import distsrv
 from distsrv.errors import DeadlineExceededError, UnavailableError
@@ -176,16 +175,6 @@ CHILD = textwrap.dedent(
         sys.stdin.readline()  # stay up until every task has seen the others
     """
 )
-
-
-def read_line(process: subprocess.Popen[str], timeout: float) -> str:
-    assert process.stdout is not None
-    readable, _, _ = select.select([process.stdout], [], [], timeout)
-    if not readable:
-        process.kill()
-        _, stderr = process.communicate(timeout=10)
-        pytest.fail(f"a task printed nothing within {timeout} s; stderr:\n{stderr}")
-    return process.stdout.readline()
 
 
 def test_tasks_started_in_random_order_all_see_the_whole_cluster() -> None:

@@ -8,7 +8,6 @@ runs in a child are at module level so that "spawn" can import them.
 from __future__ import annotations
 
 import multiprocessing
-import select
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from conftest import read_line
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import distsrv
@@ -46,17 +46,6 @@ def start_child(script: str) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
-
-
-def read_line(process: subprocess.Popen[str], timeout: float) -> str:
-    """The child's next line of stdout, failing the test if none comes within ``timeout``."""
-    assert process.stdout is not None
-    readable, _, _ = select.select([process.stdout], [], [], timeout)
-    if not readable:
-        process.kill()
-        _, stderr = process.communicate(timeout=10)
-        pytest.fail(f"the child printed nothing within {timeout} s; stderr:\n{stderr}")
-    return process.stdout.readline().strip()
 
 
 def finish(
