@@ -1,5 +1,6 @@
-"""The main job's worker: each task starts its server, greets every peer with a tensor, then the
-tasks pass an accumulating array around a ring and check the total."""
+"""The main job's worker: each task starts its server, waits for the whole cluster and lists its
+devices, greets every peer with a tensor, then the tasks pass an accumulating array around a ring
+and check the total."""
 
 from __future__ import annotations
 
@@ -22,8 +23,17 @@ def worker() -> int:
         size = len(peers)
         print(f"serving {server.task} at {server.target}", flush=True)
 
-        # Greetings: every task sends its index to every other one; receiving them all proves
-        # the cluster is up, whatever order the processes started in.
+        # Every task answers (whatever order the processes started in), with its devices.
+        started = time.perf_counter()
+        incarnations = server.wait_for_cluster(timeout=60)
+        devices = server.list_devices(timeout=30)
+        print(
+            f"cluster of {len(incarnations)} tasks up in {time.perf_counter() - started:.2f}s, "
+            f"{len(devices)} devices: {', '.join(sorted({d.device_type for d in devices}))}",
+            flush=True,
+        )
+
+        # Greetings: every task sends its index to every other one.
         started = time.perf_counter()
         for peer in peers:
             if peer != (job, index):

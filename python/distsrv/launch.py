@@ -81,6 +81,9 @@ def run_local_cluster(
                 process.wait()
         for stream in streams:
             stream.join(timeout=5)
+        for process in processes.values():
+            if process.stdout is not None:
+                process.stdout.close()
     if failed is not None:
         print(f"distsrv: {failed}; stopped the other tasks", file=sys.stderr)
         return 1
