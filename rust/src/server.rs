@@ -21,6 +21,10 @@ use crate::service::{self, Task};
 
 pub const PROTOCOL: &str = "grpc";
 
+/// After the last call's answer is handed to HTTP/2, how long a stop lets it flush before
+/// closing connections.
+const FLUSH_AFTER_DRAIN: Duration = Duration::from_millis(100);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
     Created,
@@ -259,10 +263,15 @@ impl Server {
             set_health(&health, ServingStatus::NotServing).await;
             let _ = shutdown.send(());
             // Wait for the calls in flight, not for idle connections: one that never even
-            // finished its HTTP/2 handshake would otherwise hold the whole grace.
+            // finished its HTTP/2 handshake would otherwise hold the whole grace. Once the last
+            // answer is handed over, a moment lets it reach the socket.
+            let drained = async {
+                task.calls_drained().await;
+                tokio::time::sleep(FLUSH_AFTER_DRAIN).await;
+            };
             tokio::select! {
                 _ = &mut serve => {}
-                _ = task.calls_drained() => {}
+                _ = drained => {}
                 _ = tokio::time::sleep(grace) => {}
             }
             serve.abort();

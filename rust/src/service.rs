@@ -67,6 +67,22 @@ impl Task {
         })
     }
 
+    /// Keeps `permit` (the call's place under the limit) until the response body has been handed
+    /// to HTTP/2 in full: a call is in flight until its answer is out, so a stop that waits for
+    /// calls to drain does not cut off an acknowledgement.
+    pub fn until_sent(
+        response: http::Response<Body>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> http::Response<Body> {
+        use http_body_util::BodyExt;
+        response.map(|body| {
+            Body::new(body.map_frame(move |frame| {
+                let _in_flight = &permit;
+                frame
+            }))
+        })
+    }
+
     /// Resolves once no call is in flight.
     pub async fn calls_drained(&self) {
         let all = u32::try_from(self.config.connection_limit).unwrap_or(u32::MAX);
@@ -184,19 +200,17 @@ impl Service<http::Request<Body>> for WorkerRoutes {
         if request.uri().path() == SEND_TENSOR_PATH {
             let task = Arc::clone(&self.task);
             return Box::pin(async move {
-                let received = task.exchange.receive(request.into_body()).await;
-                drop(permit);
-                Ok(match received {
+                let response = match task.exchange.receive(request.into_body()).await {
                     Ok(bytes) => acknowledge(bytes),
                     Err(error) => Status::from(error).into_http(),
-                })
+                };
+                Ok(Task::until_sent(response, permit))
             });
         }
         let mut generated = self.generated.clone();
         Box::pin(async move {
             let response = generated.call(request).await;
-            drop(permit);
-            response
+            response.map(|response| Task::until_sent(response, permit))
         })
     }
 }

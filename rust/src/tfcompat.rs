@@ -213,8 +213,7 @@ where
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
         let response = grpc.unary(Handler { state, handler }, request).await;
-        drop(permit);
-        Ok(response)
+        Ok(Task::until_sent(response, permit))
     })
 }
 
