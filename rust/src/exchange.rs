@@ -91,8 +91,9 @@ impl Exchange {
         let chunk = self.chunk_bytes;
         Ok(Either::Right(async move {
             let _turn = turn.wait().await;
+            let total = payload.len() as u64;
             let frames = codec::tensor_frames(&codec::header(&key, &meta), payload, chunk);
-            push(&peers, &to, frames, meta.byte_len().unwrap_or(0))
+            push(&peers, &to, frames, total)
                 .await
                 .map_err(|e| e.context(format!("send of {:?} to {to}", key.name)))
         }))

@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use super::devices::{DeviceTuple, device_tuple};
 use super::errors::{IntoPyResult, to_py};
 use super::tensor::{HeldBuffer, TensorBytes};
-use crate::cluster::{Cluster, Jobs, ServerDef, TaskId, format_address, parse_address};
+use crate::cluster::{Cluster, Jobs, ServerDef, TaskId, format_address};
 use crate::codec::{Tensor, TensorMeta};
 use crate::config::ServerConfig;
 use crate::errors::{Error, Result};
@@ -174,8 +174,13 @@ impl NativeServer {
     /// This task's address as the cluster knows it, with the real port.
     #[getter]
     fn address(&self) -> String {
-        let (host, port) = (self.host(), self.server.local_addr().port());
-        format_address(&host, port)
+        // `Server::bind` put the bound port into the cluster's entry for this task.
+        let server = &self.server;
+        server
+            .cluster()
+            .address(server.task_id())
+            .unwrap_or_default()
+            .to_owned()
     }
 
     /// The socket address actually listened on.
@@ -330,15 +335,6 @@ impl NativeServer {
             ))));
         }
         Ok(&self.server)
-    }
-
-    fn host(&self) -> String {
-        let server = &self.server;
-        let address = server
-            .cluster()
-            .address(server.task_id())
-            .unwrap_or_default();
-        parse_address(address).map_or_else(|_| String::new(), |(host, _)| host)
     }
 
     fn start_send(
