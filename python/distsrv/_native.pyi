@@ -87,6 +87,42 @@ class Server:
     def irecv(
         self, source: tuple[str, int], name: str, timeout: float | None = None
     ) -> Pending: ...
+    def all_reduce(
+        self,
+        group: list[tuple[str, int]] | None,
+        op: str,
+        dtype: int,
+        shape: list[int],
+        data: Any,
+        timeout: float | None = None,
+    ) -> tuple[int, list[int], TensorBytes]: ...
+    def reduce_scatter(
+        self,
+        group: list[tuple[str, int]] | None,
+        op: str,
+        dtype: int,
+        shape: list[int],
+        data: Any,
+        timeout: float | None = None,
+    ) -> tuple[int, list[int], TensorBytes]: ...
+    def all_gather(
+        self,
+        group: list[tuple[str, int]] | None,
+        dtype: int,
+        shape: list[int],
+        data: Any,
+        timeout: float | None = None,
+    ) -> tuple[int, list[int], TensorBytes]: ...
+    def broadcast(
+        self,
+        group: list[tuple[str, int]] | None,
+        root: tuple[str, int],
+        given: tuple[int, list[int], Any] | None,
+        timeout: float | None = None,
+    ) -> tuple[int, list[int], TensorBytes]: ...
+    def barrier(
+        self, group: list[tuple[str, int]] | None, timeout: float | None = None
+    ) -> None: ...
     def local_devices(self) -> list[_Device]: ...
     def list_devices(self, timeout: float | None = None) -> list[_Device]: ...
     def wait_for_cluster(self, timeout: float | None = None) -> dict[str, int]: ...

@@ -8,7 +8,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal
 
@@ -22,11 +22,15 @@ from distsrv.devices import DeviceAttributes
 from distsrv.errors import InvalidArgumentError
 from distsrv.messages import ServerDef
 
-__all__ = ["RecvHandle", "SendHandle", "Server", "Status", "TaskLike"]
+__all__ = ["GroupLike", "RecvHandle", "ReduceOp", "SendHandle", "Server", "Status", "TaskLike"]
 
 #: A task: "/job:ps/task:0" (TensorFlow's spelling, "/replica:0/" allowed) or ("ps", 0).
 TaskLike = str | tuple[str, int]
 Status = Literal["created", "running", "closing", "closed", "failed"]
+#: The tasks of a collective: every task of the cluster (None), one job's tasks (its name), or
+#: the tasks listed.
+GroupLike = str | Sequence[TaskLike] | None
+ReduceOp = Literal["sum", "mean", "max", "min", "prod"]
 
 _PROTOBUF_SERVER_DEFS = ("tensorflow.ServerDef", "distsrv.v1.ServerDef")
 
@@ -82,6 +86,7 @@ class Server:
             definition.port,
             self._config,
         )
+        self._spec = spec
         self._job_name = definition.job_name
         self._task_index = definition.task_index
         self._pid = os.getpid()
@@ -249,6 +254,81 @@ class Server:
     ) -> npt.NDArray[Any]:
         """Awaitable :meth:`recv`."""
         return await self.irecv(name, source, timeout).wait_async()
+
+    # -- collectives --------------------------------------------------------------------------
+    #
+    # A collective runs over a group: every task of the cluster by default, a job's tasks, or
+    # the tasks listed. Every member must call the group's collectives in the same order. A rank
+    # is a member's position in (job, index) order. Members that disagree on dtype or shape all
+    # raise InvalidArgumentError; a member that cannot be reached for ``config.connect_timeout``
+    # makes the others raise UnavailableError; ``timeout`` bounds the whole call.
+
+    def all_reduce(
+        self,
+        array: npt.ArrayLike,
+        op: ReduceOp = "sum",
+        *,
+        group: GroupLike = None,
+        timeout: float | None = None,
+    ) -> npt.NDArray[Any]:
+        """The element-wise ``op`` of every member's ``array``: bitwise the same on every member.
+        A mean needs a floating or complex dtype; sum and prod of integers wrap as numpy's do."""
+        code, shape, contiguous = tensors.to_wire(array)
+        result = self._native.all_reduce(self._members(group), op, code, shape, contiguous, timeout)
+        return tensors.from_wire(*result)
+
+    def reduce_scatter(
+        self,
+        array: npt.ArrayLike,
+        op: ReduceOp = "sum",
+        *,
+        group: GroupLike = None,
+        timeout: float | None = None,
+    ) -> npt.NDArray[Any]:
+        """This member's share of :meth:`all_reduce`: of ``n * m`` rows, rank ``r`` gets rows
+        ``r * m`` to ``(r + 1) * m``."""
+        code, shape, contiguous = tensors.to_wire(array)
+        result = self._native.reduce_scatter(
+            self._members(group), op, code, shape, contiguous, timeout
+        )
+        return tensors.from_wire(*result)
+
+    def all_gather(
+        self, array: npt.ArrayLike, *, group: GroupLike = None, timeout: float | None = None
+    ) -> npt.NDArray[Any]:
+        """Every member's ``array``, stacked in rank order: shape ``(members, *array.shape)``."""
+        code, shape, contiguous = tensors.to_wire(array)
+        result = self._native.all_gather(self._members(group), code, shape, contiguous, timeout)
+        return tensors.from_wire(*result)
+
+    def broadcast(
+        self,
+        array: npt.ArrayLike | None,
+        root: TaskLike,
+        *,
+        group: GroupLike = None,
+        timeout: float | None = None,
+    ) -> npt.NDArray[Any]:
+        """``root``'s ``array`` on every member. Other members may pass None, or an array whose
+        dtype and shape are then checked against the root's."""
+        given = None if array is None else tensors.to_wire(array)
+        result = self._native.broadcast(self._members(group), _task(root), given, timeout)
+        return tensors.from_wire(*result)
+
+    def barrier(self, *, group: GroupLike = None, timeout: float | None = None) -> None:
+        """Returns once every member has called it."""
+        self._native.barrier(self._members(group), timeout)
+
+    def _members(self, group: GroupLike) -> list[tuple[str, int]] | None:
+        if group is None:
+            return None
+        if isinstance(group, str):
+            if group not in self._spec.jobs:
+                raise InvalidArgumentError(
+                    f"no job {group!r} in the cluster (jobs: {self._spec.jobs})"
+                )
+            return [(group, index) for index in self._spec.task_indices(group)]
+        return [_task(task) for task in group]
 
 
 class _Handle:

@@ -130,7 +130,7 @@ impl Exchange {
             // which makes a new timer each round, is not polled on a runtime shutting down.
             biased;
             received = timed => received,
-            lost = watch_alive(&self.peers, &key.source) => Err(lost.context(format!("recv of {key}"))),
+            lost = self.peers.unreachable(&key.source) => Err(lost.context(format!("recv of {key}"))),
         }
     }
 
@@ -158,6 +158,14 @@ impl Exchange {
         let reservation = reservation.expect("a finished stream was admitted");
         self.inbox.deliver(key, tensor, reservation)?;
         Ok(size)
+    }
+
+    pub fn me(&self) -> &TaskId {
+        &self.me
+    }
+
+    pub fn peers(&self) -> &Arc<Peers> {
+        &self.peers
     }
 
     /// Ends every waiting receive and refuses new tensors; unreceived tensors are dropped.
@@ -226,19 +234,6 @@ async fn push(peers: &Peers, to: &TaskId, frames: Vec<Bytes>, total: u64) -> Res
         )));
     }
     Ok(())
-}
-
-/// Resolves only when `task` has been unreachable for the connect timeout, checking a few times a
-/// second; its answer to GetStatus proves it alive.
-async fn watch_alive(peers: &Peers, task: &TaskId) -> Error {
-    loop {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        if let Err(error) = peers.status(task).await
-            && error.code == Code::Unavailable
-        {
-            return error;
-        }
-    }
 }
 
 /// Bytes counted against the inbox's limit until dropped.

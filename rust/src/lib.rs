@@ -2,16 +2,19 @@
 //!
 //! Every task of a cluster runs one [`server::Server`]: it serves gRPC to its peers, knows the
 //! cluster ([`cluster`]), its own devices ([`devices`]) and every task's ([`registry`]), and
-//! exchanges tensors with the other tasks ([`exchange`]). Stock TensorFlow can list the
+//! exchanges tensors with the other tasks ([`exchange`]) and reduces them together
+//! ([`collectives`]). Stock TensorFlow can list the
 //! cluster's devices through it ([`tfcompat`]). Only [`python`] knows about Python.
 
 pub mod cluster;
 pub mod codec;
+pub mod collectives;
 pub mod config;
 pub mod devices;
 pub mod errors;
 pub mod exchange;
 pub mod peers;
+pub mod reduce;
 pub mod registry;
 pub mod server;
 pub mod service;

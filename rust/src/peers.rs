@@ -9,7 +9,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::cluster::{Cluster, TaskId};
 use crate::config::ServerConfig;
-use crate::errors::{Error, Result};
+use crate::errors::{Code, Error, Result};
 use crate::proto;
 use crate::proto::worker_client::WorkerClient;
 
@@ -79,6 +79,19 @@ impl Peers {
             .await
             .map_err(|status| Error::from(status).context(format!("GetStatus of {task}")))?;
         Ok(response.into_inner())
+    }
+
+    /// Resolves only when `task` has been unreachable for the connect timeout, checking a few
+    /// times a second; its answer to GetStatus proves it alive.
+    pub async fn unreachable(&self, task: &TaskId) -> Error {
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            if let Err(error) = self.status(task).await
+                && error.code == Code::Unavailable
+            {
+                return error;
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TaskId, Channel>> {

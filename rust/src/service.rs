@@ -14,6 +14,7 @@ use tower::Service;
 
 use crate::cluster::ServerDef;
 use crate::codec::{self, TensorKey};
+use crate::collectives::Collectives;
 use crate::config::ServerConfig;
 use crate::devices;
 use crate::errors::Error;
@@ -36,7 +37,8 @@ pub struct Task {
     /// This task's devices, found once when the server is made.
     pub devices: Vec<proto::DeviceAttributes>,
     pub peers: Arc<Peers>,
-    pub exchange: Exchange,
+    pub exchange: Arc<Exchange>,
+    pub collectives: Collectives,
     /// One permit per call in flight (Worker's and TensorFlow's), `connection_limit` in all.
     pub calls: Arc<tokio::sync::Semaphore>,
 }
@@ -44,7 +46,7 @@ pub struct Task {
 impl Task {
     pub fn new(def: ServerDef, config: ServerConfig) -> Self {
         let peers = Arc::new(Peers::new(def.cluster.clone(), &config));
-        let exchange = Exchange::new(def.task.clone(), Arc::clone(&peers), &config);
+        let exchange = Arc::new(Exchange::new(def.task.clone(), Arc::clone(&peers), &config));
         Self {
             incarnation: rand::random::<u64>() | 1,
             devices: devices::discover(&def.task),
@@ -53,6 +55,7 @@ impl Task {
             config,
             peers,
             exchange,
+            collectives: Collectives::default(),
         }
     }
 

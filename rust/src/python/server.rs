@@ -8,6 +8,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 use std::time::Instant;
 
+use bytes::Bytes;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use tokio::runtime::Handle;
@@ -18,8 +19,10 @@ use super::errors::{IntoPyResult, to_py};
 use super::tensor::{HeldBuffer, TensorBytes};
 use crate::cluster::{Cluster, Jobs, ServerDef, TaskId, format_address};
 use crate::codec::{Tensor, TensorMeta};
+use crate::collectives::Collective;
 use crate::config::ServerConfig;
 use crate::errors::{Error, Result};
+use crate::reduce::ReduceOp;
 use crate::registry;
 use crate::server::Server;
 
@@ -284,6 +287,115 @@ impl NativeServer {
         Ok(Pending::new(runtime, join, done, None))
     }
 
+    /// The element-wise `op` ("sum", "mean", "max", "min", "prod") of every member's tensor;
+    /// `group` lists the members (every task when None).
+    #[pyo3(signature = (group, op, dtype, shape, data, timeout=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn all_reduce(
+        &self,
+        py: Python<'_>,
+        group: Option<Vec<(String, u32)>>,
+        op: &str,
+        dtype: i32,
+        shape: Vec<u64>,
+        data: &Bound<'_, PyAny>,
+        timeout: Option<f64>,
+    ) -> PyResult<TensorParts> {
+        let op = ReduceOp::parse(op).into_py()?;
+        self.collective(
+            py,
+            group,
+            timeout,
+            Some((dtype, shape, data)),
+            |run, given| {
+                let (meta, data) = given.expect("given above");
+                run.all_reduce(op, meta, data)
+            },
+        )
+    }
+
+    /// Rows `r*m .. (r+1)*m` of the reduction of every member's tensor, for the member of rank r.
+    #[pyo3(signature = (group, op, dtype, shape, data, timeout=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn reduce_scatter(
+        &self,
+        py: Python<'_>,
+        group: Option<Vec<(String, u32)>>,
+        op: &str,
+        dtype: i32,
+        shape: Vec<u64>,
+        data: &Bound<'_, PyAny>,
+        timeout: Option<f64>,
+    ) -> PyResult<TensorParts> {
+        let op = ReduceOp::parse(op).into_py()?;
+        self.collective(
+            py,
+            group,
+            timeout,
+            Some((dtype, shape, data)),
+            |run, given| {
+                let (meta, data) = given.expect("given above");
+                run.reduce_scatter(op, meta, data)
+            },
+        )
+    }
+
+    /// Every member's tensor, stacked in rank order.
+    #[pyo3(signature = (group, dtype, shape, data, timeout=None))]
+    fn all_gather(
+        &self,
+        py: Python<'_>,
+        group: Option<Vec<(String, u32)>>,
+        dtype: i32,
+        shape: Vec<u64>,
+        data: &Bound<'_, PyAny>,
+        timeout: Option<f64>,
+    ) -> PyResult<TensorParts> {
+        self.collective(
+            py,
+            group,
+            timeout,
+            Some((dtype, shape, data)),
+            |run, given| {
+                let (meta, data) = given.expect("given above");
+                run.all_gather(meta, data)
+            },
+        )
+    }
+
+    /// `root`'s tensor on every member; members other than the root may give None.
+    #[pyo3(signature = (group, root, given, timeout=None))]
+    fn broadcast(
+        &self,
+        py: Python<'_>,
+        group: Option<Vec<(String, u32)>>,
+        root: (String, u32),
+        given: Option<(i32, Vec<u64>, Bound<'_, PyAny>)>,
+        timeout: Option<f64>,
+    ) -> PyResult<TensorParts> {
+        let root = TaskId::new(root.0, root.1);
+        let given = given
+            .as_ref()
+            .map(|(dtype, shape, data)| (*dtype, shape.clone(), data));
+        self.collective(py, group, timeout, given, |run, given| async move {
+            run.broadcast(&root, given).await
+        })
+    }
+
+    /// Returns once every member has called it.
+    #[pyo3(signature = (group, timeout=None))]
+    fn barrier(
+        &self,
+        py: Python<'_>,
+        group: Option<Vec<(String, u32)>>,
+        timeout: Option<f64>,
+    ) -> PyResult<()> {
+        let server = self.server()?;
+        let runtime = server.runtime().into_py()?;
+        let run = begin_collective(server, group, timeout)?;
+        wait_interruptibly(py, &runtime, run.barrier())?.into_py()
+    }
+
     /// This task's devices.
     fn local_devices(&self) -> PyResult<Vec<DeviceTuple>> {
         let devices = self.server()?.task().devices.clone();
@@ -337,6 +449,45 @@ impl NativeServer {
         Ok(&self.server)
     }
 
+    /// Runs one collective over `group` with `given` (dtype code, shape, buffer) lent to it.
+    fn collective<F, Fut>(
+        &self,
+        py: Python<'_>,
+        group: Option<Vec<(String, u32)>>,
+        timeout: Option<f64>,
+        given: Option<(i32, Vec<u64>, &Bound<'_, PyAny>)>,
+        run: F,
+    ) -> PyResult<TensorParts>
+    where
+        F: FnOnce(Collective, Option<(TensorMeta, Bytes)>) -> Fut,
+        Fut: Future<Output = Result<Tensor>> + Send,
+    {
+        let server = self.server()?;
+        let runtime = server.runtime().into_py()?;
+        let (held, given) = match given {
+            Some((dtype, shape, data)) => {
+                let meta = TensorMeta::checked(dtype, shape).into_py()?;
+                let (held, bytes) = HeldBuffer::hold(data)?;
+                if meta.byte_len() != Some(bytes.len() as u64) {
+                    return Err(to_py(Error::invalid_argument(format!(
+                        "{} bytes given for a {:?} tensor of shape {:?}",
+                        bytes.len(),
+                        meta.dtype,
+                        meta.shape
+                    ))));
+                }
+                (Some(held), Some((meta, bytes)))
+            }
+            None => (None, None),
+        };
+        let collective = begin_collective(server, group, timeout)?;
+        let done = wait_interruptibly(py, &runtime, run(collective, given));
+        if let Some(held) = held {
+            held.release(py);
+        }
+        done?.map(tensor_parts).into_py()
+    }
+
     fn start_send(
         &self,
         to: (String, u32),
@@ -370,7 +521,27 @@ impl Drop for NativeServer {
     }
 }
 
-fn tensor_parts(tensor: Tensor) -> (i32, Vec<u64>, TensorBytes) {
+fn begin_collective(
+    server: &Server,
+    group: Option<Vec<(String, u32)>>,
+    timeout: Option<f64>,
+) -> PyResult<Collective> {
+    let task = server.task();
+    let members = group.map(|tasks| {
+        tasks
+            .into_iter()
+            .map(|(job, index)| TaskId::new(job, index))
+            .collect()
+    });
+    task.collectives
+        .begin(&task.exchange, members, seconds(timeout)?)
+        .into_py()
+}
+
+/// A tensor as Python receives it: dtype code, shape, and its bytes.
+type TensorParts = (i32, Vec<u64>, TensorBytes);
+
+fn tensor_parts(tensor: Tensor) -> TensorParts {
     (
         tensor.meta.dtype as i32,
         tensor.meta.shape,

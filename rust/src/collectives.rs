@@ -1,0 +1,504 @@
+//! Collectives over a group of tasks, built on the tensor exchange.
+//!
+//! Every message of a collective is a tensor sent under a name made of the group, the
+//! collective's sequence number in that group and its step, so successive collectives never mix
+//! as long as every member calls the group's collectives in the same order. Small reductions go
+//! all-to-all in one round (one message time, the least latency); large ones go round a ring in
+//! pieces, reduce-scatter then all-gather, so each task moves about 2(n-1)/n of the tensor and a
+//! piece's reduction overlaps the next piece's transfer.
+//!
+//! Each element of a result is computed by exactly one task (or, all-to-all, by every task in the
+//! same order), so results are bitwise identical everywhere. Members that disagree on dtype or
+//! shape all fail with `InvalidArgument`, since every member sees every member's description
+//! before reducing. A member unreachable for the connect timeout fails the collective with
+//! `Unavailable` on every member still waiting.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::try_join_all;
+
+use crate::cluster::TaskId;
+use crate::codec::{Tensor, TensorBuf, TensorMeta};
+use crate::errors::{Error, Result};
+use crate::exchange::Exchange;
+use crate::proto::DataType;
+use crate::reduce::{self, ReduceOp};
+
+/// Reductions of at most this many bytes go all-to-all; larger ones round the ring.
+const ALL_TO_ALL_BYTES: usize = 256 << 10;
+/// Ring messages carry at most this much of a segment.
+const PIECE_BYTES: usize = 4 << 20;
+
+/// Per group, how many collectives this task has begun: the next one's sequence number.
+#[derive(Default)]
+pub struct Collectives {
+    sequences: Mutex<HashMap<Vec<TaskId>, u64>>,
+}
+
+impl Collectives {
+    /// This task's part in the next collective of `members` (every task of the cluster when
+    /// `None`), failing after `timeout` if given.
+    pub fn begin(
+        &self,
+        exchange: &Arc<Exchange>,
+        members: Option<Vec<TaskId>>,
+        timeout: Option<Duration>,
+    ) -> Result<Collective> {
+        let cluster = exchange.peers().cluster();
+        let mut members = match members {
+            Some(members) => members,
+            None => cluster.tasks().collect(),
+        };
+        for member in &members {
+            cluster.require(member)?;
+        }
+        members.sort();
+        members.dedup();
+        let group = members
+            .iter()
+            .map(TaskId::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let rank = members
+            .iter()
+            .position(|member| member == exchange.me())
+            .ok_or_else(|| {
+                Error::invalid_argument(format!(
+                    "task {} is not a member of the group [{group}]",
+                    exchange.me()
+                ))
+            })?;
+        let sequence = {
+            let mut sequences = self.sequences.lock().unwrap_or_else(|e| e.into_inner());
+            let next = sequences.entry(members.clone()).or_default();
+            *next += 1;
+            *next
+        };
+        Ok(Collective {
+            exchange: Arc::clone(exchange),
+            prefix: format!("/distsrv/collective/[{group}]/{sequence}"),
+            members,
+            rank,
+            timeout,
+        })
+    }
+}
+
+/// One collective call, as this task takes part in it.
+pub struct Collective {
+    exchange: Arc<Exchange>,
+    /// In (job, index) order; a member's rank is its position.
+    members: Vec<TaskId>,
+    rank: usize,
+    prefix: String,
+    timeout: Option<Duration>,
+}
+
+impl Collective {
+    /// The element-wise reduction of every member's `data` (a `meta` tensor).
+    pub async fn all_reduce(self, op: ReduceOp, meta: TensorMeta, data: Bytes) -> Result<Tensor> {
+        op.check(meta.dtype)?;
+        let n = self.members.len();
+        let work = async {
+            if data.len() <= ALL_TO_ALL_BYTES {
+                let all = self.all_to_all("all", meta.clone(), data).await?;
+                self.check_same(all.iter().map(|(meta, _)| meta))?;
+                let mut acc = TensorBuf::from_slice(&all[0].1);
+                for (_, other) in &all[1..] {
+                    reduce::combine(op, meta.dtype, acc.as_mut_slice(), other);
+                }
+                if op == ReduceOp::Mean {
+                    reduce::divide(meta.dtype, acc.as_mut_slice(), n);
+                }
+                return Ok(Tensor { meta, data: acc });
+            }
+            self.agree(&meta).await?;
+            let layout = Layout::new(&meta, n);
+            let own = self.reduce_scatter_ring(op, &meta, &data, &layout).await?;
+            let pieces = self.all_gather_ring(own, &layout).await?;
+            let mut out = TensorBuf::new(data.len());
+            for (piece, segments) in pieces.iter().enumerate() {
+                for (segment, bytes) in segments.iter().enumerate() {
+                    out.as_mut_slice()[layout.range(segment, piece)].copy_from_slice(bytes);
+                }
+            }
+            Ok(Tensor { meta, data: out })
+        };
+        self.guarded("all_reduce", work).await
+    }
+
+    /// The reduction of every member's `data`, split along the first dimension: member `r` of `n`
+    /// gets rows `r*m .. (r+1)*m` of `n*m`.
+    pub async fn reduce_scatter(
+        self,
+        op: ReduceOp,
+        meta: TensorMeta,
+        data: Bytes,
+    ) -> Result<Tensor> {
+        op.check(meta.dtype)?;
+        let n = self.members.len() as u64;
+        let work = async {
+            self.agree(&meta).await?;
+            let rows = match meta.shape.first() {
+                Some(rows) if rows % n == 0 => rows / n,
+                _ => {
+                    return Err(Error::invalid_argument(format!(
+                        "reduce_scatter splits the first dimension among {n} tasks, so it must be \
+                         a multiple of {n}; the shape is {:?}",
+                        meta.shape
+                    )));
+                }
+            };
+            let layout = Layout::new(&meta, n as usize);
+            let own = self.reduce_scatter_ring(op, &meta, &data, &layout).await?;
+            let mut out = TensorBuf::new(own.iter().map(Bytes::len).sum());
+            let mut at = 0;
+            for piece in own {
+                out.as_mut_slice()[at..at + piece.len()].copy_from_slice(&piece);
+                at += piece.len();
+            }
+            let mut shape = meta.shape.clone();
+            shape[0] = rows;
+            Ok(Tensor {
+                meta: TensorMeta {
+                    dtype: meta.dtype,
+                    shape,
+                },
+                data: out,
+            })
+        };
+        self.guarded("reduce_scatter", work).await
+    }
+
+    /// Every member's `data`, stacked in rank order along a new first dimension.
+    pub async fn all_gather(self, meta: TensorMeta, data: Bytes) -> Result<Tensor> {
+        let work = async {
+            let all = self.all_to_all("gather", meta.clone(), data).await?;
+            self.check_same(all.iter().map(|(meta, _)| meta))?;
+            let size = all[0].1.len();
+            let mut out = TensorBuf::new(size * all.len());
+            for (rank, (_, bytes)) in all.iter().enumerate() {
+                out.as_mut_slice()[rank * size..(rank + 1) * size].copy_from_slice(bytes);
+            }
+            let mut shape = vec![all.len() as u64];
+            shape.extend(&meta.shape);
+            Ok(Tensor {
+                meta: TensorMeta {
+                    dtype: meta.dtype,
+                    shape,
+                },
+                data: out,
+            })
+        };
+        self.guarded("all_gather", work).await
+    }
+
+    /// `root`'s tensor on every member. The root must give one; another member may give one too,
+    /// to have its dtype and shape checked against the root's.
+    pub async fn broadcast(
+        self,
+        root: &TaskId,
+        given: Option<(TensorMeta, Bytes)>,
+    ) -> Result<Tensor> {
+        let root = self.members.iter().position(|m| m == root).ok_or_else(|| {
+            Error::invalid_argument(format!("the root {root} is not a member of the group"))
+        })?;
+        let work = async {
+            if self.rank == root {
+                let (meta, data) = given.ok_or_else(|| {
+                    Error::invalid_argument("the root of a broadcast must give the tensor")
+                })?;
+                let others = self.others();
+                try_join_all(
+                    others.map(|rank| self.send(rank, "broadcast", meta.clone(), data.clone())),
+                )
+                .await?;
+                return Ok(Tensor {
+                    meta,
+                    data: TensorBuf::from_slice(&data),
+                });
+            }
+            let received = self.recv(root, "broadcast").await?;
+            if let Some((meta, _)) = given
+                && meta != received.meta
+            {
+                return Err(Error::invalid_argument(format!(
+                    "this task gave {meta}, the root {} broadcast {}",
+                    self.members[root], received.meta
+                )));
+            }
+            Ok(received)
+        };
+        self.guarded("broadcast", work).await
+    }
+
+    /// Returns once every member has called it.
+    pub async fn barrier(self) -> Result<()> {
+        let work = async {
+            let nothing = TensorMeta {
+                dtype: DataType::DtBool,
+                shape: vec![0],
+            };
+            self.all_to_all("barrier", nothing, Bytes::new()).await?;
+            Ok(())
+        };
+        self.guarded("barrier", work).await
+    }
+
+    /// Runs `work` until it ends, the timeout passes, or a member is found unreachable.
+    async fn guarded<T>(&self, what: &str, work: impl Future<Output = Result<T>>) -> Result<T> {
+        let peers = self.exchange.peers();
+        let watched = self
+            .others()
+            .map(|rank| Box::pin(peers.unreachable(&self.members[rank])));
+        let lost = async {
+            let watched: Vec<_> = watched.collect();
+            if watched.is_empty() {
+                std::future::pending().await
+            } else {
+                futures::future::select_all(watched).await.0
+            }
+        };
+        let watched_work = async {
+            tokio::select! {
+                biased;
+                done = work => done,
+                lost = lost => Err(lost),
+            }
+        };
+        let done = match self.timeout {
+            None => watched_work.await,
+            Some(limit) => tokio::time::timeout(limit, watched_work)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::deadline_exceeded(format!(
+                        "not done within {:.3}s",
+                        limit.as_secs_f64()
+                    )))
+                }),
+        };
+        done.map_err(|e| {
+            e.context(format!(
+                "{what} of {} tasks at {}",
+                self.members.len(),
+                self.exchange.me()
+            ))
+        })
+    }
+
+    fn others(&self) -> impl Iterator<Item = usize> + use<> {
+        let me = self.rank;
+        (0..self.members.len()).filter(move |rank| *rank != me)
+    }
+
+    async fn send(&self, rank: usize, step: &str, meta: TensorMeta, data: Bytes) -> Result<()> {
+        let to = self.members[rank].clone();
+        let name = format!("{}/{step}", self.prefix);
+        self.exchange.send(to, name, meta, data)?.await
+    }
+
+    async fn recv(&self, rank: usize, step: &str) -> Result<Tensor> {
+        let source = self.members[rank].clone();
+        let name = format!("{}/{step}", self.prefix);
+        self.exchange.recv(source, name, None).await
+    }
+
+    /// Sends `data` to every other member and receives theirs: every member's, in rank order.
+    async fn all_to_all(
+        &self,
+        step: &str,
+        meta: TensorMeta,
+        data: Bytes,
+    ) -> Result<Vec<(TensorMeta, Bytes)>> {
+        let sends = try_join_all(
+            self.others()
+                .map(|rank| self.send(rank, step, meta.clone(), data.clone())),
+        );
+        let receives = try_join_all(self.others().map(|rank| self.recv(rank, step)));
+        let (_, received) = futures::try_join!(sends, receives)?;
+        let mut all: Vec<_> = received
+            .into_iter()
+            .map(|tensor| (tensor.meta, Bytes::from_owner(tensor.data)))
+            .collect();
+        all.insert(self.rank, (meta, data));
+        Ok(all)
+    }
+
+    /// Checks that every member describes the same tensor, before any of them reduces.
+    async fn agree(&self, meta: &TensorMeta) -> Result<()> {
+        // The description travels as an empty tensor whose shape is the real one plus a last
+        // dimension of 0: dtype and shape, no payload.
+        let mut shape = meta.shape.clone();
+        shape.push(0);
+        let description = TensorMeta {
+            dtype: meta.dtype,
+            shape,
+        };
+        let all = self.all_to_all("agree", description, Bytes::new()).await?;
+        let described: Vec<_> = all
+            .into_iter()
+            .map(|(mut meta, _)| {
+                meta.shape.pop();
+                meta
+            })
+            .collect();
+        self.check_same(described.iter())
+    }
+
+    fn check_same<'a>(&self, metas: impl Iterator<Item = &'a TensorMeta>) -> Result<()> {
+        let metas: Vec<_> = metas.collect();
+        if metas.windows(2).all(|pair| pair[0] == pair[1]) {
+            return Ok(());
+        }
+        let described: Vec<_> = self
+            .members
+            .iter()
+            .zip(&metas)
+            .map(|(task, meta)| format!("{task} has {meta}"))
+            .collect();
+        Err(Error::invalid_argument(format!(
+            "the tasks disagree on the tensor: {}",
+            described.join(", ")
+        )))
+    }
+
+    /// Ring reduce-scatter: afterwards this task holds the reduction of its own segment (its
+    /// rank's), as pieces. Each piece travels its own chain of n-1 steps, all chains at once.
+    async fn reduce_scatter_ring(
+        &self,
+        op: ReduceOp,
+        meta: &TensorMeta,
+        data: &Bytes,
+        layout: &Layout,
+    ) -> Result<Vec<Bytes>> {
+        let n = self.members.len();
+        let (next, prev) = ((self.rank + 1) % n, (self.rank + n - 1) % n);
+        // At step s this task sends segment rank-s-1 and receives segment rank-s-2, so the last
+        // step (n-2) brings in its own.
+        let sent_at = |step: usize| (self.rank + 2 * n - step - 1) % n;
+        let chains = (0..layout.pieces).map(|piece| async move {
+            let mut carried = data.slice(layout.range(sent_at(0), piece));
+            for step in 0..n - 1 {
+                let step_name = format!("rs{step}.{piece}");
+                let sent = self.send(next, &step_name, layout.meta(&carried), carried);
+                let (_, mut received) = futures::try_join!(sent, self.recv(prev, &step_name))?;
+                let range = layout.range(sent_at(step + 1), piece);
+                layout.check(&received, range.len())?;
+                reduce::combine(op, meta.dtype, received.data.as_mut_slice(), &data[range]);
+                if step == n - 2 && op == ReduceOp::Mean {
+                    reduce::divide(meta.dtype, received.data.as_mut_slice(), n);
+                }
+                carried = Bytes::from_owner(received.data);
+            }
+            Ok(carried)
+        });
+        try_join_all(chains).await
+    }
+
+    /// Ring all-gather of every member's own segment, given as pieces: every segment's pieces,
+    /// by piece then segment.
+    async fn all_gather_ring(&self, own: Vec<Bytes>, layout: &Layout) -> Result<Vec<Vec<Bytes>>> {
+        let n = self.members.len();
+        let (next, prev) = ((self.rank + 1) % n, (self.rank + n - 1) % n);
+        let chains = own.into_iter().enumerate().map(|(piece, mine)| async move {
+            let mut segments = vec![Bytes::new(); n];
+            segments[self.rank] = mine.clone();
+            let mut carried = mine;
+            for step in 0..n - 1 {
+                let step_name = format!("ag{step}.{piece}");
+                let sent = self.send(next, &step_name, layout.meta(&carried), carried);
+                let (_, received) = futures::try_join!(sent, self.recv(prev, &step_name))?;
+                let segment = (self.rank + 2 * n - step - 1) % n;
+                layout.check(&received, layout.range(segment, piece).len())?;
+                carried = Bytes::from_owner(received.data);
+                segments[segment] = carried.clone();
+            }
+            Ok::<_, Error>(segments)
+        });
+        try_join_all(chains).await
+    }
+}
+
+/// How a ring cuts a tensor: `n` segments of whole elements, as even as can be, each cut into
+/// the same number of pieces.
+struct Layout {
+    dtype: DataType,
+    itemsize: usize,
+    /// Element offsets of the segments: segment `i` is `bounds[i]..bounds[i + 1]`.
+    bounds: Vec<usize>,
+    pieces: usize,
+}
+
+impl Layout {
+    fn new(meta: &TensorMeta, n: usize) -> Self {
+        let itemsize = crate::codec::itemsize(meta.dtype).expect("a checked dtype");
+        let elements = meta.byte_len().expect("a checked shape") as usize / itemsize;
+        let bounds: Vec<usize> = (0..=n).map(|i| i * elements / n).collect();
+        let largest = bounds.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+        Self {
+            dtype: meta.dtype,
+            itemsize,
+            bounds,
+            pieces: (largest * itemsize).div_ceil(PIECE_BYTES).max(1),
+        }
+    }
+
+    /// Byte range of `piece` of `segment` in the whole tensor.
+    fn range(&self, segment: usize, piece: usize) -> Range<usize> {
+        let (start, end) = (self.bounds[segment], self.bounds[segment + 1]);
+        let at = |p: usize| (start + (end - start) * p / self.pieces) * self.itemsize;
+        at(piece)..at(piece + 1)
+    }
+
+    fn meta(&self, piece: &Bytes) -> TensorMeta {
+        TensorMeta {
+            dtype: self.dtype,
+            shape: vec![(piece.len() / self.itemsize) as u64],
+        }
+    }
+
+    /// A piece from a peer has the layout's dtype and size, or the peers are not running the
+    /// same collective.
+    fn check(&self, received: &Tensor, bytes: usize) -> Result<()> {
+        if received.meta.dtype == self.dtype && received.data.len() == bytes {
+            Ok(())
+        } else {
+            Err(Error::invalid_argument(format!(
+                "a peer sent a {:?} piece of {} bytes where a {:?} piece of {bytes} was due",
+                received.meta.dtype,
+                received.data.len(),
+                self.dtype
+            )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_layout_covers_the_tensor_once_in_order() {
+        for (elements, n) in [(10usize, 3usize), (2, 4), (3 << 20, 2), (0, 2)] {
+            let meta = TensorMeta {
+                dtype: DataType::DtFloat,
+                shape: vec![elements as u64],
+            };
+            let layout = Layout::new(&meta, n);
+            let mut next = 0;
+            for segment in 0..n {
+                for piece in 0..layout.pieces {
+                    let range = layout.range(segment, piece);
+                    assert_eq!(range.start, next, "{elements} elements over {n}");
+                    assert!(range.len() <= PIECE_BYTES);
+                    next = range.end;
+                }
+            }
+            assert_eq!(next, elements * 4);
+        }
+    }
+}
