@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     tonic_prost_build::configure()
         .bytes(".distsrv.v1.TensorChunk.data")
+        .bytes(".distsrv.v1.TensorProto.tensor_content")
         .generate_default_stubs(true)
         // Tasks in index order, so the same cluster always encodes to the same bytes.
         .btree_map(".distsrv.v1.JobDef.tasks")

@@ -21,6 +21,7 @@ from distsrv.config import ServerConfig
 from distsrv.devices import DeviceAttributes
 from distsrv.errors import InvalidArgumentError
 from distsrv.messages import ServerDef
+from distsrv.variables import Variable
 
 __all__ = ["GroupLike", "RecvHandle", "ReduceOp", "SendHandle", "Server", "Status", "TaskLike"]
 
@@ -318,6 +319,19 @@ class Server:
     def barrier(self, *, group: GroupLike = None, timeout: float | None = None) -> None:
         """Returns once every member has called it."""
         self._native.barrier(self._members(group), timeout)
+
+    # -- parameter-server variables -----------------------------------------------------------
+
+    def create_variable(self, name: str, initial: npt.ArrayLike, on: TaskLike) -> Variable:
+        """Creates variable ``name`` on task ``on`` (typically a "ps" task) with value
+        ``initial``; ``AlreadyExistsError`` if that task already has one by this name."""
+        host = _task(on)
+        self._native.variable_op(host, name, "create", tensors.to_wire(initial))
+        return Variable(self._native, name, host)
+
+    def variable(self, name: str, on: TaskLike) -> Variable:
+        """A handle to variable ``name`` on task ``on``, which another task may create later."""
+        return Variable(self._native, name, _task(on))
 
     def _members(self, group: GroupLike) -> list[tuple[str, int]] | None:
         if group is None:

@@ -3,7 +3,7 @@
 //! Every task of a cluster runs one [`server::Server`]: it serves gRPC to its peers, knows the
 //! cluster ([`cluster`]), its own devices ([`devices`]) and every task's ([`registry`]), and
 //! exchanges tensors with the other tasks ([`exchange`]) and reduces them together
-//! ([`collectives`]). Stock TensorFlow can list the
+//! ([`collectives`]), and hosts parameter-server variables ([`variables`]). Stock TensorFlow can list the
 //! cluster's devices through it ([`tfcompat`]). Only [`python`] knows about Python.
 
 pub mod cluster;
@@ -19,6 +19,7 @@ pub mod registry;
 pub mod server;
 pub mod service;
 pub mod tfcompat;
+pub mod variables;
 
 mod python;
 

@@ -108,6 +108,32 @@ pub fn divide(dtype: DataType, acc: &mut [u8], count: usize) {
     }
 }
 
+/// `acc[i] += scale * other[i]` for floating dtypes (an SGD step is `scale = -learning_rate`);
+/// `InvalidArgument` for the rest.
+pub fn add_scaled(dtype: DataType, acc: &mut [u8], other: &[u8], scale: f64) -> Result<()> {
+    use DataType::*;
+    match dtype {
+        DtHalf => zip_with(bytemuck::cast_slice_mut(acc), other, |a: f16, b: f16| {
+            f16::from_f32(a.to_f32() + scale as f32 * b.to_f32())
+        }),
+        DtBfloat16 => zip_with(bytemuck::cast_slice_mut(acc), other, |a: bf16, b: bf16| {
+            bf16::from_f32(a.to_f32() + scale as f32 * b.to_f32())
+        }),
+        DtFloat => zip_with(bytemuck::cast_slice_mut(acc), other, |a: f32, b: f32| {
+            a + scale as f32 * b
+        }),
+        DtDouble => zip_with(bytemuck::cast_slice_mut(acc), other, |a: f64, b: f64| {
+            a + scale * b
+        }),
+        _ => {
+            return Err(Error::invalid_argument(format!(
+                "a scaled update needs a floating dtype, not {dtype:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn combine_as<T: Element>(op: ReduceOp, acc: &mut [u8], other: &[u8]) {
     let acc: &mut [T] = bytemuck::cast_slice_mut(acc);
     // Each operation is its own instance of `zip_with`, so the loops compile without a call per
@@ -293,6 +319,23 @@ mod tests {
             bytemuck::cast_slice::<u8, u32>(acc.as_slice()),
             [11, 22, 33]
         );
+    }
+
+    #[test]
+    fn a_scaled_add_is_an_sgd_step() {
+        let mut weights = crate::codec::TensorBuf::from_slice(&bytes_of(&[1.0f32, 2.0]));
+        add_scaled(
+            DataType::DtFloat,
+            weights.as_mut_slice(),
+            &bytes_of(&[10.0f32, -10.0]),
+            -0.5,
+        )
+        .unwrap();
+        assert_eq!(
+            bytemuck::cast_slice::<u8, f32>(weights.as_slice()),
+            [-4.0, 7.0]
+        );
+        assert!(add_scaled(DataType::DtInt32, &mut [0; 4], &[0; 4], 1.0).is_err());
     }
 
     #[test]

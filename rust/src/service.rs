@@ -23,6 +23,7 @@ use crate::peers::{self, Peers};
 use crate::proto;
 use crate::proto::worker_server::{Worker, WorkerServer};
 use crate::tfcompat;
+use crate::variables::Variables;
 
 pub const WORKER_SERVICE_NAME: &str = "distsrv.v1.Worker";
 /// The encoded descriptors of `protos/`, for server reflection.
@@ -39,6 +40,8 @@ pub struct Task {
     pub peers: Arc<Peers>,
     pub exchange: Arc<Exchange>,
     pub collectives: Collectives,
+    /// The parameter-server variables this task hosts.
+    pub variables: Variables,
     /// One permit per call in flight (Worker's and TensorFlow's), `connection_limit` in all.
     pub calls: Arc<tokio::sync::Semaphore>,
 }
@@ -56,6 +59,7 @@ impl Task {
             peers,
             exchange,
             collectives: Collectives::default(),
+            variables: Variables::default(),
         }
     }
 
@@ -170,6 +174,13 @@ impl Worker for Task {
         });
         let stream = futures::stream::iter(std::iter::once(first).chain(chunks).map(Ok));
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn variable_op(
+        &self,
+        request: Request<proto::VariableRequest>,
+    ) -> Result<Response<proto::VariableResponse>, Status> {
+        Ok(Response::new(self.variables.apply(request.into_inner())?))
     }
 }
 

@@ -18,13 +18,14 @@ use super::devices::{DeviceTuple, device_tuple};
 use super::errors::{IntoPyResult, to_py};
 use super::tensor::{HeldBuffer, TensorBytes};
 use crate::cluster::{Cluster, Jobs, ServerDef, TaskId, format_address};
-use crate::codec::{Tensor, TensorMeta};
+use crate::codec::{Tensor, TensorBuf, TensorMeta};
 use crate::collectives::Collective;
 use crate::config::ServerConfig;
 use crate::errors::{Error, Result};
 use crate::reduce::ReduceOp;
 use crate::registry;
 use crate::server::Server;
+use crate::variables;
 
 /// How long a blocking call waits between checks for signals, so Ctrl-C interrupts it promptly.
 const SIGNAL_CHECK: Duration = Duration::from_millis(50);
@@ -394,6 +395,66 @@ impl NativeServer {
         let runtime = server.runtime().into_py()?;
         let run = begin_collective(server, group, timeout)?;
         wait_interruptibly(py, &runtime, run.barrier())?.into_py()
+    }
+
+    /// Applies `op` ("read", "create", "assign", "assign_add", "sgd_step") to variable `name`
+    /// hosted on `host`; a read gives the value.
+    #[pyo3(signature = (host, name, op, value=None, learning_rate=0.0))]
+    fn variable_op(
+        &self,
+        py: Python<'_>,
+        host: (String, u32),
+        name: String,
+        op: &str,
+        value: Option<(i32, Vec<u64>, Bound<'_, PyAny>)>,
+        learning_rate: f64,
+    ) -> PyResult<Option<TensorParts>> {
+        use crate::proto::variable_request::Op;
+        let op = Op::from_str_name(&op.to_uppercase()).ok_or_else(|| {
+            to_py(Error::invalid_argument(format!(
+                "unknown variable op {op:?}"
+            )))
+        })?;
+        let server = self.server()?;
+        let runtime = server.runtime().into_py()?;
+        let task = Arc::clone(server.task());
+        let (held, value) = match value {
+            Some((dtype, shape, data)) => {
+                let meta = TensorMeta::checked(dtype, shape).into_py()?;
+                let (held, bytes) = HeldBuffer::hold(&data)?;
+                (Some(held), Some(variables::tensor_proto(&meta, bytes)))
+            }
+            None => (None, None),
+        };
+        let request = crate::proto::VariableRequest {
+            name,
+            op: op as i32,
+            value,
+            learning_rate,
+        };
+        let host = TaskId::new(host.0, host.1);
+        let response = wait_interruptibly(py, &runtime, async move {
+            variables::call(
+                &host,
+                request,
+                &task.variables,
+                &task.def.task,
+                &task.peers,
+                task.config.max_message_bytes,
+            )
+            .await
+        });
+        if let Some(held) = held {
+            held.release(py);
+        }
+        let Some(value) = response?.into_py()?.value else {
+            return Ok(None);
+        };
+        let (meta, data) = variables::from_tensor_proto(value).into_py()?;
+        Ok(Some(tensor_parts(Tensor {
+            meta,
+            data: TensorBuf::from_slice(&data),
+        })))
     }
 
     /// This task's devices.
