@@ -8,6 +8,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from distsrv.demo import add_training_arguments, worker_arguments
+from distsrv.demo import worker as demo_worker_main
+
 __all__ = ["main"]
 
 
@@ -15,9 +18,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="distsrv", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="run a local cluster doing real work (the main job)")
+    demo = commands.add_parser(
+        "demo",
+        help="train a small model data-parallel on a local cluster (the main job)",
+        description="Trains an MLP on handwritten digits with N worker processes on 127.0.0.1, "
+        "all-reducing the gradients each step (or pushing them to a parameter server with --ps), "
+        "and compares the result with the same training in a single process.",
+    )
     demo.add_argument("-n", "--workers", type=int, default=3, help="worker processes (default 3)")
     demo.add_argument("--timeout", type=float, default=120.0, help="seconds before giving up")
+    add_training_arguments(demo)
 
     serve = commands.add_parser("serve", help="run one task until interrupted")
     serve.add_argument(
@@ -34,7 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--timeout", type=float, default=5.0, help="seconds to wait for each task (default 5)"
     )
 
-    commands.add_parser("demo-worker", help=argparse.SUPPRESS)
+    demo_worker = commands.add_parser("demo-worker", help=argparse.SUPPRESS)
+    add_training_arguments(demo_worker)
 
     args = parser.parse_args(argv)
     if args.command == "demo":
@@ -42,12 +53,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.workers < 1:
             parser.error("--workers must be at least 1")
-        command = [sys.executable, "-m", "distsrv", "demo-worker"]
-        return run_local_cluster({"worker": args.workers}, command, timeout=args.timeout)
+        if args.epochs < 1 or args.batch_size < 1 or args.hidden < 1:
+            parser.error("--epochs, --batch-size and --hidden must be at least 1")
+        if args.crash_worker is not None and not 0 <= args.crash_worker < args.workers:
+            parser.error(f"--crash-worker must name a worker, 0 to {args.workers - 1}")
+        jobs = {"ps": 1, "worker": args.workers} if args.ps else {"worker": args.workers}
+        command = [sys.executable, "-m", "distsrv", "demo-worker", *worker_arguments(args)]
+        return run_local_cluster(jobs, command, timeout=args.timeout)
     if args.command == "demo-worker":
-        from distsrv import demo as demo_module
-
-        return demo_module.worker()
+        return demo_worker_main(args)
     if args.command == "serve":
         return _serve(args)
     if args.command == "status":

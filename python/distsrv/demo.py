@@ -1,82 +1,273 @@
-"""The main job's worker: each task starts its server, waits for the whole cluster and lists its
-devices, greets every peer with a tensor, then the tasks pass an accumulating array around a ring
-and check the total."""
+"""The main job: data-parallel training of a small MLP on handwritten digits, one process per
+task of a local cluster (``distsrv demo``, which runs ``distsrv demo-worker`` in each).
+
+Every worker holds the whole model and derives the same shuffled global batches from the seed;
+each computes the gradient of its shard of every batch, and the shards are combined in one of two
+ways:
+
+- all-reduce (the default): the workers sum their gradients with ``Server.all_reduce`` and each
+  takes the same SGD step, so the run is the single-process run of the same global batches, up to
+  the order of float additions.
+- parameter server (``--ps``): a ``ps`` task hosts each parameter tensor as a variable; workers
+  push their gradients as ``sgd_step`` updates, which the ps task applies in place, then read the
+  parameters back. The steps are synchronous: a barrier after the reads keeps a fast worker's next
+  update from landing before a slow one has read, and one after the updates lets everyone read a
+  step's complete result. The result is again the single-process run's.
+
+Worker 0 prints one progress line per epoch, then the test accuracy, throughput and the bytes the
+workers exchanged, and the accuracy of the same training in a single process for comparison.
+"""
 
 from __future__ import annotations
 
+import argparse
+import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from distsrv.cluster import ClusterSpec
+from distsrv.errors import OpError
 from distsrv.server import Server
+from distsrv.train import (
+    MLP,
+    ApplyGradient,
+    Dataset,
+    FloatArray,
+    ProgressBar,
+    TrainingResult,
+    load_digits,
+    sgd,
+    train,
+)
+from distsrv.variables import Variable
 
-__all__ = ["worker"]
+__all__ = ["add_training_arguments", "worker", "worker_arguments"]
+
+#: How long a task waits for the others to start, and a step's collective for its peers.
+STARTUP_TIMEOUT = 60.0
+STEP_TIMEOUT = 30.0
+#: How long a task that lost a peer waits before it exits (see ``worker``).
+FAILURE_REPORT_DELAY = 2.0
 
 
-def worker() -> int:
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options ``distsrv demo`` passes on to every task."""
+    parser.add_argument("--epochs", type=int, default=20, help="passes over the data (default 20)")
+    parser.add_argument(
+        "--ps",
+        action="store_true",
+        help="push gradients to parameter-server variables on a 'ps' task instead of all-reducing",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="global batch, split over the workers (64)"
+    )
+    parser.add_argument("--learning-rate", type=float, default=0.3, help="SGD step size (0.3)")
+    parser.add_argument("--hidden", type=int, default=64, help="hidden units of the MLP (64)")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and shuffling (0)")
+    parser.add_argument(
+        "--crash-worker",
+        type=int,
+        metavar="INDEX",
+        help="make worker INDEX exit abruptly in its first epoch, to watch the cluster stop",
+    )
+
+
+def worker_arguments(args: argparse.Namespace) -> list[str]:
+    """``args``' training options as command-line arguments for each task."""
+    arguments = [
+        f"--epochs={args.epochs}",
+        f"--batch-size={args.batch_size}",
+        f"--learning-rate={args.learning_rate!r}",
+        f"--hidden={args.hidden}",
+        f"--seed={args.seed}",
+    ]
+    if args.ps:
+        arguments.append("--ps")
+    if args.crash_worker is not None:
+        arguments.append(f"--crash-worker={args.crash_worker}")
+    return arguments
+
+
+@dataclass
+class Traffic:
+    """Tensor bytes this process handed to distsrv and got back from it."""
+
+    sent: int = 0
+    received: int = 0
+
+
+def worker(args: argparse.Namespace) -> int:
     spec, job, index = ClusterSpec.from_tf_config()
     if job is None or index is None:
         raise SystemExit("TF_CONFIG must name this task (its 'task' key)")
     with Server(spec, job_name=job, task_index=index) as server:
-        peers = [(job, i) for i in spec.task_indices(job)]
-        size = len(peers)
-        print(f"serving {server.task} at {server.target}", flush=True)
+        print(f"serving {server.task} at {server.target} (pid {os.getpid()})", flush=True)
+        try:
+            server.wait_for_cluster(timeout=STARTUP_TIMEOUT)
+            if job == "ps":
+                return _host_parameters(server, args)
+            return _train(server, args)
+        except OpError as error:
+            # A peer failed or vanished (the error names it): say so, and stop.
+            print(f"{server.task} stopping: {type(error).__name__}: {error}", flush=True)
+            # A launcher names the task that failed first, and learns of exits by polling: this
+            # task's own exit, a moment after the peer's, must not look like the first failure.
+            time.sleep(FAILURE_REPORT_DELAY)
+            return 1
 
-        # Every task answers (whatever order the processes started in), with its devices.
-        started = time.perf_counter()
-        incarnations = server.wait_for_cluster(timeout=60)
-        devices = server.list_devices(timeout=30)
+
+def _model(args: argparse.Namespace, data: Dataset) -> MLP:
+    return MLP(data.num_features, args.hidden, data.num_classes, seed=args.seed)
+
+
+def _variable_name(parameter: str) -> str:
+    return f"mlp/{parameter}"
+
+
+def _host_parameters(server: Server, args: argparse.Namespace) -> int:
+    """The ps task: creates one variable per parameter tensor, initialised as every worker would
+    initialise its own model, then serves the workers' updates until they are done."""
+    model = _model(args, load_digits())
+    for name, value in model.views(model.parameters).items():
+        server.create_variable(_variable_name(name), value, on=server.task)
+    server.barrier(timeout=STARTUP_TIMEOUT)  # the variables exist: the workers may start
+    print(f"hosting {len(model.shapes)} variables ({model.parameters.nbytes} bytes)", flush=True)
+    # Everyone meets again once training is over: only then may the variables go.
+    server.barrier(timeout=None)
+    print("the workers are done", flush=True)
+    return 0
+
+
+def _train(server: Server, args: argparse.Namespace) -> int:
+    spec = server.cluster_spec
+    workers = spec.num_tasks("worker")
+    rank = server.task_index
+    data = load_digits()
+    model = _model(args, data)
+    traffic = Traffic()
+    if args.ps:
+        server.barrier(timeout=STARTUP_TIMEOUT)  # the ps task has created the variables
+        apply = _parameter_server_sgd(server, model, args.learning_rate, traffic)
+    else:
+        apply = _all_reduce_sgd(server, args.learning_rate, traffic)
+    if args.crash_worker == rank:
+        apply = _crash_after(3, apply)
+
+    mode = "parameter server" if args.ps else "all-reduce"
+    if rank == 0:
         print(
-            f"cluster of {len(incarnations)} tasks up in {time.perf_counter() - started:.2f}s, "
-            f"{len(devices)} devices: {', '.join(sorted({d.device_type for d in devices}))}",
+            f"training a {data.num_features}-{args.hidden}-{data.num_classes} MLP on "
+            f"{len(data.train_y)} digits, {workers} workers ({mode}), global batch "
+            f"{args.batch_size}, {args.epochs} epochs",
             flush=True,
         )
+    result = train(
+        model,
+        data,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        apply=apply,
+        seed=args.seed,
+        rank=rank,
+        num_ranks=workers,
+        progress=ProgressBar(args.epochs) if rank == 0 else None,
+    )
+    totals = server.all_reduce(
+        np.array([traffic.sent, traffic.received], dtype=np.int64),
+        op="sum",
+        group="worker",
+        timeout=STEP_TIMEOUT,
+    )
+    if args.ps:
+        server.barrier(timeout=STEP_TIMEOUT)  # the ps task may stop
+    else:
+        server.barrier(group="worker", timeout=STEP_TIMEOUT)
+    if rank == 0:
+        _report(result, int(totals[0]), int(totals[1]), args, data)
+    else:
+        print(f"done: test accuracy {result.test_accuracy:.2%}", flush=True)
+    return 0
 
-        # Greetings: every task sends its index to every other one.
-        started = time.perf_counter()
-        for peer in peers:
-            if peer != (job, index):
-                server.send("hello", np.array([index, server.port]), to=peer)
-        for peer in peers:
-            if peer != (job, index):
-                greeting = server.recv("hello", source=peer, timeout=60)
-                assert greeting[0] == peer[1]
-        print(f"found {size - 1} peers in {time.perf_counter() - started:.2f}s", flush=True)
 
-        # A ring all-reduce by hand: each task adds its contribution and passes the sum on.
-        contribution = np.full(1 << 18, float(index + 1), dtype=np.float32)  # 1 MiB
-        left, right = peers[(index - 1) % size], peers[(index + 1) % size]
-        started = time.perf_counter()
-        if index == 0:
-            total = contribution
-            if size > 1:
-                server.send("ring", total, to=right)
-                total = server.recv("ring", source=left, timeout=60)
-        else:
-            total = server.recv("ring", source=left, timeout=60) + contribution
-            server.send("ring", total, to=right)
-        if size > 1:
-            # Task 0 now holds the sum; it sends it round once more so every task has it.
-            if index == 0:
-                server.send("result", total, to=right)
-            else:
-                total = server.recv("result", source=left, timeout=60)
-                if right != peers[0]:
-                    server.send("result", total, to=right)
-        expected = size * (size + 1) / 2
-        ok = bool(np.all(total == expected))
-        elapsed = time.perf_counter() - started
-        print(
-            f"ring sum of {total.nbytes >> 20} MiB = {total[0]:g} (expected {expected:g}): "
-            f"{'ok' if ok else 'WRONG'} in {elapsed * 1e3:.1f} ms",
-            flush=True,
-        )
-        # Nobody leaves before everyone has finished receiving.
-        for peer in peers:
-            if peer != (job, index):
-                server.send("bye", np.zeros(()), to=peer)
-        for peer in peers:
-            if peer != (job, index):
-                server.recv("bye", source=peer, timeout=60)
-    return 0 if ok else 1
+def _all_reduce_sgd(server: Server, learning_rate: float, traffic: Traffic) -> ApplyGradient:
+    def apply(model: MLP, gradient_sum: FloatArray, batch_size: int) -> None:
+        # One buffer for all layers: a step costs one collective's latency, not four.
+        total = server.all_reduce(gradient_sum, op="sum", group="worker", timeout=STEP_TIMEOUT)
+        traffic.sent += gradient_sum.nbytes
+        traffic.received += total.nbytes
+        model.parameters -= (learning_rate / batch_size) * total
+
+    return apply
+
+
+def _parameter_server_sgd(
+    server: Server, model: MLP, learning_rate: float, traffic: Traffic
+) -> ApplyGradient:
+    variables = {name: server.variable(_variable_name(name), on=("ps", 0)) for name in model.shapes}
+    _read_parameters(model, variables, traffic)
+
+    def apply(model: MLP, gradient_sum: FloatArray, batch_size: int) -> None:
+        # Everyone has read the current parameters before anyone changes them.
+        server.barrier(group="worker", timeout=STEP_TIMEOUT)
+        for name, gradient in model.views(gradient_sum).items():
+            # var -= lr * grad, applied on the ps task: the workers' updates add up to the step
+            # on the mean gradient of the global batch.
+            variables[name].sgd_step(gradient, learning_rate / batch_size)
+            traffic.sent += gradient.nbytes
+        server.barrier(group="worker", timeout=STEP_TIMEOUT)  # every update of this step is in
+        _read_parameters(model, variables, traffic)
+
+    return apply
+
+
+def _read_parameters(model: MLP, variables: dict[str, Variable], traffic: Traffic) -> None:
+    for name, view in model.views(model.parameters).items():
+        value = variables[name].read()
+        view[...] = value
+        traffic.received += value.nbytes
+
+
+def _crash_after(steps: int, apply: ApplyGradient) -> ApplyGradient:
+    """``apply`` for ``steps`` steps, then an abrupt exit without a word to the peers: a crash."""
+    taken = 0
+
+    def crashing(model: MLP, gradient_sum: FloatArray, batch_size: int) -> None:
+        nonlocal taken
+        if taken == steps:
+            print(f"crashing on purpose after {steps} steps (--crash-worker)", flush=True)
+            os._exit(3)
+        taken += 1
+        apply(model, gradient_sum, batch_size)
+
+    return crashing
+
+
+def _report(
+    result: TrainingResult, sent: int, received: int, args: argparse.Namespace, data: Dataset
+) -> None:
+    print(
+        f"test accuracy {result.test_accuracy:.2%}, {result.samples_per_second:,.0f} samples/s, "
+        f"exchanged {_mib(sent + received)} (workers sent {_mib(sent)}, "
+        f"received {_mib(received)})",
+        flush=True,
+    )
+    reference = train(
+        _model(args, data),
+        data,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        apply=sgd(args.learning_rate),
+        seed=args.seed,
+    )
+    difference = (result.test_accuracy - reference.test_accuracy) * 100
+    print(
+        f"single process, same model and batches: test accuracy {reference.test_accuracy:.2%} "
+        f"({difference:+.2f} points distributed), {reference.samples_per_second:,.0f} samples/s",
+        flush=True,
+    )
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MiB"
