@@ -28,8 +28,9 @@ use crate::exchange::Exchange;
 use crate::proto::DataType;
 use crate::reduce::{self, ReduceOp};
 
-/// Reductions of at most this many bytes go all-to-all; larger ones round the ring.
-const ALL_TO_ALL_BYTES: usize = 256 << 10;
+/// A reduction goes all-to-all while each task sends at most this much that way; beyond, round
+/// the ring. With two tasks both move the same bytes, and all-to-all saves the ring's steps.
+const ALL_TO_ALL_BYTES: usize = 2 << 20;
 /// Ring messages carry at most this much of a segment.
 const PIECE_BYTES: usize = 4 << 20;
 
@@ -104,7 +105,7 @@ impl Collective {
         op.check(meta.dtype)?;
         let n = self.members.len();
         let work = async {
-            if data.len() <= ALL_TO_ALL_BYTES {
+            if data.len() * (n - 1) <= ALL_TO_ALL_BYTES {
                 let all = self.all_to_all("all", meta.clone(), data).await?;
                 self.check_same(all.iter().map(|(meta, _)| meta))?;
                 let mut acc = TensorBuf::from_slice(&all[0].1);
