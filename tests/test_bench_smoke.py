@@ -1,4 +1,4 @@
-"""The exchange benchmark still runs end to end (CI builds benchmarks but does not time them)."""
+"""The benchmarks still run end to end (CI builds benchmarks but does not time them)."""
 
 from __future__ import annotations
 
@@ -38,3 +38,24 @@ def test_the_benchmark_refuses_a_debug_build_by_default() -> None:
     else:
         assert result.returncode != 0
         assert "debug build" in result.stderr
+
+
+COLLECTIVES = BENCH.parent / "bench_collectives.py"
+
+
+def test_quick_collectives_benchmark_runs_every_case() -> None:
+    result = subprocess.run(
+        [sys.executable, str(COLLECTIVES), "--quick", "--allow-debug", "--peers", "distsrv"],
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.lstrip().startswith("2 ")]
+    cases = {" ".join(row[1:-3]) for row in rows}
+    assert cases == {
+        "all_reduce 4 KiB distsrv",
+        "all_reduce 1 MiB distsrv",
+        "all_reduce 1 float distsrv",
+        "barrier distsrv",
+    }, result.stdout
