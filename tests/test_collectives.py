@@ -24,8 +24,9 @@ import distsrv
 from distsrv import errors
 
 CONFIG = distsrv.ServerConfig(connect_timeout=2.0)
-#: Reductions of at most this many bytes go all-to-all, bigger ones round the ring.
-SMALL_BYTES = 256 << 10
+#: An all_reduce goes all-to-all while a task sends at most 2 MiB that way (its array times the
+#: other members), and round the ring beyond: arrays of this size go round the ring in any group.
+RING_BYTES = 2 << 20 | 1 << 19
 #: The ring moves a segment in pieces of at most this many bytes.
 PIECE_BYTES = 4 << 20
 
@@ -226,9 +227,9 @@ def check_all_reduce(
 
 
 def large_count(itemsize: int, n: int) -> int:
-    """An element count above the all-to-all limit (about 1 MiB) that no group of 2, 3 or 4
-    tasks divides evenly."""
-    count = (1 << 20) // itemsize
+    """An element count that goes round the ring and that no group of 2, 3 or 4 tasks divides
+    evenly."""
+    count = RING_BYTES // itemsize
     return count - count % 12 + 5 + 12 * n
 
 
@@ -247,7 +248,7 @@ def test_all_reduce_small_every_op_and_dtype(n: int, dtype: np.dtype[Any]) -> No
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_all_reduce_ring_every_op_and_dtype(n: int, dtype: np.dtype[Any]) -> None:
     count = large_count(np.dtype(dtype).itemsize, n)
-    assert count * np.dtype(dtype).itemsize > SMALL_BYTES
+    assert count * np.dtype(dtype).itemsize > RING_BYTES
     assert count % n != 0
     with servers_of(n) as servers:
         for op in allowed_ops(dtype):
@@ -309,7 +310,7 @@ def test_all_reduce_of_0d_and_empty_arrays(shape: tuple[int, ...]) -> None:
 
 @pytest.mark.parametrize("large", [False, True], ids=["small", "ring"])
 def test_all_reduce_of_non_contiguous_and_big_endian_input(large: bool) -> None:
-    rows = 40_001 if large else 11
+    rows = RING_BYTES // 24 + 1 if large else 11
     with servers_of(2) as servers:
         base = [np.arange(rows * 6, dtype=np.int32).reshape(rows, 6) * (r + 1) for r in range(2)]
         strided = [b[:, ::2] for b in base]
@@ -391,7 +392,7 @@ def test_unsupported_dtypes_are_type_errors(local_server: distsrv.Server) -> Non
 @pytest.mark.parametrize("large", [False, True], ids=["small", "ring"])
 @pytest.mark.parametrize("mismatch", ["shape", "dtype"])
 def test_members_that_disagree_all_fail_and_the_group_goes_on(large: bool, mismatch: str) -> None:
-    count = 100_003 if large else 10
+    count = RING_BYTES // 4 + 3 if large else 10
     with servers_of(3) as servers:
 
         def given(rank: int) -> np.ndarray:
@@ -409,15 +410,16 @@ def test_members_that_disagree_all_fail_and_the_group_goes_on(large: bool, misma
 
 @pytest.mark.xfail(
     reason="all_reduce picks all-to-all or the ring from each member's own byte count, so "
-    "members whose shapes straddle 256 KiB run different protocols and never meet",
+    "members whose sizes fall either side of the limit run different protocols and never meet",
     strict=True,
 )
-def test_a_shape_mismatch_across_the_all_to_all_limit_fails_on_every_member() -> None:
-    small, large = SMALL_BYTES // 4, SMALL_BYTES // 4 + 1
-    with servers_of(2) as servers:
+@pytest.mark.parametrize("n", [2, 3])
+def test_a_small_and_a_large_member_disagree_on_every_member(n: int) -> None:
+    sizes = [16] * (n - 1) + [2 * RING_BYTES // 4]
+    with servers_of(n) as servers:
         results = outcomes(
             servers,
-            lambda rank, s: s.all_reduce(np.ones((small, large)[rank], np.float32), timeout=2),
+            lambda rank, s: s.all_reduce(np.ones(sizes[rank], np.float32), timeout=2),
         )
         assert_all_raise(results, errors.InvalidArgumentError)
 
@@ -735,7 +737,7 @@ def test_many_successive_collectives_stay_in_step() -> None:
 @pytest.mark.parametrize("call", ["all_reduce", "ring", "reduce_scatter", "all_gather", "barrier"])
 def test_a_member_that_never_calls_times_the_others_out(call: str) -> None:
     with servers_of(3) as servers:
-        array = np.ones(3 * 100_000 if call == "ring" else 3, np.float32)
+        array = np.ones(RING_BYTES // 4 + 2 if call == "ring" else 3, np.float32)
 
         def work(rank: int, server: distsrv.Server) -> Any:
             if rank == 1:
@@ -801,7 +803,7 @@ def test_a_member_that_dies_makes_the_others_unavailable(how: str, large: bool) 
         config = distsrv.ServerConfig(connect_timeout=1.0)
         live = [distsrv.Server(spec, "worker", i, config=config) for i in (0, 2)]
         try:
-            array = np.ones(300_000 if large else 3, np.float32)
+            array = np.ones(RING_BYTES // 4 if large else 3, np.float32)
 
             def work(rank: int, server: distsrv.Server) -> Any:
                 if rank == 0 and how == "killed":
