@@ -23,11 +23,16 @@ import numpy.typing as npt
 
 __all__ = [
     "MLP",
+    "ApplyGradient",
     "Dataset",
     "EpochReport",
+    "FloatArray",
+    "LabelArray",
     "ProgressBar",
+    "TrainingResult",
     "global_batches",
     "load_digits",
+    "sgd",
     "shard",
     "train",
 ]
@@ -152,7 +157,9 @@ class MLP:
         return float((self.logits(x).argmax(axis=1) == y).mean())
 
 
-def global_batches(num_samples: int, batch_size: int, seed: int, epoch: int) -> Iterator[Any]:
+def global_batches(
+    num_samples: int, batch_size: int, seed: int, epoch: int
+) -> Iterator[npt.NDArray[np.intp]]:
     """The index arrays of one epoch's global batches: a fresh shuffle per epoch that every
     process derives alike from ``(seed, epoch)``, so no indices need to be exchanged. The last
     batch may be short."""
@@ -195,6 +202,8 @@ class ProgressBar:
 
 @dataclass
 class EpochReport:
+    """One epoch as this process saw it; ``seconds`` counts the training steps only."""
+
     epoch: int
     samples: int
     seconds: float
@@ -204,6 +213,8 @@ class EpochReport:
 
 @dataclass
 class TrainingResult:
+    """Every epoch's report, in order."""
+
     epochs: list[EpochReport] = field(default_factory=list)
 
     @property
