@@ -408,11 +408,6 @@ def test_members_that_disagree_all_fail_and_the_group_goes_on(large: bool, misma
         np.testing.assert_array_equal(results[2], np.full(count, 3))
 
 
-@pytest.mark.xfail(
-    reason="all_reduce picks all-to-all or the ring from each member's own byte count, so "
-    "members whose sizes fall either side of the limit run different protocols and never meet",
-    strict=True,
-)
 @pytest.mark.parametrize("n", [2, 3])
 def test_a_small_and_a_large_member_disagree_on_every_member(n: int) -> None:
     sizes = [16] * (n - 1) + [2 * RING_BYTES // 4]
@@ -436,11 +431,6 @@ def test_a_mismatched_reduce_scatter_fails_everywhere() -> None:
         np.testing.assert_array_equal(results[1], [2, 2])
 
 
-@pytest.mark.xfail(
-    reason="a reduction refused for its dtype (mean of ints) still uses up the group's next "
-    "sequence number on the refusing task, so its later collectives never meet the others'",
-    strict=True,
-)
 @pytest.mark.parametrize("call", ["all_reduce", "reduce_scatter"])
 def test_a_locally_refused_reduction_leaves_the_group_in_step(call: str) -> None:
     with servers_of(2) as servers:

@@ -41,14 +41,43 @@ pub struct Collectives {
 }
 
 impl Collectives {
-    /// This task's part in the next collective of `members` (every task of the cluster when
-    /// `None`), failing after `timeout` if given.
+    /// This task's part in the next collective of `group`, failing after `timeout` if given.
+    ///
+    /// Takes the collective's sequence number: check whatever the call can refuse on its own
+    /// before, since a call that took a number and then sent nothing leaves this task out of step
+    /// with the rest of the group.
     pub fn begin(
         &self,
         exchange: &Arc<Exchange>,
-        members: Option<Vec<TaskId>>,
+        group: Group,
         timeout: Option<Duration>,
-    ) -> Result<Collective> {
+    ) -> Collective {
+        let sequence = {
+            let mut sequences = self.sequences.lock().unwrap_or_else(|e| e.into_inner());
+            let next = sequences.entry(group.members.clone()).or_default();
+            *next += 1;
+            *next
+        };
+        Collective {
+            exchange: Arc::clone(exchange),
+            prefix: format!("/distsrv/collective/[{group}]/{sequence}"),
+            group,
+            timeout,
+        }
+    }
+}
+
+/// The tasks of a collective, including this one.
+pub struct Group {
+    /// In (job, index) order; a member's rank is its position.
+    members: Vec<TaskId>,
+    /// This task's rank.
+    rank: usize,
+}
+
+impl Group {
+    /// `members` of the cluster (all of its tasks when `None`), which must include this task.
+    pub fn new(exchange: &Exchange, members: Option<Vec<TaskId>>) -> Result<Self> {
         let cluster = exchange.peers().cluster();
         let mut members = match members {
             Some(members) => members,
@@ -59,42 +88,35 @@ impl Collectives {
         }
         members.sort();
         members.dedup();
-        let group = members
+        let mut group = Self { members, rank: 0 };
+        group.rank = group.rank_of(exchange.me())?;
+        Ok(group)
+    }
+
+    /// `task`'s rank, or `InvalidArgument` if it is not a member.
+    pub fn rank_of(&self, task: &TaskId) -> Result<usize> {
+        self.members
             .iter()
-            .map(TaskId::to_string)
-            .collect::<Vec<_>>()
-            .join(",");
-        let rank = members
-            .iter()
-            .position(|member| member == exchange.me())
+            .position(|member| member == task)
             .ok_or_else(|| {
                 Error::invalid_argument(format!(
-                    "task {} is not a member of the group [{group}]",
-                    exchange.me()
+                    "task {task} is not a member of the group [{self}]"
                 ))
-            })?;
-        let sequence = {
-            let mut sequences = self.sequences.lock().unwrap_or_else(|e| e.into_inner());
-            let next = sequences.entry(members.clone()).or_default();
-            *next += 1;
-            *next
-        };
-        Ok(Collective {
-            exchange: Arc::clone(exchange),
-            prefix: format!("/distsrv/collective/[{group}]/{sequence}"),
-            members,
-            rank,
-            timeout,
-        })
+            })
+    }
+}
+
+impl std::fmt::Display for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<_> = self.members.iter().map(TaskId::to_string).collect();
+        f.write_str(&names.join(","))
     }
 }
 
 /// One collective call, as this task takes part in it.
 pub struct Collective {
     exchange: Arc<Exchange>,
-    /// In (job, index) order; a member's rank is its position.
-    members: Vec<TaskId>,
-    rank: usize,
+    group: Group,
     prefix: String,
     timeout: Option<Duration>,
 }
@@ -103,11 +125,12 @@ impl Collective {
     /// The element-wise reduction of every member's `data` (a `meta` tensor).
     pub async fn all_reduce(self, op: ReduceOp, meta: TensorMeta, data: Bytes) -> Result<Tensor> {
         op.check(meta.dtype)?;
-        let n = self.members.len();
+        let n = self.group.members.len();
         let work = async {
-            if data.len() * (n - 1) <= ALL_TO_ALL_BYTES {
-                let all = self.all_to_all("all", meta.clone(), data).await?;
-                self.check_same(all.iter().map(|(meta, _)| meta))?;
+            // Empty tensors take the ring, so that an all-to-all head is never empty and never
+            // taken for a description (see `agree`).
+            if !data.is_empty() && data.len() * (n - 1) <= ALL_TO_ALL_BYTES {
+                let all = self.agree(&meta, Some(data)).await?;
                 let mut acc = TensorBuf::from_slice(&all[0].1);
                 for (_, other) in &all[1..] {
                     reduce::combine(op, meta.dtype, acc.as_mut_slice(), other);
@@ -117,7 +140,7 @@ impl Collective {
                 }
                 return Ok(Tensor { meta, data: acc });
             }
-            self.agree(&meta).await?;
+            self.agree(&meta, None).await?;
             let layout = Layout::new(&meta, n);
             let own = self.reduce_scatter_ring(op, &meta, &data, &layout).await?;
             let pieces = self.all_gather_ring(own, &layout).await?;
@@ -141,9 +164,9 @@ impl Collective {
         data: Bytes,
     ) -> Result<Tensor> {
         op.check(meta.dtype)?;
-        let n = self.members.len() as u64;
+        let n = self.group.members.len() as u64;
         let work = async {
-            self.agree(&meta).await?;
+            self.agree(&meta, None).await?;
             let rows = match meta.shape.first() {
                 Some(rows) if rows % n == 0 => rows / n,
                 _ => {
@@ -205,11 +228,9 @@ impl Collective {
         root: &TaskId,
         given: Option<(TensorMeta, Bytes)>,
     ) -> Result<Tensor> {
-        let root = self.members.iter().position(|m| m == root).ok_or_else(|| {
-            Error::invalid_argument(format!("the root {root} is not a member of the group"))
-        })?;
+        let root = self.group.rank_of(root)?;
         let work = async {
-            if self.rank == root {
+            if self.group.rank == root {
                 let (meta, data) = given.ok_or_else(|| {
                     Error::invalid_argument("the root of a broadcast must give the tensor")
                 })?;
@@ -229,7 +250,7 @@ impl Collective {
             {
                 return Err(Error::invalid_argument(format!(
                     "this task gave {meta}, the root {} broadcast {}",
-                    self.members[root], received.meta
+                    self.group.members[root], received.meta
                 )));
             }
             Ok(received)
@@ -255,7 +276,7 @@ impl Collective {
         let peers = self.exchange.peers();
         let watched = self
             .others()
-            .map(|rank| Box::pin(peers.unreachable(&self.members[rank])));
+            .map(|rank| Box::pin(peers.unreachable(&self.group.members[rank])));
         let lost = async {
             let watched: Vec<_> = watched.collect();
             if watched.is_empty() {
@@ -285,25 +306,25 @@ impl Collective {
         done.map_err(|e| {
             e.context(format!(
                 "{what} of {} tasks at {}",
-                self.members.len(),
+                self.group.members.len(),
                 self.exchange.me()
             ))
         })
     }
 
     fn others(&self) -> impl Iterator<Item = usize> + use<> {
-        let me = self.rank;
-        (0..self.members.len()).filter(move |rank| *rank != me)
+        let me = self.group.rank;
+        (0..self.group.members.len()).filter(move |rank| *rank != me)
     }
 
     async fn send(&self, rank: usize, step: &str, meta: TensorMeta, data: Bytes) -> Result<()> {
-        let to = self.members[rank].clone();
+        let to = self.group.members[rank].clone();
         let name = format!("{}/{step}", self.prefix);
         self.exchange.send(to, name, meta, data)?.await
     }
 
     async fn recv(&self, rank: usize, step: &str) -> Result<Tensor> {
-        let source = self.members[rank].clone();
+        let source = self.group.members[rank].clone();
         let name = format!("{}/{step}", self.prefix);
         self.exchange.recv(source, name, None).await
     }
@@ -325,29 +346,43 @@ impl Collective {
             .into_iter()
             .map(|tensor| (tensor.meta, Bytes::from_owner(tensor.data)))
             .collect();
-        all.insert(self.rank, (meta, data));
+        all.insert(self.group.rank, (meta, data));
         Ok(all)
     }
 
-    /// Checks that every member describes the same tensor, before any of them reduces.
-    async fn agree(&self, meta: &TensorMeta) -> Result<()> {
-        // The description travels as an empty tensor whose shape is the real one plus a last
-        // dimension of 0: dtype and shape, no payload.
-        let mut shape = meta.shape.clone();
-        shape.push(0);
-        let description = TensorMeta {
-            dtype: meta.dtype,
-            shape,
+    /// The first step of a reduction: every member sends the others its tensor, when it goes
+    /// all-to-all, or else only a description of it, and checks that all members have the same
+    /// dtype and shape before any of them reduces. Both paths begin with this one step, so members
+    /// that would take different paths meet here and all fail alike. Returns what was sent.
+    async fn agree(
+        &self,
+        meta: &TensorMeta,
+        data: Option<Bytes>,
+    ) -> Result<Vec<(TensorMeta, Bytes)>> {
+        // A description is an empty tensor whose shape is the real one plus a last dimension of
+        // 0: dtype and shape, no payload. A tensor sent whole is never empty.
+        let head = match data {
+            Some(data) => (meta.clone(), data),
+            None => {
+                let mut shape = meta.shape.clone();
+                shape.push(0);
+                let dtype = meta.dtype;
+                (TensorMeta { dtype, shape }, Bytes::new())
+            }
         };
-        let all = self.all_to_all("agree", description, Bytes::new()).await?;
-        let described: Vec<_> = all
-            .into_iter()
-            .map(|(mut meta, _)| {
-                meta.shape.pop();
+        let heads = self.all_to_all("head", head.0, head.1).await?;
+        let described: Vec<_> = heads
+            .iter()
+            .map(|(meta, data)| {
+                let mut meta = meta.clone();
+                if data.is_empty() {
+                    meta.shape.pop();
+                }
                 meta
             })
             .collect();
-        self.check_same(described.iter())
+        self.check_same(described.iter())?;
+        Ok(heads)
     }
 
     fn check_same<'a>(&self, metas: impl Iterator<Item = &'a TensorMeta>) -> Result<()> {
@@ -356,6 +391,7 @@ impl Collective {
             return Ok(());
         }
         let described: Vec<_> = self
+            .group
             .members
             .iter()
             .zip(&metas)
@@ -376,11 +412,11 @@ impl Collective {
         data: &Bytes,
         layout: &Layout,
     ) -> Result<Vec<Bytes>> {
-        let n = self.members.len();
-        let (next, prev) = ((self.rank + 1) % n, (self.rank + n - 1) % n);
+        let n = self.group.members.len();
+        let (next, prev) = ((self.group.rank + 1) % n, (self.group.rank + n - 1) % n);
         // At step s this task sends segment rank-s-1 and receives segment rank-s-2, so the last
         // step (n-2) brings in its own.
-        let sent_at = |step: usize| (self.rank + 2 * n - step - 1) % n;
+        let sent_at = |step: usize| (self.group.rank + 2 * n - step - 1) % n;
         let chains = (0..layout.pieces).map(|piece| async move {
             let mut carried = data.slice(layout.range(sent_at(0), piece));
             for step in 0..n - 1 {
@@ -403,17 +439,17 @@ impl Collective {
     /// Ring all-gather of every member's own segment, given as pieces: every segment's pieces,
     /// by piece then segment.
     async fn all_gather_ring(&self, own: Vec<Bytes>, layout: &Layout) -> Result<Vec<Vec<Bytes>>> {
-        let n = self.members.len();
-        let (next, prev) = ((self.rank + 1) % n, (self.rank + n - 1) % n);
+        let n = self.group.members.len();
+        let (next, prev) = ((self.group.rank + 1) % n, (self.group.rank + n - 1) % n);
         let chains = own.into_iter().enumerate().map(|(piece, mine)| async move {
             let mut segments = vec![Bytes::new(); n];
-            segments[self.rank] = mine.clone();
+            segments[self.group.rank] = mine.clone();
             let mut carried = mine;
             for step in 0..n - 1 {
                 let step_name = format!("ag{step}.{piece}");
                 let sent = self.send(next, &step_name, layout.meta(&carried), carried);
                 let (_, received) = futures::try_join!(sent, self.recv(prev, &step_name))?;
-                let segment = (self.rank + 2 * n - step - 1) % n;
+                let segment = (self.group.rank + 2 * n - step - 1) % n;
                 layout.check(&received, layout.range(segment, piece).len())?;
                 carried = Bytes::from_owner(received.data);
                 segments[segment] = carried.clone();

@@ -3,6 +3,7 @@
 
 use bytes::Bytes;
 use distsrv::codec::{Tensor, TensorMeta};
+use distsrv::collectives::Group;
 use distsrv::errors::{Code, Result};
 use distsrv::proto::DataType;
 use distsrv::reduce::ReduceOp;
@@ -25,7 +26,8 @@ fn all_reduce(
     let runtime = servers[0].runtime().unwrap();
     let calls = servers.iter().enumerate().map(|(rank, server)| {
         let task = server.task();
-        let collective = task.collectives.begin(&task.exchange, None, None).unwrap();
+        let group = Group::new(&task.exchange, None).unwrap();
+        let collective = task.collectives.begin(&task.exchange, group, None);
         let (meta, data) = make(rank);
         collective.all_reduce(op, meta, data)
     });

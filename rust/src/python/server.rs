@@ -19,12 +19,13 @@ use super::errors::{IntoPyResult, to_py};
 use super::tensor::{HeldBuffer, TensorBytes};
 use crate::cluster::{Cluster, Jobs, ServerDef, TaskId, format_address};
 use crate::codec::{Tensor, TensorBuf, TensorMeta};
-use crate::collectives::Collective;
+use crate::collectives::{Collective, Group};
 use crate::config::ServerConfig;
 use crate::errors::{Error, Result};
 use crate::reduce::ReduceOp;
 use crate::registry;
 use crate::server::Server;
+use crate::service::Task;
 use crate::variables;
 
 /// How long a blocking call waits between checks for signals, so Ctrl-C interrupts it promptly.
@@ -303,16 +304,12 @@ impl NativeServer {
         timeout: Option<f64>,
     ) -> PyResult<TensorParts> {
         let op = ReduceOp::parse(op).into_py()?;
-        self.collective(
-            py,
-            group,
-            timeout,
-            Some((dtype, shape, data)),
-            |run, given| {
-                let (meta, data) = given.expect("given above");
-                run.all_reduce(op, meta, data)
-            },
-        )
+        let given = Some((dtype, shape, data));
+        let check = |_: &Group, meta: Option<&TensorMeta>| op.check(meta.expect("given").dtype);
+        self.collective(py, group, timeout, given, check, |run, given| {
+            let (meta, data) = given.expect("given above");
+            run.all_reduce(op, meta, data)
+        })
     }
 
     /// Rows `r*m .. (r+1)*m` of the reduction of every member's tensor, for the member of rank r.
@@ -329,16 +326,12 @@ impl NativeServer {
         timeout: Option<f64>,
     ) -> PyResult<TensorParts> {
         let op = ReduceOp::parse(op).into_py()?;
-        self.collective(
-            py,
-            group,
-            timeout,
-            Some((dtype, shape, data)),
-            |run, given| {
-                let (meta, data) = given.expect("given above");
-                run.reduce_scatter(op, meta, data)
-            },
-        )
+        let given = Some((dtype, shape, data));
+        let check = |_: &Group, meta: Option<&TensorMeta>| op.check(meta.expect("given").dtype);
+        self.collective(py, group, timeout, given, check, |run, given| {
+            let (meta, data) = given.expect("given above");
+            run.reduce_scatter(op, meta, data)
+        })
     }
 
     /// Every member's tensor, stacked in rank order.
@@ -352,16 +345,12 @@ impl NativeServer {
         data: &Bound<'_, PyAny>,
         timeout: Option<f64>,
     ) -> PyResult<TensorParts> {
-        self.collective(
-            py,
-            group,
-            timeout,
-            Some((dtype, shape, data)),
-            |run, given| {
-                let (meta, data) = given.expect("given above");
-                run.all_gather(meta, data)
-            },
-        )
+        let given = Some((dtype, shape, data));
+        let check = |_: &Group, _: Option<&TensorMeta>| Ok(());
+        self.collective(py, group, timeout, given, check, |run, given| {
+            let (meta, data) = given.expect("given above");
+            run.all_gather(meta, data)
+        })
     }
 
     /// `root`'s tensor on every member; members other than the root may give None.
@@ -378,8 +367,10 @@ impl NativeServer {
         let given = given
             .as_ref()
             .map(|(dtype, shape, data)| (*dtype, shape.clone(), data));
-        self.collective(py, group, timeout, given, |run, given| async move {
-            run.broadcast(&root, given).await
+        let check = |group: &Group, _: Option<&TensorMeta>| group.rank_of(&root).map(drop);
+        let root_of_run = root.clone();
+        self.collective(py, group, timeout, given, check, |run, given| async move {
+            run.broadcast(&root_of_run, given).await
         })
     }
 
@@ -393,7 +384,11 @@ impl NativeServer {
     ) -> PyResult<()> {
         let server = self.server()?;
         let runtime = server.runtime().into_py()?;
-        let run = begin_collective(server, group, timeout)?;
+        let task = server.task();
+        let group = collective_group(task, group)?;
+        let run = task
+            .collectives
+            .begin(&task.exchange, group, seconds(timeout)?);
         wait_interruptibly(py, &runtime, run.barrier())?.into_py()
     }
 
@@ -510,16 +505,20 @@ impl NativeServer {
         Ok(&self.server)
     }
 
-    /// Runs one collective over `group` with `given` (dtype code, shape, buffer) lent to it.
-    fn collective<F, Fut>(
+    /// Runs one collective over `group` with `given` (dtype code, shape, buffer) lent to it,
+    /// once `check` has found nothing to refuse.
+    #[allow(clippy::too_many_arguments)]
+    fn collective<C, F, Fut>(
         &self,
         py: Python<'_>,
         group: Option<Vec<(String, u32)>>,
         timeout: Option<f64>,
         given: Option<(i32, Vec<u64>, &Bound<'_, PyAny>)>,
+        check: C,
         run: F,
     ) -> PyResult<TensorParts>
     where
+        C: FnOnce(&Group, Option<&TensorMeta>) -> Result<()>,
         F: FnOnce(Collective, Option<(TensorMeta, Bytes)>) -> Fut,
         Fut: Future<Output = Result<Tensor>> + Send,
     {
@@ -541,7 +540,12 @@ impl NativeServer {
             }
             None => (None, None),
         };
-        let collective = begin_collective(server, group, timeout)?;
+        let task = server.task();
+        let group = collective_group(task, group)?;
+        check(&group, given.as_ref().map(|(meta, _)| meta)).into_py()?;
+        let collective = task
+            .collectives
+            .begin(&task.exchange, group, seconds(timeout)?);
         let done = wait_interruptibly(py, &runtime, run(collective, given));
         if let Some(held) = held {
             held.release(py);
@@ -582,21 +586,14 @@ impl Drop for NativeServer {
     }
 }
 
-fn begin_collective(
-    server: &Server,
-    group: Option<Vec<(String, u32)>>,
-    timeout: Option<f64>,
-) -> PyResult<Collective> {
-    let task = server.task();
-    let members = group.map(|tasks| {
+fn collective_group(task: &Task, members: Option<Vec<(String, u32)>>) -> PyResult<Group> {
+    let members = members.map(|tasks| {
         tasks
             .into_iter()
             .map(|(job, index)| TaskId::new(job, index))
             .collect()
     });
-    task.collectives
-        .begin(&task.exchange, members, seconds(timeout)?)
-        .into_py()
+    Group::new(&task.exchange, members).into_py()
 }
 
 /// A tensor as Python receives it: dtype code, shape, and its bytes.
