@@ -141,8 +141,7 @@ def _host_parameters(server: Server, args: argparse.Namespace) -> int:
 
 
 def _train(server: Server, args: argparse.Namespace) -> int:
-    spec = server.cluster_spec
-    workers = spec.num_tasks("worker")
+    workers = server.cluster_spec.num_tasks("worker")
     rank = server.task_index
     data = load_digits()
     model = _model(args, data)
@@ -174,6 +173,8 @@ def _train(server: Server, args: argparse.Namespace) -> int:
         num_ranks=workers,
         progress=ProgressBar(args.epochs) if rank == 0 else None,
     )
+    # The workers' last meeting: a worker that has the totals needs no other worker's server, and
+    # its own contribution is already held by every other one.
     totals = server.all_reduce(
         np.array([traffic.sent, traffic.received], dtype=np.int64),
         op="sum",
@@ -181,9 +182,7 @@ def _train(server: Server, args: argparse.Namespace) -> int:
         timeout=STEP_TIMEOUT,
     )
     if args.ps:
-        server.barrier(timeout=STEP_TIMEOUT)  # the ps task may stop
-    else:
-        server.barrier(group="worker", timeout=STEP_TIMEOUT)
+        server.barrier(timeout=STEP_TIMEOUT)  # the workers are done: the ps task may stop
     if rank == 0:
         _report(result, int(totals[0]), int(totals[1]), args, data)
     else:
