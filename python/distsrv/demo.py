@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,8 +47,6 @@ __all__ = ["add_training_arguments", "worker", "worker_arguments"]
 #: How long a task waits for the others to start, and a step's collective for its peers.
 STARTUP_TIMEOUT = 60.0
 STEP_TIMEOUT = 30.0
-#: How long a task that lost a peer waits before it exits (see ``worker``).
-FAILURE_REPORT_DELAY = 2.0
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,9 +109,6 @@ def worker(args: argparse.Namespace) -> int:
         except OpError as error:
             # A peer failed or vanished (the error names it): say so, and stop.
             print(f"{server.task} stopping: {type(error).__name__}: {error}", flush=True)
-            # A launcher names the task that failed first, and learns of exits by polling: this
-            # task's own exit, a moment after the peer's, must not look like the first failure.
-            time.sleep(FAILURE_REPORT_DELAY)
             return 1
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import queue
 import socket
 import subprocess
 import sys
@@ -55,20 +56,25 @@ def run_local_cluster(
         stream = threading.Thread(target=_stream, args=(f"[{job}:{index}]", process), daemon=True)
         stream.start()
         streams.append(stream)
+    # One waiter per process reports its exit as it happens, so the first task to fail is the one
+    # named, not one that exited a moment later because it lost that task.
+    exits: queue.Queue[tuple[tuple[str, int], int]] = queue.Queue()
+    for task, process in processes.items():
+        waiter = threading.Thread(target=lambda t=task, p=process: exits.put((t, p.wait())))
+        waiter.daemon = True
+        waiter.start()
     deadline = time.monotonic() + timeout
     failed: str | None = None
     try:
-        while failed is None and any(p.poll() is None for p in processes.values()):
-            for (job, index), process in processes.items():
-                code = process.poll()
-                if code not in (None, 0):
-                    failed = f"/job:{job}/task:{index} exited with status {code}"
-            if time.monotonic() > deadline:
+        for _ in processes:
+            try:
+                (job, index), code = exits.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
                 failed = f"the cluster did not finish within {timeout:.0f}s"
-            time.sleep(0.05)
-        for (job, index), process in processes.items():
-            if failed is None and process.returncode not in (None, 0):
-                failed = f"/job:{job}/task:{index} exited with status {process.returncode}"
+                break
+            if code != 0:
+                failed = f"/job:{job}/task:{index} exited with status {code}"
+                break
     finally:
         for process in processes.values():
             if process.poll() is None:
