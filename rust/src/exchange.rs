@@ -176,9 +176,7 @@ impl Exchange {
 
 /// Streams the frames of one tensor to `to` and waits for its acknowledgement.
 async fn push(peers: &Peers, to: &TaskId, frames: Vec<Bytes>, total: u64) -> Result<()> {
-    use tower::ServiceExt;
-
-    let channel = peers.channel(to).await?;
+    let (mut connection, uri) = peers.push_connection(to, SEND_TENSOR_PATH).await?;
     // One frame goes as a complete body, so it carries END_STREAM itself instead of being
     // followed by an empty frame that costs the receiver another wake-up.
     let body = match <[Bytes; 1]>::try_from(frames) {
@@ -193,13 +191,17 @@ async fn push(peers: &Peers, to: &TaskId, frames: Vec<Bytes>, total: u64) -> Res
     };
     let request = http::Request::builder()
         .method(http::Method::POST)
-        .uri(SEND_TENSOR_PATH)
+        .uri(uri)
         .header(http::header::CONTENT_TYPE, "application/grpc")
         .header(http::header::TE, "trailers")
         .body(body)
         .map_err(|e| Error::internal(format!("cannot build the request: {e}")))?;
-    let response = channel.oneshot(request).await.map_err(|e| {
-        // The transport's own message ("transport error") says little; its causes say what.
+    let sent = async {
+        connection.ready().await?;
+        connection.send_request(request).await
+    };
+    let response = sent.await.map_err(|e: hyper::Error| {
+        // hyper's own message ("connection error") says little; its causes say what.
         let mut why = e.to_string();
         let mut cause = std::error::Error::source(&e);
         while let Some(inner) = cause {
@@ -216,7 +218,7 @@ async fn push(peers: &Peers, to: &TaskId, frames: Vec<Bytes>, total: u64) -> Res
     let status_code = response.status();
     let mut replies = Streaming::new_response(
         ProstDecoder::<proto::SendTensorResponse>::default(),
-        response.into_body(),
+        tonic::body::Body::new(response.into_body()),
         status_code,
         None,
         None,

@@ -1,5 +1,7 @@
-//! Client connections to the other tasks of the cluster: one HTTP/2 connection per peer, made on
-//! first use and shared by every call to that peer.
+//! Client connections to the other tasks of the cluster, made on first use and shared by every
+//! call to that peer: a tonic channel for the generated RPCs, and a bare HTTP/2 connection for
+//! tensor pushes, whose requests go from the calling task straight into HTTP/2 instead of through
+//! the channel's buffer task (a thread hand-off per call, much of a small tensor's time).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -19,10 +21,14 @@ pub const CONNECTION_WINDOW_BYTES: u32 = 64 << 20;
 /// Largest HTTP/2 frame a server accepts (and so a client sends); bigger frames mean fewer per-frame costs for tensor payloads.
 pub const MAX_FRAME_BYTES: u32 = 1 << 20;
 
+/// A bare HTTP/2 connection to a peer's server.
+pub type PushConnection = hyper::client::conn::http2::SendRequest<tonic::body::Body>;
+
 pub struct Peers {
     cluster: Cluster,
     connect_timeout: Duration,
     channels: Mutex<HashMap<TaskId, Channel>>,
+    pushes: Mutex<HashMap<TaskId, PushConnection>>,
 }
 
 impl Peers {
@@ -31,6 +37,7 @@ impl Peers {
             cluster,
             connect_timeout: config.connect_timeout,
             channels: Mutex::new(HashMap::new()),
+            pushes: Mutex::new(HashMap::new()),
         }
     }
 
@@ -51,11 +58,75 @@ impl Peers {
             .tcp_nodelay(true)
             .initial_stream_window_size(STREAM_WINDOW_BYTES)
             .initial_connection_window_size(CONNECTION_WINDOW_BYTES);
+        let channel = self.retrying(task, address, || endpoint.connect()).await?;
+        Ok(self.lock().entry(task.clone()).or_insert(channel).clone())
+    }
+
+    /// The push connection to `task` and the URI of `path` on it, connecting (again, if the last
+    /// connection broke) with the same retries as [`Peers::channel`].
+    pub async fn push_connection(
+        &self,
+        task: &TaskId,
+        path: &str,
+    ) -> Result<(PushConnection, http::Uri)> {
+        let address = self.cluster.require(task)?;
+        let uri = format!("http://{address}{path}")
+            .parse()
+            .map_err(|e| Error::invalid_argument(format!("bad address {address:?}: {e}")))?;
+        let cached = self
+            .pushes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(task)
+            .cloned();
+        if let Some(connection) = cached.filter(|c| !c.is_closed()) {
+            return Ok((connection, uri));
+        }
+        let connect = || async {
+            let stream = tokio::net::TcpStream::connect(address).await?;
+            stream.set_nodelay(true)?;
+            let (connection, driver) =
+                hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .initial_stream_window_size(STREAM_WINDOW_BYTES)
+                    .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+                    .max_frame_size(MAX_FRAME_BYTES)
+                    .handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .map_err(std::io::Error::other)?;
+            tokio::spawn(driver);
+            Ok::<_, std::io::Error>(connection)
+        };
+        let connection =
+            tokio::time::timeout(self.connect_timeout, self.retrying(task, address, connect))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::unavailable(format!(
+                        "task {task} at {address} is unreachable after {:.1?}",
+                        self.connect_timeout
+                    )))
+                })?;
+        let mut pushes = self.pushes.lock().unwrap_or_else(|e| e.into_inner());
+        pushes.insert(task.clone(), connection.clone());
+        Ok((connection, uri))
+    }
+
+    /// Tries `connect` until it succeeds or the connect timeout has passed: peers start in any
+    /// order, so a refused or unresolvable address is retried with backoff.
+    async fn retrying<T, E, F>(
+        &self,
+        task: &TaskId,
+        address: &str,
+        connect: impl Fn() -> F,
+    ) -> Result<T>
+    where
+        E: std::fmt::Display,
+        F: Future<Output = std::result::Result<T, E>>,
+    {
         let deadline = Instant::now() + self.connect_timeout;
         let mut backoff = Duration::from_millis(10);
-        let channel = loop {
-            match endpoint.connect().await {
-                Ok(channel) => break channel,
+        loop {
+            match connect().await {
+                Ok(connected) => return Ok(connected),
                 Err(_) if Instant::now() + backoff < deadline => {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_millis(500));
@@ -67,8 +138,7 @@ impl Peers {
                     )));
                 }
             }
-        };
-        Ok(self.lock().entry(task.clone()).or_insert(channel).clone())
+        }
     }
 
     /// Asks `task` who it is; the answer says it is up, and which incarnation is running.
