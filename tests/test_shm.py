@@ -249,6 +249,15 @@ _SENDER = textwrap.dedent(
 )
 
 
+def _receive_whole_tensors_until_error(receiver: distsrv.Server) -> None:
+    """Tensors acknowledged before the kill arrive whole; after them, the receive fails."""
+    while True:
+        got = receiver.recv("big", source=A, timeout=30)
+        assert got[0] == 1
+        assert got[-1] == 1
+        del got
+
+
 def test_a_sender_killed_mid_transfer_leaves_nothing_behind() -> None:
     shm_before = set(os.listdir("/dev/shm"))
     fds_before = _open_fds()
@@ -268,11 +277,7 @@ def test_a_sender_killed_mid_transfer_leaves_nothing_behind() -> None:
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=10)
         with pytest.raises(errors.UnavailableError, match="/job:worker/task:0"):
-            while True:  # tensors acknowledged before the kill arrive whole; then none
-                got = receiver.recv("big", source=A, timeout=30)
-                assert got[0] == 1
-                assert got[-1] == 1
-                del got
+            _receive_whole_tensors_until_error(receiver)
         assert receiver.transport_counts()["shm_received"] >= 1
     finally:
         child.kill()
