@@ -8,7 +8,9 @@ once the receiving process holds the whole tensor (in the buffer its recv() hand
 without copying), so it needs no extra reply. The receiver takes every tensor with recv(); a
 final, untimed exchange checks that it kept up. Peers: distsrv, raw TCP
 sockets (sendall / recv_into), a stock Python grpcio server and client streaming 1 MiB chunks,
-and torch.distributed's gloo send/recv when torch is installed.
+and torch.distributed's gloo send/recv when torch is installed. distsrv runs twice: as tasks of
+one host use it (through shared memory), and with `shared_memory=False` (loopback gRPC); memcpy
+within one process is printed for reference.
 
     python benches/bench_exchange.py            # all sizes, all peers
     python benches/bench_exchange.py --quick    # 4 KiB and 1 MiB, few repetitions
@@ -69,11 +71,15 @@ def peak_rss_bytes() -> int:
 
 
 class Distsrv:
-    name = "distsrv"
+    """distsrv as two tasks of one host use it: tensors through shared memory."""
+
+    name = "distsrv shm"
+    shared_memory = True
 
     def __init__(self, ports: list[int], rank: int) -> None:
         spec = distsrv.ClusterSpec({"bench": [f"{HOST}:{p}" for p in ports]})
-        self.server = distsrv.Server(spec, "bench", rank)
+        config = distsrv.ServerConfig(shared_memory=self.shared_memory)
+        self.server = distsrv.Server(spec, "bench", rank, config=config)
         self.other = ("bench", 1 - rank)
 
     def send(self, array: np.ndarray) -> None:
@@ -87,6 +93,34 @@ class Distsrv:
         self.server.send("done", np.zeros(1, np.uint8), to=self.other)
         self.server.recv("done", source=self.other)
         self.server.stop()
+
+
+class DistsrvGrpc(Distsrv):
+    """distsrv with the same-host fast path off: every tensor over loopback gRPC."""
+
+    name = "distsrv gRPC"
+    shared_memory = False
+
+
+class Memcpy:
+    """The ceiling, for reference: one copy of the tensor into a warm buffer of this process."""
+
+    name = "memcpy"
+
+    def __init__(self, ports: list[int], rank: int) -> None:
+        self.target: np.ndarray | None = None
+
+    def send(self, array: np.ndarray) -> None:
+        if self.target is None or self.target.shape != array.shape:
+            self.target = np.empty_like(array)
+            np.copyto(self.target, array)
+        np.copyto(self.target, array)
+
+    def receive(self, size: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
 
 
 class RawTcp:
@@ -194,6 +228,8 @@ class Gloo:
 
 PEERS: dict[str, Callable[[list[int], int], Any]] = {
     "distsrv": Distsrv,
+    "distsrv-grpc": DistsrvGrpc,
+    "memcpy": Memcpy,
     "tcp": RawTcp,
     "grpcio": Grpcio,
     "gloo": Gloo,
@@ -236,6 +272,8 @@ def receiver(peer: str, ports: list[int], sizes: list[int], quick: bool, once: b
 def sender(peer: str, sizes: list[int], quick: bool) -> dict[int, list[float]] | str:
     """Runs ``peer`` against a receiver child; per size, the seconds of each measured transfer."""
     ports = free_ports(2)
+    if peer == "memcpy":
+        return _timed(Memcpy(ports, 0), sizes, quick)
     child = subprocess.Popen(
         [
             sys.executable,
@@ -257,6 +295,17 @@ def sender(peer: str, sizes: list[int], quick: bool) -> dict[int, list[float]] |
         child.kill()
         child.wait()
         return f"skipped ({missing.name} is not installed)"
+    times = _timed(transport, sizes, quick)
+    out, _ = child.communicate(timeout=120)
+    if child.returncode != 0:
+        raise SystemExit(f"{peer}: the receiver failed with status {child.returncode}")
+    memory = json.loads(out.strip().splitlines()[-1])
+    times["receiver_peak_extra"] = memory  # type: ignore[index]
+    return times
+
+
+def _timed(transport: Any, sizes: list[int], quick: bool) -> dict[int, list[float]]:
+    """Per size, the seconds of each measured send, after the warm-up ones; closes `transport`."""
     times: dict[int, list[float]] = {}
     for size in sizes:
         array = np.arange(size // 4, dtype=np.float32)
@@ -270,11 +319,6 @@ def sender(peer: str, sizes: list[int], quick: bool) -> dict[int, list[float]] |
             samples.append(time.perf_counter() - began)
         times[size] = samples
     transport.close()
-    out, _ = child.communicate(timeout=120)
-    if child.returncode != 0:
-        raise SystemExit(f"{peer}: the receiver failed with status {child.returncode}")
-    memory = json.loads(out.strip().splitlines()[-1])
-    times["receiver_peak_extra"] = memory  # type: ignore[index]
     return times
 
 

@@ -25,11 +25,12 @@ from distsrv import errors, tensors
 A, B = ("worker", 0), ("worker", 1)
 
 
-@pytest.fixture
-def pair() -> Iterator[tuple[distsrv.Server, distsrv.Server]]:
-    """Two tasks of one cluster, each with its own server, talking over loopback gRPC."""
+@pytest.fixture(params=[True, False], ids=["shm", "grpc"])
+def pair(request: pytest.FixtureRequest) -> Iterator[tuple[distsrv.Server, distsrv.Server]]:
+    """Two tasks of one cluster, each with its own server, on one host: tensors go through shared
+    memory, or (``shared_memory=False``) over loopback gRPC."""
     spec = pair_cluster(2)
-    config = distsrv.ServerConfig(connect_timeout=2.0)
+    config = distsrv.ServerConfig(connect_timeout=2.0, shared_memory=request.param)
     a = distsrv.Server(spec, "worker", 0, config=config)
     b = distsrv.Server(spec, "worker", 1, config=config)
     yield a, b

@@ -53,6 +53,10 @@ class ServerConfig:
     connection_limit: int = 512
     #: Threads of the server's runtime.
     worker_threads: int = dataclasses.field(default_factory=_default_worker_threads)
+    #: Tensors to tasks on the same host (proven by a handshake: same machine, same user) travel
+    #: through shared memory, gRPC carrying only control. ``False`` keeps every tensor on gRPC,
+    #: sent and received, e.g. to compare the two.
+    shared_memory: bool = True
 
     def __post_init__(self) -> None:
         for name in ("connect_timeout", "shutdown_grace"):
@@ -69,6 +73,10 @@ class ServerConfig:
                 raise InvalidArgumentError(
                     f"ServerConfig.{name} must be an int in [1, {maximum}], not {value!r}"
                 )
+        if not isinstance(self.shared_memory, bool):
+            raise InvalidArgumentError(
+                f"ServerConfig.shared_memory must be a bool, not {self.shared_memory!r}"
+            )
         if self.chunk_bytes > self.max_message_bytes:
             raise InvalidArgumentError(
                 f"ServerConfig.chunk_bytes ({self.chunk_bytes}) cannot exceed "

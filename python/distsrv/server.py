@@ -200,6 +200,11 @@ class Server:
 
     # -- devices ------------------------------------------------------------------------------
 
+    def transport_counts(self) -> dict[str, int]:
+        """How many tensors this task sent through shared memory (to tasks on its host) and over
+        gRPC, and received through shared memory: ``shm_sent``, ``grpc_sent``, ``shm_received``."""
+        return self._native.transport_counts()
+
     def local_devices(self) -> list[DeviceAttributes]:
         """This task's devices: its CPU, then every NVIDIA GPU it can use."""
         return [DeviceAttributes(*record) for record in self._native.local_devices()]

@@ -115,9 +115,11 @@ impl std::fmt::Display for TensorMeta {
 }
 
 /// A received tensor's payload: owned, writable, 16-byte aligned so that a numpy view of any
-/// dtype over it is aligned.
+/// dtype over it is aligned. Its memory is the process's own, or a shared-memory segment a
+/// same-host sender wrote the tensor into (see `shm`), which goes back to its pool when dropped.
 pub struct TensorBuf {
     words: Vec<u128>,
+    shared: Option<crate::shm::segment::Segment>,
     len: usize,
 }
 
@@ -142,7 +144,25 @@ impl TensorBuf {
         } else {
             vec![0u128; words]
         };
-        Self { words, len }
+        Self {
+            words,
+            shared: None,
+            len,
+        }
+    }
+
+    /// A buffer over a shared-memory segment (page-aligned), its length the segment's.
+    pub fn shared(segment: crate::shm::segment::Segment) -> Self {
+        Self {
+            words: Vec::new(),
+            len: segment.len(),
+            shared: Some(segment),
+        }
+    }
+
+    /// Whether the bytes live in shared memory.
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
     }
 
     pub fn from_slice(bytes: &[u8]) -> Self {
@@ -152,11 +172,17 @@ impl TensorBuf {
     }
 
     pub fn as_slice(&self) -> &[u8] {
-        &bytemuck::cast_slice(&self.words)[..self.len]
+        match &self.shared {
+            Some(segment) => segment.as_slice(),
+            None => &bytemuck::cast_slice(&self.words)[..self.len],
+        }
     }
 
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut bytemuck::cast_slice_mut(&mut self.words)[..self.len]
+        match &mut self.shared {
+            Some(segment) => segment.as_mut_slice(),
+            None => &mut bytemuck::cast_slice_mut(&mut self.words)[..self.len],
+        }
     }
 
     pub fn len(&self) -> usize {

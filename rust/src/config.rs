@@ -22,6 +22,9 @@ pub struct ServerConfig {
     pub connection_limit: usize,
     /// Threads of the server's runtime.
     pub worker_threads: usize,
+    /// Tensors to tasks on the same host travel through shared memory; `false` keeps every
+    /// tensor on gRPC, sent and received (for tests and benchmarks).
+    pub shared_memory: bool,
 }
 
 impl Default for ServerConfig {
@@ -36,6 +39,7 @@ impl Default for ServerConfig {
             worker_threads: std::thread::available_parallelism()
                 .map_or(2, |n| n.get())
                 .min(4),
+            shared_memory: true,
         }
     }
 }

@@ -24,6 +24,7 @@ use crate::config::ServerConfig;
 use crate::errors::{Code, Error, Result};
 use crate::peers::Peers;
 use crate::proto;
+use crate::shm::Shm;
 
 /// gRPC path of the tensor push, served by hand (see `service`) so payload bytes are copied once.
 pub const SEND_TENSOR_PATH: &str = "/distsrv.v1.Worker/SendTensor";
@@ -38,16 +39,18 @@ pub struct Exchange {
     chunk_bytes: usize,
     inbox: Arc<Inbox>,
     order: Arc<SendOrder>,
+    shm: Arc<Shm>,
 }
 
 impl Exchange {
     pub fn new(me: TaskId, peers: Arc<Peers>, config: &ServerConfig) -> Self {
         Self {
-            me,
             peers,
             chunk_bytes: config.chunk_bytes,
             inbox: Arc::new(Inbox::new(config.max_pending_bytes)),
             order: Arc::default(),
+            shm: Arc::new(Shm::new(me.clone(), config.shared_memory)),
+            me,
         }
     }
 
@@ -88,14 +91,25 @@ impl Exchange {
         }
         let turn = self.order.take_turn(&to, &key.name);
         let peers = Arc::clone(&self.peers);
+        let shm = Arc::clone(&self.shm);
         let chunk = self.chunk_bytes;
         Ok(Either::Right(async move {
             let _turn = turn.wait().await;
             let total = payload.len() as u64;
-            let frames = codec::tensor_frames(&codec::header(&key, &meta), payload, chunk);
-            push(&peers, &to, frames, total)
-                .await
-                .map_err(|e| e.context(format!("send of {:?} to {to}", key.name)))
+            let header = codec::header(&key, &meta);
+            let sent = match shm.route(&peers, &to).await {
+                Some(link) => link.send(&header, &payload).await,
+                None => {
+                    push(
+                        &peers,
+                        &to,
+                        codec::tensor_frames(&header, payload, chunk),
+                        total,
+                    )
+                    .await
+                }
+            };
+            sent.map_err(|e| e.context(format!("send of {:?} to {to}", key.name)))
         }))
     }
 
@@ -168,9 +182,33 @@ impl Exchange {
         &self.peers
     }
 
-    /// Ends every waiting receive and refuses new tensors; unreceived tensors are dropped.
+    /// The same-host fast path.
+    pub fn shm(&self) -> &Arc<Shm> {
+        &self.shm
+    }
+
+    /// Counts `bytes` of an arriving tensor against the inbox's limit, refusing it past the limit
+    /// or from a task outside the cluster.
+    pub(crate) fn reserve(&self, key: &TensorKey, bytes: u64) -> Result<Reservation> {
+        self.peers.cluster().require(&key.source)?;
+        Reservation::new(&self.inbox, bytes)
+    }
+
+    /// Hands a whole arrived tensor to its receive, or keeps it for one.
+    pub(crate) fn deliver(
+        &self,
+        key: TensorKey,
+        tensor: Tensor,
+        reservation: Reservation,
+    ) -> Result<()> {
+        self.inbox.deliver(key, tensor, reservation)
+    }
+
+    /// Ends every waiting receive and refuses new tensors; unreceived tensors are dropped. The
+    /// same-host links close and idle shared memory is freed.
     pub fn close(&self) {
         self.inbox.close();
+        self.shm.close();
     }
 }
 
@@ -239,7 +277,7 @@ async fn push(peers: &Peers, to: &TaskId, frames: Vec<Bytes>, total: u64) -> Res
 }
 
 /// Bytes counted against the inbox's limit until dropped.
-struct Reservation {
+pub(crate) struct Reservation {
     inbox: Arc<Inbox>,
     bytes: u64,
 }

@@ -18,6 +18,7 @@ pub mod reduce;
 pub mod registry;
 pub mod server;
 pub mod service;
+pub mod shm;
 pub mod tfcompat;
 pub mod variables;
 

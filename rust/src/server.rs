@@ -201,6 +201,7 @@ impl Server {
                 .map_err(|e| Error::internal(format!("cannot serve the listener: {e}")))?;
             let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
             let (health, router) = service::router(&self.task);
+            crate::shm::Shm::serve(&self.task.exchange);
             let lifecycle = Arc::clone(&self.lifecycle);
             let serve = runtime.spawn(async move {
                 let served = router

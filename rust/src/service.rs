@@ -176,6 +176,15 @@ impl Worker for Task {
         Ok(Response::new(Box::pin(stream)))
     }
 
+    async fn shm_handshake(
+        &self,
+        request: Request<proto::ShmHandshakeRequest>,
+    ) -> Result<Response<proto::ShmHandshakeResponse>, Status> {
+        Ok(Response::new(
+            self.exchange.shm().handshake(request.into_inner())?,
+        ))
+    }
+
     async fn variable_op(
         &self,
         request: Request<proto::VariableRequest>,

@@ -69,6 +69,7 @@ pub struct ConfigArgs {
     max_pending_bytes: u64,
     connection_limit: usize,
     worker_threads: usize,
+    shared_memory: bool,
 }
 
 impl ConfigArgs {
@@ -85,6 +86,7 @@ impl ConfigArgs {
             max_pending_bytes: self.max_pending_bytes,
             connection_limit: self.connection_limit,
             worker_threads: self.worker_threads,
+            shared_memory: self.shared_memory,
         })
     }
 }
@@ -450,6 +452,17 @@ impl NativeServer {
             meta,
             data: TensorBuf::from_slice(&data),
         })))
+    }
+
+    /// Tensors this task sent through shared memory and over gRPC, and received through shared
+    /// memory: `{"shm_sent": n, "grpc_sent": n, "shm_received": n}`.
+    fn transport_counts(&self) -> PyResult<BTreeMap<&'static str, u64>> {
+        let counts = self.server()?.task().exchange.shm().counts();
+        Ok(BTreeMap::from([
+            ("shm_sent", counts.shm_sent),
+            ("grpc_sent", counts.grpc_sent),
+            ("shm_received", counts.shm_received),
+        ]))
     }
 
     /// This task's devices.

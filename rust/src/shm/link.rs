@@ -1,0 +1,406 @@
+//! One task's same-host link to another: a unix socket that carries control messages and small
+//! tensors, and segments of the receiver's shared memory that carry large ones.
+//!
+//! The sender's half ([`Link`]) may carry many tensors at once, each under its own id; a task on
+//! the runtime reads the receiver's answers and hands each to the send waiting for it. The
+//! receiver's half ([`serve`]) handles one message at a time and answers in order. A tensor is
+//! acknowledged only once it is in the receiver's inbox, as over gRPC.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use prost::Message;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::oneshot;
+
+use super::segment::{Mapping, SegmentPool};
+use crate::cluster::TaskId;
+use crate::codec::{self, Tensor, TensorBuf};
+use crate::errors::{Code, Error, Result};
+use crate::exchange::Exchange;
+use crate::proto::{self, ShmMessage, shm_message::Kind};
+
+/// Tensors up to this size travel inline on the socket: one small write beats a segment's extra
+/// round trip.
+pub const INLINE_BYTES: usize = 64 << 10;
+/// Bound on one control message (a tensor header is a few hundred bytes).
+const MAX_MESSAGE_BYTES: usize = 64 << 10;
+/// Mappings of the receiver's segments a sender keeps for reuse; more are unmapped.
+const CACHED_MAPPINGS: usize = 8;
+
+/// Writes one message, followed by `payload` (an inline tensor's bytes).
+async fn write_message<W: AsyncWrite + Unpin>(
+    out: &mut W,
+    message: &ShmMessage,
+    payload: &[u8],
+) -> std::io::Result<()> {
+    let len = message.encoded_len();
+    let mut buffer = Vec::with_capacity(4 + len + payload.len());
+    buffer.extend_from_slice(&(len as u32).to_le_bytes());
+    message.encode(&mut buffer).expect("capacity reserved");
+    buffer.extend_from_slice(payload);
+    out.write_all(&buffer).await
+}
+
+/// Reads one message; `None` at a clean end of stream.
+async fn read_message<R: AsyncRead + Unpin>(input: &mut R) -> Result<Option<ShmMessage>> {
+    let mut prefix = [0u8; 4];
+    match input.read_exact(&mut prefix).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(Error::unavailable(format!("the link broke: {e}"))),
+    }
+    let len = u32::from_le_bytes(prefix) as usize;
+    if len > MAX_MESSAGE_BYTES {
+        return Err(Error::invalid_argument(format!(
+            "a {len}-byte link message is off-protocol"
+        )));
+    }
+    let mut body = vec![0u8; len];
+    input
+        .read_exact(&mut body)
+        .await
+        .map_err(|e| Error::unavailable(format!("the link broke mid-message: {e}")))?;
+    ShmMessage::decode(body.as_slice())
+        .map(Some)
+        .map_err(|e| Error::invalid_argument(format!("an undecodable link message: {e}")))
+}
+
+fn message(id: u64, kind: Kind) -> ShmMessage {
+    ShmMessage {
+        id,
+        kind: Some(kind),
+    }
+}
+
+fn error_message(id: u64, error: &Error) -> ShmMessage {
+    message(
+        id,
+        Kind::Error(proto::ShmError {
+            code: error.code as i32,
+            message: error.message.clone(),
+        }),
+    )
+}
+
+// -- the sender's half ----------------------------------------------------------------------------
+
+type Waiters = HashMap<u64, oneshot::Sender<ShmMessage>>;
+
+/// The sending side of a link to one peer task.
+pub struct Link {
+    peer: TaskId,
+    /// The receiving process, whose segments are opened through `/proc/<pid>/fd`.
+    pid: u32,
+    /// `None` once closed: dropping the write half ends the stream, and the receiver lets go.
+    writer: tokio::sync::Mutex<Option<OwnedWriteHalf>>,
+    waiters: Mutex<Waiters>,
+    broken: AtomicBool,
+    next_id: AtomicU64,
+    /// The receiver's segments this side has mapped, newest last.
+    mappings: Mutex<VecDeque<(u64, Arc<Mapping>)>>,
+}
+
+impl Link {
+    /// Opens the link over a connected socket: presents the handshake's ticket and waits to be
+    /// welcomed.
+    pub async fn open(
+        stream: UnixStream,
+        peer: TaskId,
+        pid: u32,
+        ticket: Vec<u8>,
+    ) -> Result<Arc<Self>> {
+        let (mut reader, mut writer) = stream.into_split();
+        write_message(&mut writer, &message(0, Kind::Hello(ticket)), &[])
+            .await
+            .map_err(|e| Error::unavailable(format!("cannot greet {peer}: {e}")))?;
+        match read_message(&mut reader).await? {
+            Some(ShmMessage {
+                kind: Some(Kind::Welcome(_)),
+                ..
+            }) => {}
+            _ => {
+                return Err(Error::unavailable(format!(
+                    "{peer} refused the same-host link"
+                )));
+            }
+        }
+        let link = Arc::new(Self {
+            peer,
+            pid,
+            writer: tokio::sync::Mutex::new(Some(writer)),
+            waiters: Mutex::new(HashMap::new()),
+            broken: AtomicBool::new(false),
+            next_id: AtomicU64::new(1),
+            mappings: Mutex::new(VecDeque::new()),
+        });
+        let reading = Arc::clone(&link);
+        tokio::spawn(async move {
+            while let Ok(Some(answer)) = read_message(&mut reader).await {
+                let waiter = reading.lock_waiters().remove(&answer.id);
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(answer);
+                }
+            }
+            reading.break_off();
+        });
+        Ok(link)
+    }
+
+    /// Whether the link can carry no more tensors (closed, or the peer went away).
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
+    }
+
+    /// Sends one tensor and returns once the receiver holds it. A send abandoned half-way closes
+    /// the link, so the receiver never waits on a tensor that will not come.
+    pub async fn send(&self, header: &proto::TensorHeader, payload: &[u8]) -> Result<()> {
+        let mut abandoned = Abandoned(Some(self));
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let total = payload.len() as u64;
+        let answer = if payload.len() <= INLINE_BYTES {
+            self.request(message(id, Kind::Inline(header.clone())), payload)
+                .await?
+        } else {
+            let grant = match self
+                .request(message(id, Kind::Alloc(header.clone())), &[])
+                .await?
+            {
+                Kind::Grant(grant) => grant,
+                _ => return Err(Error::internal("the receiver answered alloc off-protocol")),
+            };
+            let mapping = self.mapping(&grant)?;
+            if (mapping.len() as u64) < total {
+                return Err(Error::internal("the granted segment is too small"));
+            }
+            mapping.copy_in(payload);
+            self.request(message(id, Kind::Commit(true)), &[]).await?
+        };
+        abandoned.0 = None;
+        match answer {
+            Kind::Ack(kept) if kept == total => Ok(()),
+            Kind::Ack(kept) => Err(Error::data_loss(format!(
+                "the receiver kept {kept} of {total} bytes"
+            ))),
+            _ => Err(Error::internal("the receiver answered off-protocol")),
+        }
+    }
+
+    /// Sends `request` and waits for the answer under its id; an error answer becomes `Err`.
+    async fn request(&self, request: ShmMessage, payload: &[u8]) -> Result<Kind> {
+        let (sender, answer) = oneshot::channel();
+        self.lock_waiters().insert(request.id, sender);
+        if self.is_broken() {
+            self.lock_waiters().remove(&request.id);
+            return Err(self.gone());
+        }
+        {
+            let mut writer = self.writer.lock().await;
+            let writer = writer.as_mut().ok_or_else(|| self.gone())?;
+            write_message(writer, &request, payload)
+                .await
+                .map_err(|e| Error::unavailable(format!("the link to {} broke: {e}", self.peer)))?;
+        }
+        match answer.await.map_err(|_| self.gone())?.kind {
+            Some(Kind::Error(error)) => Err(Error::new(Code::from(error.code), error.message)),
+            Some(kind) => Ok(kind),
+            None => Err(Error::internal("an empty answer on the link")),
+        }
+    }
+
+    /// The sender's mapping of a granted segment, reusing an earlier one of the same segment.
+    fn mapping(&self, grant: &proto::ShmGrant) -> Result<Arc<Mapping>> {
+        let mut mappings = self.mappings.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, mapping)) = mappings.iter().find(|(id, _)| *id == grant.segment) {
+            return Ok(Arc::clone(mapping));
+        }
+        let mapping = Arc::new(Mapping::open_remote(
+            self.pid,
+            grant.fd,
+            grant.capacity as usize,
+        )?);
+        mappings.push_back((grant.segment, Arc::clone(&mapping)));
+        if mappings.len() > CACHED_MAPPINGS {
+            mappings.pop_front();
+        }
+        Ok(mapping)
+    }
+
+    /// Ends the link: the receiver sees the stream end and frees what it lent.
+    pub fn close(&self) {
+        self.broken.store(true, Ordering::Release);
+        if let Ok(mut writer) = self.writer.try_lock() {
+            writer.take();
+        }
+        self.mappings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// The peer went away: every waiting send fails.
+    fn break_off(&self) {
+        self.broken.store(true, Ordering::Release);
+        // Dropping the waiters' senders wakes them with an error.
+        let waiters = std::mem::take(&mut *self.lock_waiters());
+        drop(waiters);
+        self.mappings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    fn gone(&self) -> Error {
+        Error::unavailable(format!("the same-host link to {} is closed", self.peer))
+    }
+
+    fn lock_waiters(&self) -> std::sync::MutexGuard<'_, Waiters> {
+        self.waiters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Closes the link if a send stops half-way (its future dropped, or an error mid-transfer).
+struct Abandoned<'a>(Option<&'a Link>);
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if let Some(link) = self.0 {
+            link.close();
+            link.break_off();
+        }
+    }
+}
+
+// -- the receiver's half --------------------------------------------------------------------------
+
+/// The ticket a new connection presents first.
+pub async fn read_hello(stream: &mut UnixStream) -> Result<Vec<u8>> {
+    match read_message(stream).await? {
+        Some(ShmMessage {
+            kind: Some(Kind::Hello(ticket)),
+            ..
+        }) => Ok(ticket),
+        _ => Err(Error::invalid_argument("the link did not start with hello")),
+    }
+}
+
+/// A segment lent for a tensor announced but not yet committed.
+struct Grant {
+    key: codec::TensorKey,
+    meta: codec::TensorMeta,
+    data: TensorBuf,
+    reservation: crate::exchange::Reservation,
+}
+
+/// Serves a link from `source` until it ends. Whatever was lent and not committed goes back when
+/// it does: a sender that dies mid-transfer delivers nothing.
+pub async fn serve(
+    mut stream: UnixStream,
+    source: TaskId,
+    exchange: Arc<Exchange>,
+    pool: Arc<SegmentPool>,
+    received: Arc<AtomicU64>,
+) -> Result<()> {
+    write_message(&mut stream, &message(0, Kind::Welcome(true)), &[])
+        .await
+        .map_err(|e| Error::unavailable(e.to_string()))?;
+    let mut grants: HashMap<u64, Grant> = HashMap::new();
+    while let Some(request) = read_message(&mut stream).await? {
+        let id = request.id;
+        let answer = match request.kind {
+            Some(Kind::Inline(header)) => {
+                let announced = codec::parse_header(&header);
+                let total = header.total_bytes as usize;
+                if total > INLINE_BYTES {
+                    return Err(Error::invalid_argument("an inline tensor too large"));
+                }
+                let mut data = TensorBuf::new(total);
+                stream
+                    .read_exact(data.as_mut_slice())
+                    .await
+                    .map_err(|e| Error::unavailable(format!("the link broke mid-tensor: {e}")))?;
+                let delivered = announced.and_then(|(key, meta)| {
+                    check_source(&key, &source)?;
+                    let reservation = exchange.reserve(&key, total as u64)?;
+                    exchange.deliver(key, Tensor { meta, data }, reservation)
+                });
+                match delivered {
+                    Ok(()) => Kind::Ack(total as u64),
+                    Err(error) => return_error(id, &error),
+                }
+            }
+            Some(Kind::Alloc(header)) => {
+                let granted = codec::parse_header(&header).and_then(|(key, meta)| {
+                    check_source(&key, &source)?;
+                    let total = header.total_bytes as usize;
+                    let reservation = exchange.reserve(&key, total as u64)?;
+                    let segment = pool.take(total)?;
+                    let grant = proto::ShmGrant {
+                        segment: segment.region().id(),
+                        fd: segment.region().fd(),
+                        capacity: segment.region().capacity() as u64,
+                    };
+                    let data = TensorBuf::shared(segment);
+                    grants.insert(
+                        id,
+                        Grant {
+                            key,
+                            meta,
+                            data,
+                            reservation,
+                        },
+                    );
+                    Ok(grant)
+                });
+                match granted {
+                    Ok(grant) => Kind::Grant(grant),
+                    Err(error) => return_error(id, &error),
+                }
+            }
+            Some(Kind::Commit(_)) => {
+                let grant = grants
+                    .remove(&id)
+                    .ok_or_else(|| Error::invalid_argument("commit of a tensor never granted"))?;
+                let total = grant.data.len() as u64;
+                let tensor = Tensor {
+                    meta: grant.meta,
+                    data: grant.data,
+                };
+                match exchange.deliver(grant.key, tensor, grant.reservation) {
+                    Ok(()) => Kind::Ack(total),
+                    Err(error) => return_error(id, &error),
+                }
+            }
+            _ => return Err(Error::invalid_argument("an off-protocol link message")),
+        };
+        if matches!(answer, Kind::Ack(_)) {
+            received.fetch_add(1, Ordering::Relaxed);
+        }
+        write_message(&mut stream, &message(id, answer), &[])
+            .await
+            .map_err(|e| Error::unavailable(format!("cannot answer on the link: {e}")))?;
+    }
+    Ok(())
+}
+
+/// The answer that carries `error` back to the sender.
+fn return_error(id: u64, error: &Error) -> Kind {
+    error_message(id, error).kind.expect("set")
+}
+
+/// A link carries tensors of the task that proved itself in the handshake, and no other's.
+fn check_source(key: &codec::TensorKey, source: &TaskId) -> Result<()> {
+    if key.source != *source {
+        return Err(Error::new(
+            Code::PermissionDenied,
+            format!(
+                "the link of {source} cannot carry a tensor from {}",
+                key.source
+            ),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,317 @@
+//! The same-host fast path: tensors between tasks of one machine through shared memory.
+//!
+//! A sender proves that a peer shares its host and user with a handshake over gRPC
+//! (`ShmHandshake`): it holds a memory file with a random token open, and the peer must read the
+//! token back through `/proc/<pid>/fd/<n>`, which the kernel allows only on the same host to the
+//! same user. The peer answers with the name of its abstract unix socket and a one-time ticket;
+//! the sender connects, presents the ticket, and the peer checks the connection's credentials
+//! (same user, the pid that was proven). From then on tensors to that peer take the [`link`]:
+//! small ones inline on the socket, large ones written once into a segment of the receiver's
+//! shared memory ([`segment`]) that becomes the received array. gRPC keeps carrying the rest.
+//!
+//! The verdict is kept per peer: a peer that refuses (shared memory off, another host, an older
+//! distsrv) gets gRPC from then on; a broken link (the peer restarted) is redialled.
+
+mod link;
+pub mod segment;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::linux::net::SocketAddrExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use crate::cluster::TaskId;
+use crate::errors::{Code, Error, Result};
+use crate::exchange::Exchange;
+use crate::peers::Peers;
+use crate::proto;
+use crate::proto::worker_client::WorkerClient;
+
+pub use link::{INLINE_BYTES, Link};
+pub use segment::SegmentPool;
+
+/// How long an accepted connection has to present its ticket.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Tickets handed out and not yet presented, at most (a misbehaving peer cannot grow the table).
+const MAX_TICKETS: usize = 1024;
+const TOKEN_BYTES: usize = 32;
+
+/// How tensors reach one peer.
+#[derive(Clone)]
+enum Route {
+    Shm(Arc<Link>),
+    Grpc,
+}
+
+/// Tensors sent and received over each transport, for tests and diagnostics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub shm_sent: u64,
+    pub grpc_sent: u64,
+    pub shm_received: u64,
+}
+
+/// One task's side of the fast path, as sender and as receiver.
+pub struct Shm {
+    enabled: bool,
+    me: TaskId,
+    /// This task's abstract socket, bound when the task is made and served once it runs.
+    socket_name: String,
+    listener: Mutex<Option<std::os::unix::net::UnixListener>>,
+    tickets: Mutex<HashMap<Vec<u8>, (TaskId, u32)>>,
+    pool: Arc<SegmentPool>,
+    routes: Mutex<HashMap<TaskId, Route>>,
+    /// One handshake at a time, so concurrent first sends to a peer make one link.
+    dialing: tokio::sync::Mutex<()>,
+    shm_sent: AtomicU64,
+    grpc_sent: AtomicU64,
+    shm_received: Arc<AtomicU64>,
+}
+
+impl Shm {
+    /// The fast path of task `me`; `enabled: false` keeps every tensor on gRPC, both ways.
+    pub fn new(me: TaskId, enabled: bool) -> Self {
+        let socket_name = format!(
+            "distsrv-{}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        );
+        let listener = enabled
+            .then(|| {
+                std::os::unix::net::SocketAddr::from_abstract_name(socket_name.as_bytes())
+                    .and_then(|address| std::os::unix::net::UnixListener::bind_addr(&address))
+                    .ok()
+            })
+            .flatten();
+        Self {
+            enabled: listener.is_some(),
+            me,
+            socket_name,
+            listener: Mutex::new(listener),
+            tickets: Mutex::new(HashMap::new()),
+            pool: Arc::default(),
+            routes: Mutex::new(HashMap::new()),
+            dialing: tokio::sync::Mutex::new(()),
+            shm_sent: AtomicU64::new(0),
+            grpc_sent: AtomicU64::new(0),
+            shm_received: Arc::default(),
+        }
+    }
+
+    pub fn counts(&self) -> Counts {
+        Counts {
+            shm_sent: self.shm_sent.load(Ordering::Relaxed),
+            grpc_sent: self.grpc_sent.load(Ordering::Relaxed),
+            shm_received: self.shm_received.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The link to `to` if it is on this host, dialling it on first use; `None`: use gRPC.
+    pub async fn route(&self, peers: &Peers, to: &TaskId) -> Option<Arc<Link>> {
+        let link = self.try_route(peers, to).await;
+        let counter = if link.is_some() {
+            &self.shm_sent
+        } else {
+            &self.grpc_sent
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        link
+    }
+
+    async fn try_route(&self, peers: &Peers, to: &TaskId) -> Option<Arc<Link>> {
+        if !self.enabled {
+            return None;
+        }
+        if let Some(route) = self.known(to) {
+            return route;
+        }
+        let _dialing = self.dialing.lock().await;
+        if let Some(route) = self.known(to) {
+            return route;
+        }
+        match self.dial(peers, to).await {
+            Ok(link) => {
+                self.lock_routes()
+                    .insert(to.clone(), Route::Shm(Arc::clone(&link)));
+                Some(link)
+            }
+            // The peer is not up yet: gRPC waits for it, and the next send tries again.
+            Err(error) if error.code == Code::Unavailable => None,
+            Err(_) => {
+                self.lock_routes().insert(to.clone(), Route::Grpc);
+                None
+            }
+        }
+    }
+
+    /// The settled route to `to`, if any: `Some(None)` means gRPC.
+    fn known(&self, to: &TaskId) -> Option<Option<Arc<Link>>> {
+        match self.lock_routes().get(to)? {
+            Route::Grpc => Some(None),
+            Route::Shm(link) if !link.is_broken() => Some(Some(Arc::clone(link))),
+            Route::Shm(_) => None,
+        }
+    }
+
+    /// The handshake: the peer proves it reads our token, then we connect to its socket.
+    async fn dial(&self, peers: &Peers, to: &TaskId) -> Result<Arc<Link>> {
+        let token: [u8; TOKEN_BYTES] = rand::random();
+        let mut token_file = segment::memfd("distsrv-handshake", 0)?;
+        token_file
+            .write_all(&token)
+            .map_err(|e| Error::internal(format!("cannot write the handshake token: {e}")))?;
+        let request = proto::ShmHandshakeRequest {
+            source: Some(self.me.to_proto()),
+            pid: std::process::id(),
+            token_fd: token_file.as_raw_fd(),
+        };
+        let channel = peers.channel(to).await?;
+        let answer = WorkerClient::new(channel)
+            .shm_handshake(request)
+            .await
+            .map_err(Error::from)?
+            .into_inner();
+        drop(token_file);
+        if answer.token != token {
+            return Err(Error::failed_precondition(format!(
+                "{to} read another token: not on this host"
+            )));
+        }
+        let address = std::os::unix::net::SocketAddr::from_abstract_name(answer.socket.as_bytes())
+            .map_err(|e| Error::failed_precondition(e.to_string()))?;
+        let stream = std::os::unix::net::UnixStream::connect_addr(&address)
+            .and_then(|stream| {
+                stream.set_nonblocking(true)?;
+                tokio::net::UnixStream::from_std(stream)
+            })
+            .map_err(|e| Error::failed_precondition(format!("cannot reach {to}'s socket: {e}")))?;
+        let credentials = stream
+            .peer_cred()
+            .map_err(|e| Error::failed_precondition(e.to_string()))?;
+        // SAFETY: getuid cannot fail.
+        let uid = unsafe { libc::getuid() };
+        if credentials.uid() != uid || credentials.pid() != Some(answer.pid as i32) {
+            return Err(Error::failed_precondition(format!(
+                "{to}'s socket belongs to another process"
+            )));
+        }
+        Link::open(stream, to.clone(), answer.pid, answer.ticket).await
+    }
+
+    /// Serves a peer's handshake: reads its token and hands out a ticket to this task's socket.
+    pub fn handshake(
+        &self,
+        request: proto::ShmHandshakeRequest,
+    ) -> Result<proto::ShmHandshakeResponse> {
+        if !self.enabled {
+            return Err(Error::failed_precondition(format!(
+                "{} has shared memory off",
+                self.me
+            )));
+        }
+        let source = request
+            .source
+            .as_ref()
+            .ok_or_else(|| Error::invalid_argument("the handshake names no source task"))
+            .and_then(TaskId::from_proto)?;
+        let path = format!("/proc/{}/fd/{}", request.pid, request.token_fd);
+        let mut token = Vec::with_capacity(TOKEN_BYTES);
+        std::fs::File::open(&path)
+            .and_then(|file| file.take(TOKEN_BYTES as u64).read_to_end(&mut token))
+            .map_err(|e| Error::new(Code::PermissionDenied, format!("cannot read {path}: {e}")))?;
+        let ticket = rand::random::<[u8; 16]>().to_vec();
+        let mut tickets = self.lock_tickets();
+        if tickets.len() >= MAX_TICKETS {
+            tickets.clear();
+        }
+        tickets.insert(ticket.clone(), (source, request.pid));
+        Ok(proto::ShmHandshakeResponse {
+            token,
+            socket: self.socket_name.clone(),
+            ticket,
+            pid: std::process::id(),
+        })
+    }
+
+    /// Accepts links on this task's socket until the runtime stops. Spawned once, at start.
+    pub fn serve(exchange: &Arc<Exchange>) {
+        let shm = exchange.shm();
+        let Some(listener) = shm
+            .listener
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return;
+        };
+        let listener = match listener
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixListener::from_std(listener))
+        {
+            Ok(listener) => listener,
+            Err(_) => return,
+        };
+        let exchange = Arc::clone(exchange);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let exchange = Arc::clone(&exchange);
+                tokio::spawn(async move {
+                    let _ = accept(stream, exchange).await;
+                });
+            }
+        });
+    }
+
+    /// Stops both ways: links closed, idle segments freed, the socket no longer served.
+    pub fn close(&self) {
+        let routes = std::mem::take(&mut *self.lock_routes());
+        for route in routes.into_values() {
+            if let Route::Shm(link) = route {
+                link.close();
+            }
+        }
+        self.pool.close();
+        self.listener
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+
+    fn lock_routes(&self) -> MutexGuard<'_, HashMap<TaskId, Route>> {
+        self.routes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_tickets(&self) -> MutexGuard<'_, HashMap<Vec<u8>, (TaskId, u32)>> {
+        self.tickets.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Admits a connection that presents a ticket from a handshake, made by the process that proved
+/// itself there, and serves it.
+async fn accept(mut stream: tokio::net::UnixStream, exchange: Arc<Exchange>) -> Result<()> {
+    let shm = exchange.shm();
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, link::read_hello(&mut stream))
+        .await
+        .map_err(|_| Error::deadline_exceeded("no hello on the link"))??;
+    let (source, pid) = shm
+        .lock_tickets()
+        .remove(&hello)
+        .ok_or_else(|| Error::new(Code::PermissionDenied, "an unknown ticket"))?;
+    let credentials = stream
+        .peer_cred()
+        .map_err(|e| Error::unavailable(e.to_string()))?;
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    if credentials.uid() != uid || credentials.pid() != Some(pid as i32) {
+        return Err(Error::new(
+            Code::PermissionDenied,
+            "the link's process is not the one that shook hands",
+        ));
+    }
+    let pool = Arc::clone(&shm.pool);
+    let received = Arc::clone(&shm.shm_received);
+    link::serve(stream, source, Arc::clone(&exchange), pool, received).await
+}
