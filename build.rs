@@ -12,6 +12,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     tonic_prost_build::configure()
         .bytes(".distsrv.v1.TensorChunk.data")
+        // Decoded as slices of the receive buffer, not copies.
+        .bytes(".distsrv.v1.Value.bytes_value")
+        .bytes(".distsrv.v1.TensorValue.data")
         .generate_default_stubs(true)
         // Tasks in index order, so the same cluster always encodes to the same bytes.
         .btree_map(".distsrv.v1.JobDef.tasks")

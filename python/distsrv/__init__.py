@@ -4,15 +4,18 @@ Every process of a training job runs one :class:`Server`; all share one :class:`
 Servers find each other, and move numpy arrays between them by name, over gRPC.
 """
 
-from distsrv import errors
+from distsrv import errors, handlers
 from distsrv._native import __version__
 from distsrv.cluster import ClusterSpec
 from distsrv.config import ServerConfig
 from distsrv.devices import DeviceAttributes
+from distsrv.handlers import CallContext
 from distsrv.messages import ClusterDef, JobDef, ServerDef
-from distsrv.server import RecvHandle, SendHandle, Server
+from distsrv.server import CallHandle, RecvHandle, SendHandle, Server
 
 __all__ = [
+    "CallContext",
+    "CallHandle",
     "ClusterDef",
     "ClusterSpec",
     "DeviceAttributes",
@@ -24,4 +27,5 @@ __all__ = [
     "ServerDef",
     "__version__",
     "errors",
+    "handlers",
 ]

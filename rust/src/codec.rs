@@ -70,7 +70,7 @@ impl TensorMeta {
         self.shape.iter().try_fold(item, |n, d| n.checked_mul(*d))
     }
 
-    fn shape_proto(&self) -> proto::TensorShapeProto {
+    pub fn shape_proto(&self) -> proto::TensorShapeProto {
         proto::TensorShapeProto {
             dim: self
                 .shape

@@ -2,7 +2,8 @@
 //!
 //! Every task of a cluster runs one [`server::Server`]: it serves gRPC to its peers, knows the
 //! cluster ([`cluster`]), its own devices ([`devices`]) and every task's ([`registry`]), and
-//! exchanges tensors with the other tasks ([`exchange`]). Stock TensorFlow can list the
+//! exchanges tensors with the other tasks ([`exchange`]), and serves and calls named operations
+//! ([`handlers`]). Stock TensorFlow can list the
 //! cluster's devices through it ([`tfcompat`]). Only [`python`] knows about Python.
 
 pub mod cluster;
@@ -11,6 +12,7 @@ pub mod config;
 pub mod devices;
 pub mod errors;
 pub mod exchange;
+pub mod handlers;
 pub mod peers;
 pub mod registry;
 pub mod server;

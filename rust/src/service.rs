@@ -18,6 +18,7 @@ use crate::config::ServerConfig;
 use crate::devices;
 use crate::errors::Error;
 use crate::exchange::{Exchange, SEND_TENSOR_PATH};
+use crate::handlers::Operations;
 use crate::peers::{self, Peers};
 use crate::proto;
 use crate::proto::worker_server::{Worker, WorkerServer};
@@ -37,6 +38,7 @@ pub struct Task {
     pub devices: Vec<proto::DeviceAttributes>,
     pub peers: Arc<Peers>,
     pub exchange: Exchange,
+    pub operations: Operations,
     /// One permit per call in flight (Worker's and TensorFlow's), `connection_limit` in all.
     pub calls: Arc<tokio::sync::Semaphore>,
 }
@@ -45,6 +47,7 @@ impl Task {
     pub fn new(def: ServerDef, config: ServerConfig) -> Self {
         let peers = Arc::new(Peers::new(def.cluster.clone(), &config));
         let exchange = Exchange::new(def.task.clone(), Arc::clone(&peers), &config);
+        let operations = Operations::new(def.task.clone(), Arc::clone(&peers), &config);
         Self {
             incarnation: rand::random::<u64>() | 1,
             devices: devices::discover(&def.task),
@@ -53,6 +56,7 @@ impl Task {
             config,
             peers,
             exchange,
+            operations,
         }
     }
 
@@ -167,6 +171,17 @@ impl Worker for Task {
         });
         let stream = futures::stream::iter(std::iter::once(first).chain(chunks).map(Ok));
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn call(
+        &self,
+        request: Request<proto::CallRequest>,
+    ) -> Result<Response<proto::CallResponse>, Status> {
+        let (metadata, _, request) = request.into_parts();
+        let result = self.operations.serve(request, metadata).await?;
+        Ok(Response::new(proto::CallResponse {
+            result: Some(result),
+        }))
     }
 }
 

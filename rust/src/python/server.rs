@@ -9,34 +9,37 @@ use std::time::Duration;
 use std::time::Instant;
 
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyDict};
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
 use super::devices::{DeviceTuple, device_tuple};
 use super::errors::{IntoPyResult, to_py};
+use super::handlers::PyHandler;
 use super::tensor::{HeldBuffer, TensorBytes};
+use super::values;
 use crate::cluster::{Cluster, Jobs, ServerDef, TaskId, format_address};
 use crate::codec::{Tensor, TensorMeta};
 use crate::config::ServerConfig;
 use crate::errors::{Error, Result};
+use crate::proto;
 use crate::registry;
 use crate::server::Server;
 
 /// How long a blocking call waits between checks for signals, so Ctrl-C interrupts it promptly.
 const SIGNAL_CHECK: Duration = Duration::from_millis(50);
 
-/// Threads inside a blocking wait (`join`, `send`, `recv`, `wait`). At interpreter exit, a thread
-/// that takes the GIL back after finalization has begun is ended by CPython with a forced unwind,
-/// which must not cross Rust frames; so the exit handler stops every server (waking these
-/// threads) and waits for this count to reach zero first.
+/// Threads inside a blocking wait (`join`, `send`, `recv`, `call`, `wait`) or running a handler.
+/// At interpreter exit, a thread that takes the GIL back after finalization has begun is ended by
+/// CPython with a forced unwind, which must not cross Rust frames; so the exit handler stops every
+/// server (waking the waiting threads) and waits for this count to reach zero first.
 static BLOCKED_THREADS: AtomicUsize = AtomicUsize::new(0);
 
 /// Counts the current thread as blocked in Rust while alive.
-struct Blocked;
+pub(super) struct Blocked;
 
 impl Blocked {
-    fn enter() -> Self {
+    pub(super) fn enter() -> Self {
         BLOCKED_THREADS.fetch_add(1, Ordering::SeqCst);
         Self
     }
@@ -320,9 +323,78 @@ impl NativeServer {
             .map(|(task, incarnation)| (task.to_string(), incarnation))
             .collect())
     }
+
+    /// Serves operation `op` with `function`, called with the call's keyword arguments (and
+    /// `context` when `wants_context`). With `scheduled`, `function` returns a
+    /// `concurrent.futures.Future` of the result instead of the result.
+    fn add_handler(
+        &self,
+        op: String,
+        function: Py<PyAny>,
+        scheduled: bool,
+        wants_context: bool,
+    ) -> PyResult<()> {
+        let handler = PyHandler::new(function, scheduled, wants_context);
+        self.server()?.task().operations.add(op, Arc::new(handler));
+        Ok(())
+    }
+
+    /// Stops serving `op`; whether it was served.
+    fn remove_handler(&self, op: &str) -> PyResult<bool> {
+        Ok(self.server()?.task().operations.remove(op))
+    }
+
+    /// Refuses calls of `ops` with PermissionDeniedError.
+    fn block_handlers(&self, ops: Vec<String>) -> PyResult<()> {
+        self.server()?.task().operations.block(ops);
+        Ok(())
+    }
+
+    /// Runs operation `op` on task `to` with `kwargs` and returns its result. TypeError, before
+    /// anything is sent, for arguments that cannot be encoded.
+    #[pyo3(signature = (to, op, kwargs, timeout=None))]
+    fn call(
+        &self,
+        py: Python<'_>,
+        to: (String, u32),
+        op: String,
+        kwargs: &Bound<'_, PyDict>,
+        timeout: Option<f64>,
+    ) -> PyResult<Py<PyAny>> {
+        let (server, runtime, kwargs, timeout) = self.start_call(kwargs, timeout)?;
+        let called = server
+            .task()
+            .operations
+            .call(TaskId::new(to.0, to.1), op, kwargs, timeout);
+        let result = wait_interruptibly(py, &runtime, called)?.into_py()?;
+        Ok(values::decode(py, result)?.unbind())
+    }
+
+    /// Like `call`, but returns at once with a handle to wait on.
+    #[pyo3(signature = (to, op, kwargs, timeout=None))]
+    fn icall(
+        &self,
+        to: (String, u32),
+        op: String,
+        kwargs: &Bound<'_, PyDict>,
+        timeout: Option<f64>,
+    ) -> PyResult<Pending> {
+        let (server, runtime, kwargs, timeout) = self.start_call(kwargs, timeout)?;
+        let task = server.task().clone();
+        let (done, finished) = completion_pipe()?;
+        let join = runtime.spawn(async move {
+            let _done = finished;
+            task.operations
+                .call(TaskId::new(to.0, to.1), op, kwargs, timeout)
+                .await
+                .map(Completed::Called)
+        });
+        Ok(Pending::new(runtime, join, done, None))
+    }
 }
 
 type SendFuture = std::pin::Pin<Box<dyn Future<Output = Result<()>> + Send>>;
+type CallStart<'a> = (&'a Server, Handle, Vec<proto::DictEntry>, Option<Duration>);
 
 impl NativeServer {
     /// The server, unless this is a forked child of the process that made it.
@@ -335,6 +407,18 @@ impl NativeServer {
             ))));
         }
         Ok(&self.server)
+    }
+
+    /// What a call needs, its arguments encoded while the GIL is held.
+    fn start_call(
+        &self,
+        kwargs: &Bound<'_, PyDict>,
+        timeout: Option<f64>,
+    ) -> PyResult<CallStart<'_>> {
+        let timeout = seconds(timeout)?;
+        let server = self.server()?;
+        let runtime = server.runtime().into_py()?;
+        Ok((server, runtime, values::encode_kwargs(kwargs)?, timeout))
     }
 
     fn start_send(
@@ -435,6 +519,7 @@ impl Wake for ThreadWaker {
 enum Completed {
     Sent,
     Received(Tensor),
+    Called(proto::Value),
 }
 
 enum Stage {
@@ -451,8 +536,8 @@ fn completion_pipe() -> PyResult<(std::io::PipeReader, std::io::PipeWriter)> {
     std::io::pipe().map_err(|e| to_py(Error::internal(format!("cannot create a pipe: {e}"))))
 }
 
-/// A send or receive in flight (`isend` / `irecv`). Dropping an unfinished receive cancels it;
-/// an unfinished send runs to its end.
+/// A send, receive or call in flight (`isend` / `irecv` / `icall`). Dropping an unfinished
+/// receive or call cancels it; an unfinished send runs to its end.
 #[pyclass(frozen, module = "distsrv._native")]
 pub struct Pending {
     runtime: Handle,
@@ -499,14 +584,11 @@ impl Pending {
         }
     }
 
-    /// Waits for the result: None for a send, (dtype code, shape, bytes) for a receive. With a
-    /// timeout, raises DeadlineExceededError if it has not finished by then (it keeps running).
+    /// Waits for the result: None for a send, (dtype code, shape, bytes) for a receive, the
+    /// result for a call. With a timeout, raises DeadlineExceededError if it has not finished by
+    /// then (it keeps running).
     #[pyo3(signature = (timeout=None))]
-    fn wait(
-        &self,
-        py: Python<'_>,
-        timeout: Option<f64>,
-    ) -> PyResult<Option<(i32, Vec<u64>, TensorBytes)>> {
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
         let timeout = seconds(timeout)?;
         let stage = std::mem::replace(&mut *self.lock(), Stage::Claimed);
         let mut task = match stage {
@@ -547,18 +629,17 @@ impl Pending {
 }
 
 impl Pending {
-    fn deliver(
-        &self,
-        py: Python<'_>,
-        result: Result<Completed>,
-    ) -> PyResult<Option<(i32, Vec<u64>, TensorBytes)>> {
+    fn deliver(&self, py: Python<'_>, result: Result<Completed>) -> PyResult<Py<PyAny>> {
         if let Some(held) = self.held.lock().unwrap_or_else(|e| e.into_inner()).take() {
             held.release(py);
         }
-        match result.into_py()? {
-            Completed::Sent => Ok(None),
-            Completed::Received(tensor) => Ok(Some(tensor_parts(tensor))),
-        }
+        Ok(match result.into_py()? {
+            Completed::Sent => py.None(),
+            Completed::Received(tensor) => {
+                tensor_parts(tensor).into_pyobject(py)?.into_any().unbind()
+            }
+            Completed::Called(value) => values::decode(py, value)?.unbind(),
+        })
     }
 }
 
