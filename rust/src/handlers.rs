@@ -10,6 +10,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use tokio::sync::watch;
 use tonic::metadata::MetadataMap;
 
 use crate::cluster::TaskId;
@@ -48,21 +49,27 @@ where
 /// A task's operations: the handlers it serves, the ones it refuses, and its calls to peers.
 pub struct Operations {
     me: TaskId,
-    peers: Arc<Peers>,
     max_message_bytes: usize,
     handlers: RwLock<HashMap<String, Arc<dyn Handler>>>,
     blocked: RwLock<HashSet<String>>,
+    /// Set when the server stops, which ends the calls it is making.
+    closed: watch::Sender<bool>,
 }
 
 impl Operations {
-    pub fn new(me: TaskId, peers: Arc<Peers>, config: &ServerConfig) -> Self {
+    pub fn new(me: TaskId, config: &ServerConfig) -> Self {
         Self {
             me,
-            peers,
             max_message_bytes: config.max_message_bytes,
             handlers: RwLock::default(),
             blocked: RwLock::default(),
+            closed: watch::Sender::new(false),
         }
+    }
+
+    /// Cancels the calls in flight and every later one.
+    pub fn close(&self) {
+        self.closed.send_replace(true);
     }
 
     /// Serves `op` with `handler`, replacing any handler it had.
@@ -123,17 +130,19 @@ impl Operations {
     }
 
     /// Calls operation `op` of task `to` (this task included) with `kwargs`, over the connection
-    /// shared by every call to that task. With a `timeout`, the whole call, connecting included,
+    /// to that task in `peers`, shared by every call made through them: `peers` must belong to
+    /// the runtime that polls the call. With a `timeout`, the whole call, connecting included,
     /// fails with DEADLINE_EXCEEDED past it, and the peer is told to give up too.
     pub async fn call(
         &self,
+        peers: &Peers,
         to: TaskId,
         op: String,
         kwargs: Vec<proto::DictEntry>,
         timeout: Option<Duration>,
     ) -> Result<proto::Value> {
         let called = async {
-            let channel = self.peers.channel(&to).await?;
+            let channel = peers.channel(&to).await?;
             let mut request = tonic::Request::new(proto::CallRequest {
                 op: op.clone(),
                 kwargs: Some(proto::DictValue { entries: kwargs }),
@@ -152,16 +161,28 @@ impl Operations {
                 .result
                 .ok_or_else(|| Error::invalid_argument("the response carries no result"))
         };
-        match timeout {
-            None => called.await,
-            Some(limit) => tokio::time::timeout(limit, called)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(Error::deadline_exceeded(format!(
-                        "operation {op:?} of task {to} did not finish within {:.3}s",
-                        limit.as_secs_f64()
-                    )))
-                }),
+        let timed = async {
+            let Some(limit) = timeout else {
+                return called.await;
+            };
+            let deadline = tokio::time::Instant::now() + limit;
+            match tokio::time::timeout_at(deadline, called).await {
+                Ok(Ok(value)) => Ok(value),
+                Ok(Err(error)) if tokio::time::Instant::now() < deadline => Err(error),
+                // Past the deadline, whether the peer gave up first (tonic's server answers
+                // CANCELLED) or this side did.
+                _ => Err(Error::deadline_exceeded(format!(
+                    "operation {op:?} of task {to} did not finish within {:.3}s",
+                    limit.as_secs_f64()
+                ))),
+            }
+        };
+        let mut closed = self.closed.subscribe();
+        tokio::select! {
+            result = timed => result,
+            _ = closed.wait_for(|closed| *closed) => Err(Error::cancelled(format!(
+                "operation {op:?} of task {to} was cancelled: this server stopped"
+            ))),
         }
     }
 }

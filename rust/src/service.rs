@@ -37,6 +37,8 @@ pub struct Task {
     /// This task's devices, found once when the server is made.
     pub devices: Vec<proto::DeviceAttributes>,
     pub peers: Arc<Peers>,
+    /// The same peers, connected on the server's caller runtime (`Server::caller_runtime`).
+    pub caller_peers: Peers,
     pub exchange: Exchange,
     pub operations: Operations,
     /// One permit per call in flight (Worker's and TensorFlow's), `connection_limit` in all.
@@ -47,8 +49,9 @@ impl Task {
     pub fn new(def: ServerDef, config: ServerConfig) -> Self {
         let peers = Arc::new(Peers::new(def.cluster.clone(), &config));
         let exchange = Exchange::new(def.task.clone(), Arc::clone(&peers), &config);
-        let operations = Operations::new(def.task.clone(), Arc::clone(&peers), &config);
+        let operations = Operations::new(def.task.clone(), &config);
         Self {
+            caller_peers: Peers::new(def.cluster.clone(), &config),
             incarnation: rand::random::<u64>() | 1,
             devices: devices::discover(&def.task),
             calls: Arc::new(tokio::sync::Semaphore::new(config.connection_limit)),

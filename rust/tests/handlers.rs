@@ -76,13 +76,15 @@ fn an_operation_runs_on_the_peer_and_answers() {
     let to = TaskId::new("w", 1);
     let operations = &a.task().operations;
     let sum = runtime.block_on(operations.call(
+        &a.task().peers,
         to.clone(),
         "add".into(),
         kwargs(&[("x", 2), ("y", 40)]),
         None,
     ));
     assert_eq!(sum.unwrap(), int(42));
-    let caller = runtime.block_on(operations.call(to, "caller".into(), vec![], None));
+    let caller =
+        runtime.block_on(operations.call(&a.task().peers, to, "caller".into(), vec![], None));
     assert_eq!(
         caller.unwrap().kind,
         Some(Kind::StringValue("/job:w/task:0".into()))
@@ -96,7 +98,13 @@ fn failures_say_where_they_happened_and_keep_their_code() {
     let runtime = a.runtime().unwrap();
     let to = TaskId::new("w", 1);
     let call = |op: &str, args| {
-        runtime.block_on(a.task().operations.call(to.clone(), op.into(), args, None))
+        runtime.block_on(a.task().operations.call(
+            &a.task().peers,
+            to.clone(),
+            op.into(),
+            args,
+            None,
+        ))
     };
     let unknown = call("nope", vec![]).unwrap_err();
     assert_eq!(unknown.code, Code::Unimplemented);
@@ -122,6 +130,7 @@ fn a_timeout_bounds_the_call_and_other_calls_go_on() {
     let operations = &a.task().operations;
     let began = Instant::now();
     let slow = runtime.block_on(operations.call(
+        &a.task().peers,
         to.clone(),
         "sleep".into(),
         vec![],
@@ -129,6 +138,12 @@ fn a_timeout_bounds_the_call_and_other_calls_go_on() {
     ));
     assert_eq!(slow.unwrap_err().code, Code::DeadlineExceeded);
     assert!(began.elapsed() < Duration::from_secs(5));
-    let sum = runtime.block_on(operations.call(to, "add".into(), kwargs(&[("x", 1)]), None));
+    let sum = runtime.block_on(operations.call(
+        &a.task().peers,
+        to,
+        "add".into(),
+        kwargs(&[("x", 1)]),
+        None,
+    ));
     assert_eq!(sum.unwrap(), int(1));
 }

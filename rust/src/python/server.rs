@@ -361,13 +361,21 @@ impl NativeServer {
         kwargs: &Bound<'_, PyDict>,
         timeout: Option<f64>,
     ) -> PyResult<Py<PyAny>> {
-        let (server, runtime, kwargs, timeout) = self.start_call(kwargs, timeout)?;
-        let called = server
-            .task()
-            .operations
-            .call(TaskId::new(to.0, to.1), op, kwargs, timeout);
-        let result = wait_interruptibly(py, &runtime, called)?.into_py()?;
-        Ok(values::decode(py, result)?.unbind())
+        let timeout = seconds(timeout)?;
+        let server = self.server()?;
+        let runtime = server.caller_runtime().into_py()?;
+        let kwargs = values::encode_kwargs(kwargs)?;
+        let task = server.task();
+        let called = task.operations.call(
+            &task.caller_peers,
+            TaskId::new(to.0, to.1),
+            op,
+            kwargs,
+            timeout,
+        );
+        let result = drive_interruptibly(py, &runtime, called);
+        py.detach(|| drop(runtime));
+        Ok(values::decode(py, result?.into_py()?)?.unbind())
     }
 
     /// Like `call`, but returns at once with a handle to wait on.
@@ -379,13 +387,16 @@ impl NativeServer {
         kwargs: &Bound<'_, PyDict>,
         timeout: Option<f64>,
     ) -> PyResult<Pending> {
-        let (server, runtime, kwargs, timeout) = self.start_call(kwargs, timeout)?;
+        let timeout = seconds(timeout)?;
+        let server = self.server()?;
+        let runtime = server.runtime().into_py()?;
+        let kwargs = values::encode_kwargs(kwargs)?;
         let task = server.task().clone();
         let (done, finished) = completion_pipe()?;
         let join = runtime.spawn(async move {
             let _done = finished;
             task.operations
-                .call(TaskId::new(to.0, to.1), op, kwargs, timeout)
+                .call(&task.peers, TaskId::new(to.0, to.1), op, kwargs, timeout)
                 .await
                 .map(Completed::Called)
         });
@@ -394,7 +405,6 @@ impl NativeServer {
 }
 
 type SendFuture = std::pin::Pin<Box<dyn Future<Output = Result<()>> + Send>>;
-type CallStart<'a> = (&'a Server, Handle, Vec<proto::DictEntry>, Option<Duration>);
 
 impl NativeServer {
     /// The server, unless this is a forked child of the process that made it.
@@ -407,18 +417,6 @@ impl NativeServer {
             ))));
         }
         Ok(&self.server)
-    }
-
-    /// What a call needs, its arguments encoded while the GIL is held.
-    fn start_call(
-        &self,
-        kwargs: &Bound<'_, PyDict>,
-        timeout: Option<f64>,
-    ) -> PyResult<CallStart<'_>> {
-        let timeout = seconds(timeout)?;
-        let server = self.server()?;
-        let runtime = server.runtime().into_py()?;
-        Ok((server, runtime, values::encode_kwargs(kwargs)?, timeout))
     }
 
     fn start_send(
@@ -497,6 +495,30 @@ where
             }
         });
         match polled {
+            Some(output) => return Ok(output),
+            None => py.check_signals()?,
+        }
+    }
+}
+
+/// Like [`wait_interruptibly`], for a future on a current-thread runtime (the server's caller
+/// runtime), which this thread drives itself while no other thread does.
+fn drive_interruptibly<F>(
+    py: Python<'_>,
+    runtime: &tokio::runtime::Runtime,
+    future: F,
+) -> PyResult<F::Output>
+where
+    F: Future + Send,
+    F::Output: Send,
+{
+    let mut future = std::pin::pin!(future);
+    let _blocked = Blocked::enter();
+    loop {
+        let slice = py.detach(|| {
+            runtime.block_on(async { tokio::time::timeout(SIGNAL_CHECK, &mut future).await.ok() })
+        });
+        match slice {
             Some(output) => return Ok(output),
             None => py.check_signals()?,
         }
