@@ -48,6 +48,7 @@ test: lint ## Set up and run every check and test: Rust and Python
 bench: develop-release ## Run the benchmarks: Rust criterion, then distsrv beside its peers
 	cargo bench
 	python benches/bench_exchange.py
+	python benches/bench_handlers.py
 
 .PHONY: clean
 clean: ## Remove build outputs and the virtualenv

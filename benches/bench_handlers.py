@@ -187,7 +187,8 @@ def measure(peer: str, quick: bool) -> dict[str, float] | str:
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert child.stdout is not None and child.stdin is not None
+    assert child.stdout is not None
+    assert child.stdin is not None
     try:
         ready = child.stdout.readline().strip()
         if ready != "ready":
