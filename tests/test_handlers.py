@@ -323,6 +323,16 @@ def test_arguments_named_like_call_s_own_parameters(server: distsrv.Server) -> N
     assert server.call(server.task, "which", task="t", op="o") == ["t", "o"]
 
 
+def test_handlers_may_call_operations_themselves(server: distsrv.Server) -> None:
+    async def quadruple(x: int) -> Any:
+        return await server.acall(server.task, "twice", x=2 * x)
+
+    server.add_handler("twice", lambda x: server.call(server.task, "add", x=x, y=x))
+    server.add_handler("quadruple", quadruple)
+    assert server.call(server.task, "twice", x=4) == 8
+    assert server.call(server.task, "quadruple", x=5) == 20
+
+
 def test_a_context_parameter_gets_the_caller_and_metadata(server: distsrv.Server) -> None:
     def whoami(context: distsrv.CallContext, extra: int = 0) -> Any:
         return [context.op, context.caller, dict(context.metadata), extra]
@@ -439,6 +449,34 @@ def test_the_asyncio_form(server: distsrv.Server) -> None:
         )
 
     assert asyncio.run(main()) == [2 * i for i in range(10)]
+
+
+def test_stopping_the_caller_cancels_its_calls_in_flight() -> None:
+    cluster = pair_cluster(2)
+    release = threading.Event()
+    a = distsrv.Server(cluster, "worker", 0)
+    b = distsrv.Server(cluster, "worker", 1, handlers={"wait": lambda: release.wait(30)})
+    try:
+        outcome: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                a.call(b.task, "wait")
+            except errors.OpError as error:
+                outcome.append(error)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        time.sleep(0.3)
+        began = time.monotonic()
+        a.stop(grace=0)
+        caller.join(10)
+        assert time.monotonic() - began < 5
+        assert [type(error) for error in outcome] == [errors.CancelledError]
+    finally:
+        release.set()
+        a.stop(grace=0)
+        b.stop(grace=0)
 
 
 def established_connections_to(port: int) -> int:

@@ -1,9 +1,7 @@
 //! Python functions as handlers of remote operations.
 //!
-//! A call runs its function right on the runtime thread that received it, taking the GIL there,
-//! after handing that thread's other work to a fresh thread (`block_in_place`): a handler that
-//! blocks holds one thread, never the ones serving other calls, and a quick one costs no thread
-//! switch.
+//! A call runs its function on a thread of the runtime's blocking pool, which takes the GIL
+//! there: a handler that blocks holds one pool thread, never the threads serving other calls.
 //! An `async def` handler is started the same way and finishes on the server's event loop (see
 //! `distsrv.handlers`); its result comes back through a done-callback.
 
@@ -59,7 +57,9 @@ impl Handler for PyHandler {
     fn call(&self, call: Call) -> BoxFuture<'static, Result<proto::Value>> {
         let function = Arc::clone(&self.0);
         Box::pin(async move {
-            let started = tokio::task::block_in_place(|| function.start(call))?;
+            let started = tokio::task::spawn_blocking(move || function.start(call))
+                .await
+                .unwrap_or_else(|e| Err(Error::internal(format!("the handler failed: {e}"))))?;
             match started {
                 Started::Finished(value) => Ok(value),
                 Started::Scheduled(finished) => finished.await.unwrap_or_else(|_| {
