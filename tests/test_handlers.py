@@ -144,6 +144,7 @@ def test_array_layouts_round_trip(server: distsrv.Server, array: np.ndarray) -> 
 def test_numpy_scalars_arrive_as_0d_arrays(server: distsrv.Server) -> None:
     assert same(server.call(server.task, "echo", value=np.float32(1.5)), np.array(1.5, np.float32))
     assert same(server.call(server.task, "echo", value=np.int64(-3)), np.array(-3, np.int64))
+    assert same(server.call(server.task, "echo", value=np.float64(0.5)), 0.5)  # a float subclass
 
 
 def test_a_large_array_round_trips(server: distsrv.Server) -> None:

@@ -2,9 +2,10 @@
 //! first use and shared by every call to that peer.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::sync::OnceCell;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::cluster::{Cluster, TaskId};
@@ -22,7 +23,9 @@ pub const MAX_FRAME_BYTES: u32 = 1 << 20;
 pub struct Peers {
     cluster: Cluster,
     connect_timeout: Duration,
-    channels: Mutex<HashMap<TaskId, Channel>>,
+    /// One cell per task, so calls that find no connection yet wait for one connect instead of
+    /// each making its own.
+    channels: Mutex<HashMap<TaskId, Arc<OnceCell<Channel>>>>,
 }
 
 impl Peers {
@@ -41,10 +44,14 @@ impl Peers {
     /// The connection to `task`, establishing it if needed. Peers start in any order, so a refused
     /// or unresolvable address is retried with backoff until the connect timeout has passed.
     pub async fn channel(&self, task: &TaskId) -> Result<Channel> {
-        if let Some(channel) = self.lock().get(task) {
-            return Ok(channel.clone());
-        }
         let address = self.cluster.require(task)?;
+        let cell = Arc::clone(self.lock().entry(task.clone()).or_default());
+        cell.get_or_try_init(|| self.connect(task, address))
+            .await
+            .cloned()
+    }
+
+    async fn connect(&self, task: &TaskId, address: &str) -> Result<Channel> {
         let endpoint = Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| Error::invalid_argument(format!("bad address {address:?}: {e}")))?
             .connect_timeout(self.connect_timeout)
@@ -68,7 +75,7 @@ impl Peers {
                 }
             }
         };
-        Ok(self.lock().entry(task.clone()).or_insert(channel).clone())
+        Ok(channel)
     }
 
     /// Asks `task` who it is; the answer says it is up, and which incarnation is running.
@@ -81,7 +88,7 @@ impl Peers {
         Ok(response.into_inner())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TaskId, Channel>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TaskId, Arc<OnceCell<Channel>>>> {
         self.channels.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

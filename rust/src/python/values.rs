@@ -110,7 +110,7 @@ fn is_numpy(value: &Bound<'_, PyAny>) -> PyResult<bool> {
         || value.is_instance(NUMPY_SCALAR.import(py, "numpy", "generic")?)?)
 }
 
-/// An array (or numpy scalar, which becomes a 0-d array) as `distsrv.tensors.to_wire` lays it
+/// An array (or numpy scalar, which becomes a 0-d array; `numpy.float64` is a float already) as `distsrv.tensors.to_wire` lays it
 /// out for the exchange: dtype code, shape, C-order bytes.
 fn encode_array(array: &Bound<'_, PyAny>) -> PyResult<proto::TensorValue> {
     let py = array.py();
@@ -124,13 +124,6 @@ fn encode_array(array: &Bound<'_, PyAny>) -> PyResult<proto::TensorValue> {
         shape: Some(meta.shape_proto()),
         data: Bytes::from(data),
     })
-}
-
-pub fn decode_kwargs<'py>(
-    py: Python<'py>,
-    kwargs: Vec<proto::DictEntry>,
-) -> PyResult<Bound<'py, PyDict>> {
-    decode_entries(py, kwargs)
 }
 
 pub fn decode(py: Python<'_>, value: proto::Value) -> PyResult<Bound<'_, PyAny>> {
@@ -157,7 +150,11 @@ pub fn decode(py: Python<'_>, value: proto::Value) -> PyResult<Bound<'_, PyAny>>
     })
 }
 
-fn decode_entries(py: Python<'_>, entries: Vec<proto::DictEntry>) -> PyResult<Bound<'_, PyDict>> {
+/// A dict (keyword arguments too) from its entries.
+pub fn decode_entries(
+    py: Python<'_>,
+    entries: Vec<proto::DictEntry>,
+) -> PyResult<Bound<'_, PyDict>> {
     let count = entries.len();
     let dict = PyDict::new(py);
     for entry in entries {
