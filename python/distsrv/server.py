@@ -322,11 +322,11 @@ class Server:
         """Runs operation ``op`` on ``task`` (this one too) with ``kwargs`` and returns its result.
 
         Arguments and result are None, bool, int (64-bit), float, str, bytes, lists (tuples are
-        sent as lists), dicts with str keys and numpy arrays (numpy scalars arrive as 0-d arrays, but
-        ``numpy.float64`` is a float);
-        anything else raises ``TypeError`` before a byte is sent. Past ``timeout`` seconds:
-        ``DeadlineExceededError``. An unknown op raises ``UnimplementedError``, a blocked one
-        ``PermissionDeniedError``; an exception in the handler is re-raised here as a
+        sent as lists), dicts with str keys and numpy arrays (numpy scalars arrive as 0-d arrays,
+        but ``numpy.float64`` is a float); anything else raises ``TypeError`` before a byte is
+        sent. Past ``timeout`` seconds: ``DeadlineExceededError``. An unknown op raises
+        ``UnimplementedError``, a blocked one ``PermissionDeniedError``; an exception in the
+        handler is re-raised here as a
         :class:`distsrv.errors.RemoteError` naming its type, message and task (a distsrv error the
         handler raised keeps its class). Connections to each task are made once and reused.
         """
