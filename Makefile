@@ -49,6 +49,7 @@ bench: develop-release ## Run the benchmarks: Rust criterion, then distsrv besid
 	cargo bench
 	python benches/bench_exchange.py
 	python benches/bench_collectives.py
+	python benches/bench_handlers.py
 
 .PHONY: clean
 clean: ## Remove build outputs and the virtualenv

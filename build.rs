@@ -11,8 +11,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         compiler.encode_file_descriptor_set(),
     )?;
     tonic_prost_build::configure()
+        // Payloads are decoded as slices of the receive buffer, not copies.
         .bytes(".distsrv.v1.TensorChunk.data")
         .bytes(".distsrv.v1.TensorProto.tensor_content")
+        .bytes(".distsrv.v1.Value.bytes_value")
         .generate_default_stubs(true)
         // Tasks in index order, so the same cluster always encodes to the same bytes.
         .btree_map(".distsrv.v1.JobDef.tasks")

@@ -6,7 +6,8 @@ import pathlib
 import subprocess
 import sys
 
-BENCH = pathlib.Path(__file__).resolve().parent.parent / "benches" / "bench_exchange.py"
+BENCHES = pathlib.Path(__file__).resolve().parent.parent / "benches"
+BENCH = BENCHES / "bench_exchange.py"
 
 
 def test_quick_benchmark_runs_and_prints_ratios() -> None:
@@ -40,12 +41,16 @@ def test_the_benchmark_refuses_a_debug_build_by_default() -> None:
         assert "debug build" in result.stderr
 
 
-COLLECTIVES = BENCH.parent / "bench_collectives.py"
-
-
 def test_quick_collectives_benchmark_runs_every_case() -> None:
     result = subprocess.run(
-        [sys.executable, str(COLLECTIVES), "--quick", "--allow-debug", "--peers", "distsrv"],
+        [
+            sys.executable,
+            str(BENCHES / "bench_collectives.py"),
+            "--quick",
+            "--allow-debug",
+            "--peers",
+            "distsrv",
+        ],
         capture_output=True,
         text=True,
         timeout=100,
@@ -59,3 +64,26 @@ def test_quick_collectives_benchmark_runs_every_case() -> None:
         "all_reduce 1 float distsrv",
         "barrier distsrv",
     }, result.stdout
+
+
+def test_quick_handlers_benchmark_runs_and_prints_ratios() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHES / "bench_handlers.py"),
+            "--quick",
+            "--allow-debug",
+            "--peers",
+            "distsrv",
+            "grpcio",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[3:]}
+    assert set(rows) == {"distsrv", "Python"}, result.stdout
+    # Each row: p50 and p99 in µs, calls/s from 1 and 8 threads; grpcio's ends with the ratios.
+    assert rows["distsrv"][1].endswith("µs")
+    assert rows["Python"][-1].endswith("x"), result.stdout

@@ -57,7 +57,12 @@ def test_all_lists_exactly_the_public_names() -> None:
     expected = (
         set(CODES)
         | set(TF_CLASSES)
-        | {"OpError", "exception_type_from_error_code", "error_code_from_exception_type"}
+        | {
+            "OpError",
+            "RemoteError",
+            "exception_type_from_error_code",
+            "error_code_from_exception_type",
+        }
     )
     assert set(errors.__all__) == expected
     assert len(errors.__all__) == len(expected)

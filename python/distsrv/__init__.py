@@ -2,19 +2,22 @@
 
 Every process of a training job runs one :class:`Server`; all share one :class:`ClusterSpec`.
 Servers find each other, move numpy arrays between them by name over gRPC, reduce them together
-(collectives) and host parameter-server variables.
+(collectives), host parameter-server variables, and call each other's handlers.
 """
 
-from distsrv import errors
+from distsrv import errors, handlers
 from distsrv._native import __version__
 from distsrv.cluster import ClusterSpec
 from distsrv.config import ServerConfig
 from distsrv.devices import DeviceAttributes
+from distsrv.handlers import CallContext
 from distsrv.messages import ClusterDef, JobDef, ServerDef
-from distsrv.server import RecvHandle, SendHandle, Server
+from distsrv.server import CallHandle, RecvHandle, SendHandle, Server
 from distsrv.variables import Variable
 
 __all__ = [
+    "CallContext",
+    "CallHandle",
     "ClusterDef",
     "ClusterSpec",
     "DeviceAttributes",
@@ -27,4 +30,5 @@ __all__ = [
     "Variable",
     "__version__",
     "errors",
+    "handlers",
 ]

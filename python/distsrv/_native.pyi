@@ -1,5 +1,6 @@
 """The Rust extension. Use the ``distsrv`` package; this module is private."""
 
+from collections.abc import Callable
 from typing import Any, final
 
 __all__ = [
@@ -48,7 +49,8 @@ class TensorBytes:
 class Pending:
     def fileno(self) -> int: ...
     def done(self) -> bool: ...
-    def wait(self, timeout: float | None = None) -> tuple[int, list[int], TensorBytes] | None: ...
+    # None for a send, (dtype code, shape, bytes) for a receive, the result for a call.
+    def wait(self, timeout: float | None = None) -> Any: ...
 
 @final
 class Server:
@@ -135,3 +137,22 @@ class Server:
     def local_devices(self) -> list[_Device]: ...
     def list_devices(self, timeout: float | None = None) -> list[_Device]: ...
     def wait_for_cluster(self, timeout: float | None = None) -> dict[str, int]: ...
+    def add_handler(
+        self, op: str, function: Callable[..., Any], scheduled: bool, wants_context: bool
+    ) -> None: ...
+    def remove_handler(self, op: str) -> bool: ...
+    def block_handlers(self, ops: list[str]) -> None: ...
+    def call(
+        self,
+        to: tuple[str, int],
+        op: str,
+        kwargs: dict[str, Any],
+        timeout: float | None = None,
+    ) -> Any: ...
+    def icall(
+        self,
+        to: tuple[str, int],
+        op: str,
+        kwargs: dict[str, Any],
+        timeout: float | None = None,
+    ) -> Pending: ...

@@ -40,6 +40,7 @@ __all__ = [
     "OpError",
     "OutOfRangeError",
     "PermissionDeniedError",
+    "RemoteError",
     "ResourceExhaustedError",
     "UnauthenticatedError",
     "UnavailableError",
@@ -218,6 +219,47 @@ class UnauthenticatedError(OpError):
 
     def __init__(self, message: str, *, task: str | None = None) -> None:
         super().__init__(message, UNAUTHENTICATED, task=task)
+
+
+class RemoteError(UnknownError):
+    """A remote operation's handler raised an exception that is not a distsrv error.
+
+    ``remote_type`` is the exception's type name (``"ValueError"``, ``"mypackage.MyError"``),
+    ``message`` its message and ``task`` the task whose handler raised it. The exception itself
+    is not rebuilt: that would mean unpickling what a peer sent.
+    """
+
+    def __init__(self, message: str, *, remote_type: str, task: str | None = None) -> None:
+        super().__init__(message, task=task)
+        self.remote_type = remote_type
+
+    def __str__(self) -> str:
+        where = "" if self.task is None else f"task {self.task}: "
+        return f"{where}{self.remote_type}: {self.message}"
+
+    def __repr__(self) -> str:
+        return (
+            f"RemoteError({self.message!r}, remote_type={self.remote_type!r}, task={self.task!r})"
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_remote, (type(self), self.message, self.remote_type, self.task))
+
+
+def _rebuild_remote(
+    cls: type[RemoteError], message: str, remote_type: str, task: str | None
+) -> RemoteError:
+    error = cls.__new__(cls)
+    RemoteError.__init__(error, message, remote_type=remote_type, task=task)
+    return error
+
+
+def _from_peer(code: int, message: str, task: str | None, remote_type: str | None) -> OpError:
+    """The exception for a failure a peer reported: a handler's own exception is a
+    :class:`RemoteError` unless it was a distsrv error, which keeps its class."""
+    if remote_type is not None and code == UNKNOWN:
+        return RemoteError(message, remote_type=remote_type, task=task)
+    return exception_type_from_error_code(code)(message, task=task)
 
 
 _CODE_TO_EXCEPTION_CLASS: dict[int, type[OpError]] = {

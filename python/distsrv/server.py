@@ -8,8 +8,8 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
-from types import TracebackType
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import MappingProxyType, TracebackType
 from typing import Any, Literal
 
 import numpy as np
@@ -20,10 +20,20 @@ from distsrv.cluster import ClusterLike, ClusterSpec
 from distsrv.config import ServerConfig
 from distsrv.devices import DeviceAttributes
 from distsrv.errors import InvalidArgumentError
+from distsrv.handlers import EventLoop, is_async, wants_context
 from distsrv.messages import ServerDef
 from distsrv.variables import Variable
 
-__all__ = ["GroupLike", "RecvHandle", "ReduceOp", "SendHandle", "Server", "Status", "TaskLike"]
+__all__ = [
+    "CallHandle",
+    "GroupLike",
+    "RecvHandle",
+    "ReduceOp",
+    "SendHandle",
+    "Server",
+    "Status",
+    "TaskLike",
+]
 
 #: A task: "/job:ps/task:0" (TensorFlow's spelling, "/replica:0/" allowed) or ("ps", 0).
 TaskLike = str | tuple[str, int]
@@ -47,6 +57,13 @@ class Server:
 
     Tensors move with :meth:`send` / :meth:`recv` (rendezvous by name: each tensor sent is
     received exactly once, in order per source and name) and their non-blocking and asyncio forms.
+
+    Remote operations, as dask's ``handlers``: ``handlers={"add": add}`` (or :meth:`add_handler`)
+    lets any task run ``add(x=1, y=2)`` here with ``call(task, "add", x=1, y=2)``. Handlers may be
+    plain functions (each call runs on a thread of its own, so a slow one does not hold up the
+    others) or ``async def`` (run on an event loop the server owns). A handler that declares a
+    parameter named ``context`` gets a :class:`distsrv.handlers.CallContext` through it.
+    ``blocked_handlers`` names operations refused with ``PermissionDeniedError``.
     """
 
     def __init__(
@@ -59,6 +76,7 @@ class Server:
         start: bool = True,
         *,
         handlers: Mapping[str, Callable[..., Any]] | None = None,
+        blocked_handlers: Iterable[str] = (),
     ) -> None:
         if config is not None and not isinstance(config, ServerConfig):
             raise TypeError(f"config must be a distsrv.ServerConfig, not {type(config).__name__}")
@@ -78,7 +96,9 @@ class Server:
                 f"task {definition.task_index} is not defined in job {definition.job_name!r} "
                 f"(tasks: {spec.task_indices(definition.job_name)})"
             )
-        self.handlers: dict[str, Callable[..., Any]] = dict(handlers or {})
+        self._handlers: dict[str, Callable[..., Any]] = {}
+        self._blocked_handlers = frozenset(blocked_handlers)
+        self._event_loop: EventLoop | None = None
         self._native = _native.Server(
             _jobs(spec),
             definition.job_name,
@@ -91,14 +111,31 @@ class Server:
         self._job_name = definition.job_name
         self._task_index = definition.task_index
         self._pid = os.getpid()
+        self._native.block_handlers(sorted(self._blocked_handlers))
+        for name, handler in (handlers or {}).items():
+            self.add_handler(name, handler)
         _live_servers.add(self)
         if start:
             self.start()
 
     @classmethod
-    def create_local_server(cls, config: ServerConfig | None = None, start: bool = True) -> Server:
+    def create_local_server(
+        cls,
+        config: ServerConfig | None = None,
+        start: bool = True,
+        *,
+        handlers: Mapping[str, Callable[..., Any]] | None = None,
+        blocked_handlers: Iterable[str] = (),
+    ) -> Server:
         """A single-task server on a free port of 127.0.0.1, in job "localhost" as TensorFlow's."""
-        return cls({"localhost": ["127.0.0.1:0"]}, protocol="grpc", config=config, start=start)
+        return cls(
+            {"localhost": ["127.0.0.1:0"]},
+            protocol="grpc",
+            config=config,
+            start=start,
+            handlers=handlers,
+            blocked_handlers=blocked_handlers,
+        )
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -110,6 +147,8 @@ class Server:
         """Stops gracefully: in-flight calls get ``grace`` seconds (``config.shutdown_grace`` by
         default) to finish, then are cut off. The port is free when this returns."""
         self._native.stop(grace)
+        if self._event_loop is not None:
+            self._event_loop.close()
 
     def close(self) -> None:
         """dask's name for :meth:`stop`."""
@@ -349,6 +388,71 @@ class Server:
             return [(group, index) for index in self._spec.task_indices(group)]
         return [_task(task) for task in group]
 
+    # -- remote operations --------------------------------------------------------------------
+
+    @property
+    def handlers(self) -> Mapping[str, Callable[..., Any]]:
+        """The operations this task serves, by name (read-only: use :meth:`add_handler` and
+        :meth:`remove_handler`)."""
+        return MappingProxyType(self._handlers)
+
+    @property
+    def blocked_handlers(self) -> frozenset[str]:
+        """Operations refused with ``PermissionDeniedError``, whether or not they have handlers."""
+        return self._blocked_handlers
+
+    def add_handler(self, name: str, handler: Callable[..., Any]) -> None:
+        """Serves operation ``name`` with ``handler``, replacing any handler it had; effective for
+        the next call, also while running."""
+        if not isinstance(name, str):
+            raise TypeError(f"an operation's name is a str, not {type(name).__name__}")
+        if not callable(handler):
+            raise TypeError(f"a handler must be callable, not {type(handler).__name__}")
+        function, scheduled = handler, is_async(handler)
+        if scheduled:
+            if self._event_loop is None:
+                self._event_loop = EventLoop(f"distsrv-handlers{self.task}")
+            function = self._event_loop.starter(handler)
+        self._native.add_handler(name, function, scheduled, wants_context(handler))
+        self._handlers[name] = handler
+
+    def remove_handler(self, name: str) -> None:
+        """Stops serving operation ``name`` (calls of it fail with ``UnimplementedError``);
+        ``KeyError`` if it was not served."""
+        if name not in self._handlers:
+            raise KeyError(name)
+        self._native.remove_handler(name)
+        del self._handlers[name]
+
+    def call(
+        self, task: TaskLike, op: str, /, *, timeout: float | None = None, **kwargs: Any
+    ) -> Any:
+        """Runs operation ``op`` on ``task`` (this one too) with ``kwargs`` and returns its result.
+
+        Arguments and result are None, bool, int (64-bit), float, str, bytes, lists (tuples are
+        sent as lists), dicts with str keys and numpy arrays (numpy scalars arrive as 0-d arrays,
+        but ``numpy.float64`` is a float); anything else raises ``TypeError`` before a byte is
+        sent. Past ``timeout`` seconds: ``DeadlineExceededError``. An unknown op raises
+        ``UnimplementedError``, a blocked one ``PermissionDeniedError``; an exception in the
+        handler is re-raised here as a
+        :class:`distsrv.errors.RemoteError` naming its type, message and task (a distsrv error the
+        handler raised keeps its class). Connections to each task are made once and reused.
+        """
+        return self._native.call(_task(task), op, kwargs, timeout)
+
+    def icall(
+        self, task: TaskLike, op: str, /, *, timeout: float | None = None, **kwargs: Any
+    ) -> CallHandle:
+        """Starts :meth:`call` and returns at once; ``wait()`` on the handle for the result.
+        Dropping the handle before it finishes abandons the call."""
+        return CallHandle(self._native.icall(_task(task), op, kwargs, timeout))
+
+    async def acall(
+        self, task: TaskLike, op: str, /, *, timeout: float | None = None, **kwargs: Any
+    ) -> Any:
+        """Awaitable :meth:`call`."""
+        return await self.icall(task, op, timeout=timeout, **kwargs).wait_async()
+
 
 class _Handle:
     def __init__(self, pending: _native.Pending) -> None:
@@ -401,8 +505,19 @@ class RecvHandle(_Handle):
         return _received(self._pending.wait(None))
 
 
-def _received(result: tuple[int, list[int], _native.TensorBytes] | None) -> npt.NDArray[Any]:
-    assert result is not None, "a receive yields a tensor"
+class CallHandle(_Handle):
+    """A remote operation's call in flight."""
+
+    def wait(self, timeout: float | None = None) -> Any:
+        """Blocks until the call has finished and returns its result; re-raises its error."""
+        return self._pending.wait(timeout)
+
+    async def wait_async(self) -> Any:
+        await self._finished()
+        return self._pending.wait(None)
+
+
+def _received(result: tuple[int, list[int], _native.TensorBytes]) -> npt.NDArray[Any]:
     return tensors.from_wire(*result)
 
 

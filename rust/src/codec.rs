@@ -263,6 +263,31 @@ impl std::fmt::Display for TensorKey {
     }
 }
 
+/// A tensor as TensorFlow's TensorProto lays it out (variables, remote-operation values).
+pub fn tensor_proto(meta: &TensorMeta, data: Bytes) -> proto::TensorProto {
+    proto::TensorProto {
+        dtype: meta.dtype as i32,
+        tensor_shape: Some(meta.shape_proto()),
+        tensor_content: data,
+    }
+}
+
+/// A tensor's description and bytes, checked to agree.
+pub fn from_tensor_proto(tensor: proto::TensorProto) -> Result<(TensorMeta, Bytes)> {
+    let shape = tensor
+        .tensor_shape
+        .unwrap_or_default()
+        .dim
+        .iter()
+        .map(|dim| {
+            u64::try_from(dim.size)
+                .map_err(|_| Error::invalid_argument(format!("negative dimension {}", dim.size)))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let meta = TensorMeta::new(tensor.dtype, shape, tensor.tensor_content.len() as u64)?;
+    Ok((meta, tensor.tensor_content))
+}
+
 /// The header message of a tensor stream.
 pub fn header(key: &TensorKey, meta: &TensorMeta) -> proto::TensorHeader {
     proto::TensorHeader {

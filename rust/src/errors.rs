@@ -1,7 +1,9 @@
 //! The crate's one error type: a gRPC status code and a message.
 //!
 //! Every layer reports failures as [`Error`]; the code travels unchanged to peers as a
-//! `tonic::Status` and to Python as the `distsrv.errors` class of the same code.
+//! `tonic::Status` and to Python as the `distsrv.errors` class of the same code. A failure that
+//! happened on a peer also says where (`task`) and, for an exception raised by a remote
+//! operation's handler, the exception's type name; both travel in the status's metadata.
 
 use std::fmt;
 
@@ -11,7 +13,15 @@ pub use tonic::Code;
 pub struct Error {
     pub code: Code,
     pub message: String,
+    /// The task where the failure happened, when that was a peer.
+    pub task: Option<String>,
+    /// The type name of the exception a remote operation's handler raised, e.g. "ValueError".
+    pub exception_type: Option<String>,
 }
+
+/// Status metadata carrying [`Error::task`] and [`Error::exception_type`].
+const TASK_KEY: &str = "distsrv-error-task";
+const TYPE_KEY: &str = "distsrv-error-type";
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -20,6 +30,8 @@ impl Error {
         Self {
             code,
             message: message.into(),
+            task: None,
+            exception_type: None,
         }
     }
 
@@ -55,9 +67,20 @@ impl Error {
         Self::new(Code::Cancelled, message)
     }
 
-    /// Prefixes the message with what was being done, keeping the code.
+    pub fn unimplemented(message: impl Into<String>) -> Self {
+        Self::new(Code::Unimplemented, message)
+    }
+
+    pub fn permission_denied(message: impl Into<String>) -> Self {
+        Self::new(Code::PermissionDenied, message)
+    }
+
+    /// Prefixes the message with what was being done, keeping the rest.
     pub fn context(self, what: impl fmt::Display) -> Self {
-        Self::new(self.code, format!("{what}: {}", self.message))
+        Self {
+            message: format!("{what}: {}", self.message),
+            ..self
+        }
     }
 }
 
@@ -71,14 +94,68 @@ impl std::error::Error for Error {}
 
 impl From<Error> for tonic::Status {
     fn from(error: Error) -> Self {
-        tonic::Status::new(error.code, error.message)
+        let mut status = tonic::Status::new(error.code, error.message);
+        for (key, value) in [(TASK_KEY, error.task), (TYPE_KEY, error.exception_type)] {
+            if let Some(value) = value {
+                let value = percent_encode(&value)
+                    .parse()
+                    .expect("percent-encoded text is a valid header value");
+                status.metadata_mut().insert(key, value);
+            }
+        }
+        status
     }
 }
 
 impl From<tonic::Status> for Error {
     fn from(status: tonic::Status) -> Self {
-        Self::new(status.code(), status.message())
+        let read = |key| {
+            let value = status.metadata().get(key)?.to_str().ok()?;
+            Some(percent_decode(value))
+        };
+        Self {
+            task: read(TASK_KEY),
+            exception_type: read(TYPE_KEY),
+            ..Self::new(status.code(), status.message())
+        }
     }
+}
+
+/// Metadata values are visible ASCII: other bytes (spaces and `%` too) are written `%XX`, as
+/// gRPC writes grpc-message.
+fn percent_encode(text: &str) -> String {
+    use fmt::Write;
+    let mut encoded = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if (b'!'..=b'~').contains(&byte) && byte != b'%' {
+            encoded.push(byte as char);
+        } else {
+            let _ = write!(encoded, "%{byte:02X}");
+        }
+    }
+    encoded
+}
+
+fn percent_decode(text: &str) -> String {
+    let mut bytes = Vec::with_capacity(text.len());
+    let mut rest = text.as_bytes();
+    while let Some((&byte, tail)) = rest.split_first() {
+        let escaped = tail
+            .get(..2)
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(decoded) if byte == b'%' => {
+                bytes.push(decoded);
+                rest = &tail[2..];
+            }
+            _ => {
+                bytes.push(byte);
+                rest = tail;
+            }
+        }
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 impl From<prost::DecodeError> for Error {
@@ -98,5 +175,21 @@ mod tests {
         assert_eq!(status.code(), Code::DeadlineExceeded);
         assert_eq!(Error::from(status), error);
         assert_eq!(error.to_string(), "recv x: too slow");
+    }
+
+    #[test]
+    fn origin_travels_in_metadata_whatever_its_characters() {
+        let error = Error {
+            task: Some("/job:w/task:1".to_owned()),
+            exception_type: Some("módulo.Fehler 100%".to_owned()),
+            ..Error::new(Code::Unknown, "boom")
+        };
+        let status = tonic::Status::from(error.clone());
+        assert_eq!(
+            status.metadata().get(TYPE_KEY).unwrap(),
+            "m%C3%B3dulo.Fehler%20100%25"
+        );
+        assert_eq!(Error::from(status), error);
+        assert_eq!(percent_decode("50%"), "50%");
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! Every task of a cluster runs one [`server::Server`]: it serves gRPC to its peers, knows the
 //! cluster ([`cluster`]), its own devices ([`devices`]) and every task's ([`registry`]), and
-//! exchanges tensors with the other tasks ([`exchange`]) and reduces them together
-//! ([`collectives`]), and hosts parameter-server variables ([`variables`]). Stock TensorFlow can list the
+//! exchanges tensors with the other tasks ([`exchange`], same-host ones through shared memory,
+//! [`shm`]), reduces them together ([`collectives`]), hosts parameter-server variables
+//! ([`variables`]), and serves and calls named operations ([`handlers`]). Stock TensorFlow can list the
 //! cluster's devices through it ([`tfcompat`]). Only [`python`] knows about Python.
 
 pub mod cluster;
@@ -13,6 +14,7 @@ pub mod config;
 pub mod devices;
 pub mod errors;
 pub mod exchange;
+pub mod handlers;
 pub mod peers;
 pub mod reduce;
 pub mod registry;

@@ -4,9 +4,10 @@
 //! the channel's buffer task (a thread hand-off per call, much of a small tensor's time).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::sync::OnceCell;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::cluster::{Cluster, TaskId};
@@ -27,7 +28,9 @@ pub type PushConnection = hyper::client::conn::http2::SendRequest<tonic::body::B
 pub struct Peers {
     cluster: Cluster,
     connect_timeout: Duration,
-    channels: Mutex<HashMap<TaskId, Channel>>,
+    /// One cell per task, so calls that find no connection yet wait for one connect instead of
+    /// each making its own.
+    channels: Mutex<HashMap<TaskId, Arc<OnceCell<Channel>>>>,
     pushes: Mutex<HashMap<TaskId, PushConnection>>,
 }
 
@@ -48,18 +51,19 @@ impl Peers {
     /// The connection to `task`, establishing it if needed. Peers start in any order, so a refused
     /// or unresolvable address is retried with backoff until the connect timeout has passed.
     pub async fn channel(&self, task: &TaskId) -> Result<Channel> {
-        if let Some(channel) = self.lock().get(task) {
-            return Ok(channel.clone());
-        }
         let address = self.cluster.require(task)?;
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| Error::invalid_argument(format!("bad address {address:?}: {e}")))?
-            .connect_timeout(self.connect_timeout)
-            .tcp_nodelay(true)
-            .initial_stream_window_size(STREAM_WINDOW_BYTES)
-            .initial_connection_window_size(CONNECTION_WINDOW_BYTES);
-        let channel = self.retrying(task, address, || endpoint.connect()).await?;
-        Ok(self.lock().entry(task.clone()).or_insert(channel).clone())
+        let cell = Arc::clone(self.lock().entry(task.clone()).or_default());
+        cell.get_or_try_init(|| async {
+            let endpoint = Endpoint::from_shared(format!("http://{address}"))
+                .map_err(|e| Error::invalid_argument(format!("bad address {address:?}: {e}")))?
+                .connect_timeout(self.connect_timeout)
+                .tcp_nodelay(true)
+                .initial_stream_window_size(STREAM_WINDOW_BYTES)
+                .initial_connection_window_size(CONNECTION_WINDOW_BYTES);
+            self.retrying(task, address, || endpoint.connect()).await
+        })
+        .await
+        .cloned()
     }
 
     /// The push connection to `task` and the URI of `path` on it, connecting (again, if the last
@@ -164,7 +168,7 @@ impl Peers {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TaskId, Channel>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TaskId, Arc<OnceCell<Channel>>>> {
         self.channels.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

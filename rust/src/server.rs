@@ -53,6 +53,8 @@ impl Status {
 /// What exists only while serving; dropping it in `stop` ends every thread it started.
 struct Serving {
     runtime: Runtime,
+    /// See [`Server::caller_runtime`]; threads in the middle of a call hold it a moment longer.
+    caller_runtime: Arc<Runtime>,
     shutdown: oneshot::Sender<()>,
     serve: JoinHandle<()>,
     health: HealthReporter,
@@ -194,6 +196,10 @@ impl Server {
             .enable_all()
             .build()
             .map_err(|e| Error::internal(format!("cannot start the server's runtime: {e}")))?;
+        let caller_runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::internal(format!("cannot start the callers' runtime: {e}")))?;
         let (shutdown, shutdown_signal) = oneshot::channel::<()>();
         let (health, serve) = {
             let _entered = runtime.enter();
@@ -220,6 +226,7 @@ impl Server {
         runtime.block_on(set_health(&health, ServingStatus::Serving));
         Ok(Serving {
             runtime,
+            caller_runtime: Arc::new(caller_runtime),
             shutdown,
             serve,
             health,
@@ -240,6 +247,7 @@ impl Server {
                 }
                 Status::Running => {
                     self.task.exchange.close();
+                    self.task.operations.close();
                     self.lifecycle.set(&mut state, Status::Closing);
                     state.serving.take()
                 }
@@ -255,10 +263,12 @@ impl Server {
         let grace = grace.unwrap_or(self.task.config.shutdown_grace);
         let Serving {
             runtime,
+            caller_runtime,
             shutdown,
             mut serve,
             health,
         } = serving;
+        drop(caller_runtime);
         let task = Arc::clone(&self.task);
         runtime.block_on(async {
             set_health(&health, ServingStatus::NotServing).await;
@@ -317,6 +327,24 @@ impl Server {
         let state = self.lifecycle.lock();
         match &state.serving {
             Some(serving) => Ok(serving.runtime.handle().clone()),
+            None => Err(Error::failed_precondition(format!(
+                "server {} is {}, not running",
+                self.task_id(),
+                state.status.as_str()
+            ))),
+        }
+    }
+}
+
+impl Server {
+    /// A runtime for blocking calls of remote operations, driven by the threads that make them
+    /// (with `Runtime::block_on`, which lets one calling thread at a time run its I/O): a lone
+    /// caller writes its request and reads the answer itself, with no hand-off to another thread
+    /// either way. Its connections are [`Task::caller_peers`]; a stop cancels its calls.
+    pub fn caller_runtime(&self) -> Result<Arc<Runtime>> {
+        let state = self.lifecycle.lock();
+        match &state.serving {
+            Some(serving) => Ok(Arc::clone(&serving.caller_runtime)),
             None => Err(Error::failed_precondition(format!(
                 "server {} is {}, not running",
                 self.task_id(),

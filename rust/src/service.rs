@@ -19,6 +19,7 @@ use crate::config::ServerConfig;
 use crate::devices;
 use crate::errors::Error;
 use crate::exchange::{Exchange, SEND_TENSOR_PATH};
+use crate::handlers::Operations;
 use crate::peers::{self, Peers};
 use crate::proto;
 use crate::proto::worker_server::{Worker, WorkerServer};
@@ -38,10 +39,13 @@ pub struct Task {
     /// This task's devices, found once when the server is made.
     pub devices: Vec<proto::DeviceAttributes>,
     pub peers: Arc<Peers>,
+    /// The same peers, connected on the server's caller runtime (`Server::caller_runtime`).
+    pub caller_peers: Peers,
     pub exchange: Arc<Exchange>,
     pub collectives: Collectives,
     /// The parameter-server variables this task hosts.
     pub variables: Variables,
+    pub operations: Operations,
     /// One permit per call in flight (Worker's and TensorFlow's), `connection_limit` in all.
     pub calls: Arc<tokio::sync::Semaphore>,
 }
@@ -50,7 +54,9 @@ impl Task {
     pub fn new(def: ServerDef, config: ServerConfig) -> Self {
         let peers = Arc::new(Peers::new(def.cluster.clone(), &config));
         let exchange = Arc::new(Exchange::new(def.task.clone(), Arc::clone(&peers), &config));
+        let operations = Operations::new(def.task.clone(), &config);
         Self {
+            caller_peers: Peers::new(def.cluster.clone(), &config),
             incarnation: rand::random::<u64>() | 1,
             devices: devices::discover(&def.task),
             calls: Arc::new(tokio::sync::Semaphore::new(config.connection_limit)),
@@ -60,6 +66,7 @@ impl Task {
             exchange,
             collectives: Collectives::default(),
             variables: Variables::default(),
+            operations,
         }
     }
 
@@ -190,6 +197,17 @@ impl Worker for Task {
         request: Request<proto::VariableRequest>,
     ) -> Result<Response<proto::VariableResponse>, Status> {
         Ok(Response::new(self.variables.apply(request.into_inner())?))
+    }
+
+    async fn call(
+        &self,
+        request: Request<proto::CallRequest>,
+    ) -> Result<Response<proto::CallResponse>, Status> {
+        let (metadata, _, request) = request.into_parts();
+        let result = self.operations.serve(request, metadata).await?;
+        Ok(Response::new(proto::CallResponse {
+            result: Some(result),
+        }))
     }
 }
 

@@ -11,12 +11,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 
 use crate::cluster::TaskId;
-use crate::codec::{Tensor, TensorBuf, TensorMeta};
+use crate::codec::{self, Tensor, TensorBuf};
 use crate::errors::{Code, Error, Result};
 use crate::peers::Peers;
 use crate::proto::variable_request::Op;
 use crate::proto::worker_client::WorkerClient;
-use crate::proto::{self, VariableRequest, VariableResponse};
+use crate::proto::{VariableRequest, VariableResponse};
 use crate::reduce::{self, ReduceOp};
 
 /// The variables one task hosts.
@@ -35,7 +35,7 @@ impl Variables {
             let variable = self.get(&name)?;
             let variable = lock(&variable);
             return Ok(VariableResponse {
-                value: Some(tensor_proto(
+                value: Some(codec::tensor_proto(
                     &variable.meta,
                     Bytes::copy_from_slice(variable.data.as_slice()),
                 )),
@@ -44,7 +44,7 @@ impl Variables {
         let value = request
             .value
             .ok_or_else(|| Error::invalid_argument(format!("{op:?} of {name:?} needs a value")))?;
-        let (meta, data) = from_tensor_proto(value)?;
+        let (meta, data) = codec::from_tensor_proto(value)?;
         if op == Op::Create {
             let mut by_name = self.by_name.lock().unwrap_or_else(|e| e.into_inner());
             if by_name.contains_key(&name) {
@@ -125,33 +125,11 @@ pub async fn call(
     Ok(response.into_inner())
 }
 
-pub fn tensor_proto(meta: &TensorMeta, data: Bytes) -> proto::TensorProto {
-    proto::TensorProto {
-        dtype: meta.dtype as i32,
-        tensor_shape: Some(meta.shape_proto()),
-        tensor_content: data,
-    }
-}
-
-/// A tensor's description and bytes, checked to agree.
-pub fn from_tensor_proto(tensor: proto::TensorProto) -> Result<(TensorMeta, Bytes)> {
-    let shape = tensor
-        .tensor_shape
-        .unwrap_or_default()
-        .dim
-        .iter()
-        .map(|dim| {
-            u64::try_from(dim.size)
-                .map_err(|_| Error::invalid_argument(format!("negative dimension {}", dim.size)))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let meta = TensorMeta::new(tensor.dtype, shape, tensor.tensor_content.len() as u64)?;
-    Ok((meta, tensor.tensor_content))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::TensorMeta;
+    use crate::proto;
 
     fn request(name: &str, op: Op, values: &[f32], learning_rate: f64) -> VariableRequest {
         let meta = TensorMeta {
@@ -162,7 +140,7 @@ mod tests {
         VariableRequest {
             name: name.into(),
             op: op as i32,
-            value: Some(tensor_proto(&meta, data)),
+            value: Some(codec::tensor_proto(&meta, data)),
             learning_rate,
         }
     }
@@ -172,7 +150,7 @@ mod tests {
             name: name.into(),
             ..Default::default()
         })?;
-        let (_, data) = from_tensor_proto(response.value.unwrap())?;
+        let (_, data) = codec::from_tensor_proto(response.value.unwrap())?;
         Ok(data
             .chunks_exact(4)
             .map(bytemuck::pod_read_unaligned)

@@ -3,8 +3,10 @@
 
 mod devices;
 mod errors;
+mod handlers;
 mod server;
 mod tensor;
+mod values;
 
 use pyo3::prelude::*;
 

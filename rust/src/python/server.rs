@@ -10,18 +10,21 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyDict};
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
 use super::devices::{DeviceTuple, device_tuple};
 use super::errors::{IntoPyResult, to_py};
+use super::handlers::PyHandler;
 use super::tensor::{HeldBuffer, TensorBytes};
+use super::values;
 use crate::cluster::{Cluster, Jobs, ServerDef, TaskId, format_address};
 use crate::codec::{Tensor, TensorBuf, TensorMeta};
 use crate::collectives::{Collective, Group};
 use crate::config::ServerConfig;
 use crate::errors::{Error, Result};
+use crate::proto;
 use crate::reduce::ReduceOp;
 use crate::registry;
 use crate::server::Server;
@@ -31,17 +34,17 @@ use crate::variables;
 /// How long a blocking call waits between checks for signals, so Ctrl-C interrupts it promptly.
 const SIGNAL_CHECK: Duration = Duration::from_millis(50);
 
-/// Threads inside a blocking wait (`join`, `send`, `recv`, `wait`). At interpreter exit, a thread
-/// that takes the GIL back after finalization has begun is ended by CPython with a forced unwind,
-/// which must not cross Rust frames; so the exit handler stops every server (waking these
-/// threads) and waits for this count to reach zero first.
+/// Threads inside a blocking wait (`join`, `send`, `recv`, `call`, `wait`) or running a handler.
+/// At interpreter exit, a thread that takes the GIL back after finalization has begun is ended by
+/// CPython with a forced unwind, which must not cross Rust frames; so the exit handler stops every
+/// server (waking the waiting threads) and waits for this count to reach zero first.
 static BLOCKED_THREADS: AtomicUsize = AtomicUsize::new(0);
 
 /// Counts the current thread as blocked in Rust while alive.
-struct Blocked;
+pub(super) struct Blocked;
 
 impl Blocked {
-    fn enter() -> Self {
+    pub(super) fn enter() -> Self {
         BLOCKED_THREADS.fetch_add(1, Ordering::SeqCst);
         Self
     }
@@ -419,7 +422,7 @@ impl NativeServer {
             Some((dtype, shape, data)) => {
                 let meta = TensorMeta::checked(dtype, shape).into_py()?;
                 let (held, bytes) = HeldBuffer::hold(&data)?;
-                (Some(held), Some(variables::tensor_proto(&meta, bytes)))
+                (Some(held), Some(crate::codec::tensor_proto(&meta, bytes)))
             }
             None => (None, None),
         };
@@ -447,7 +450,7 @@ impl NativeServer {
         let Some(value) = response?.into_py()?.value else {
             return Ok(None);
         };
-        let (meta, data) = variables::from_tensor_proto(value).into_py()?;
+        let (meta, data) = crate::codec::from_tensor_proto(value).into_py()?;
         Ok(Some(tensor_parts(Tensor {
             meta,
             data: TensorBuf::from_slice(&data),
@@ -500,6 +503,85 @@ impl NativeServer {
             .into_iter()
             .map(|(task, incarnation)| (task.to_string(), incarnation))
             .collect())
+    }
+
+    /// Serves operation `op` with `function`, called with the call's keyword arguments (and
+    /// `context` when `wants_context`). With `scheduled`, `function` returns a
+    /// `concurrent.futures.Future` of the result instead of the result.
+    fn add_handler(
+        &self,
+        op: String,
+        function: Py<PyAny>,
+        scheduled: bool,
+        wants_context: bool,
+    ) -> PyResult<()> {
+        let handler = PyHandler::new(function, scheduled, wants_context);
+        self.server()?.task().operations.add(op, Arc::new(handler));
+        Ok(())
+    }
+
+    /// Stops serving `op`; whether it was served.
+    fn remove_handler(&self, op: &str) -> PyResult<bool> {
+        Ok(self.server()?.task().operations.remove(op))
+    }
+
+    /// Refuses calls of `ops` with PermissionDeniedError.
+    fn block_handlers(&self, ops: Vec<String>) -> PyResult<()> {
+        self.server()?.task().operations.block(ops);
+        Ok(())
+    }
+
+    /// Runs operation `op` on task `to` with `kwargs` and returns its result. TypeError, before
+    /// anything is sent, for arguments that cannot be encoded.
+    #[pyo3(signature = (to, op, kwargs, timeout=None))]
+    fn call(
+        &self,
+        py: Python<'_>,
+        to: (String, u32),
+        op: String,
+        kwargs: &Bound<'_, PyDict>,
+        timeout: Option<f64>,
+    ) -> PyResult<Py<PyAny>> {
+        let timeout = seconds(timeout)?;
+        let server = self.server()?;
+        let runtime = server.caller_runtime().into_py()?;
+        let kwargs = values::encode_kwargs(kwargs)?;
+        let task = server.task();
+        let called = task.operations.call(
+            &task.caller_peers,
+            TaskId::new(to.0, to.1),
+            op,
+            kwargs,
+            timeout,
+        );
+        let result = drive_interruptibly(py, &runtime, called);
+        py.detach(|| drop(runtime));
+        Ok(values::decode(py, result?.into_py()?)?.unbind())
+    }
+
+    /// Like `call`, but returns at once with a handle to wait on.
+    #[pyo3(signature = (to, op, kwargs, timeout=None))]
+    fn icall(
+        &self,
+        to: (String, u32),
+        op: String,
+        kwargs: &Bound<'_, PyDict>,
+        timeout: Option<f64>,
+    ) -> PyResult<Pending> {
+        let timeout = seconds(timeout)?;
+        let server = self.server()?;
+        let runtime = server.runtime().into_py()?;
+        let kwargs = values::encode_kwargs(kwargs)?;
+        let task = server.task().clone();
+        let (done, finished) = completion_pipe()?;
+        let join = runtime.spawn(async move {
+            let _done = finished;
+            task.operations
+                .call(&task.peers, TaskId::new(to.0, to.1), op, kwargs, timeout)
+                .await
+                .map(Completed::Called)
+        });
+        Ok(Pending::new(runtime, join, done, None))
     }
 }
 
@@ -661,6 +743,30 @@ where
     }
 }
 
+/// Like [`wait_interruptibly`], for a future on a current-thread runtime (the server's caller
+/// runtime), which this thread drives itself while no other thread does.
+fn drive_interruptibly<F>(
+    py: Python<'_>,
+    runtime: &tokio::runtime::Runtime,
+    future: F,
+) -> PyResult<F::Output>
+where
+    F: Future + Send,
+    F::Output: Send,
+{
+    let mut future = std::pin::pin!(future);
+    let _blocked = Blocked::enter();
+    loop {
+        let slice = py.detach(|| {
+            runtime.block_on(async { tokio::time::timeout(SIGNAL_CHECK, &mut future).await.ok() })
+        });
+        match slice {
+            Some(output) => return Ok(output),
+            None => py.check_signals()?,
+        }
+    }
+}
+
 /// Wakes a thread parked in [`wait_interruptibly`].
 struct ThreadWaker(std::thread::Thread);
 
@@ -677,6 +783,7 @@ impl Wake for ThreadWaker {
 enum Completed {
     Sent,
     Received(Tensor),
+    Called(proto::Value),
 }
 
 enum Stage {
@@ -693,8 +800,8 @@ fn completion_pipe() -> PyResult<(std::io::PipeReader, std::io::PipeWriter)> {
     std::io::pipe().map_err(|e| to_py(Error::internal(format!("cannot create a pipe: {e}"))))
 }
 
-/// A send or receive in flight (`isend` / `irecv`). Dropping an unfinished receive cancels it;
-/// an unfinished send runs to its end.
+/// A send, receive or call in flight (`isend` / `irecv` / `icall`). Dropping an unfinished
+/// receive or call cancels it; an unfinished send runs to its end.
 #[pyclass(frozen, module = "distsrv._native")]
 pub struct Pending {
     runtime: Handle,
@@ -741,14 +848,11 @@ impl Pending {
         }
     }
 
-    /// Waits for the result: None for a send, (dtype code, shape, bytes) for a receive. With a
-    /// timeout, raises DeadlineExceededError if it has not finished by then (it keeps running).
+    /// Waits for the result: None for a send, (dtype code, shape, bytes) for a receive, the
+    /// result for a call. With a timeout, raises DeadlineExceededError if it has not finished by
+    /// then (it keeps running).
     #[pyo3(signature = (timeout=None))]
-    fn wait(
-        &self,
-        py: Python<'_>,
-        timeout: Option<f64>,
-    ) -> PyResult<Option<(i32, Vec<u64>, TensorBytes)>> {
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
         let timeout = seconds(timeout)?;
         let stage = std::mem::replace(&mut *self.lock(), Stage::Claimed);
         let mut task = match stage {
@@ -789,18 +893,17 @@ impl Pending {
 }
 
 impl Pending {
-    fn deliver(
-        &self,
-        py: Python<'_>,
-        result: Result<Completed>,
-    ) -> PyResult<Option<(i32, Vec<u64>, TensorBytes)>> {
+    fn deliver(&self, py: Python<'_>, result: Result<Completed>) -> PyResult<Py<PyAny>> {
         if let Some(held) = self.held.lock().unwrap_or_else(|e| e.into_inner()).take() {
             held.release(py);
         }
-        match result.into_py()? {
-            Completed::Sent => Ok(None),
-            Completed::Received(tensor) => Ok(Some(tensor_parts(tensor))),
-        }
+        Ok(match result.into_py()? {
+            Completed::Sent => py.None(),
+            Completed::Received(tensor) => {
+                tensor_parts(tensor).into_pyobject(py)?.into_any().unbind()
+            }
+            Completed::Called(value) => values::decode(py, value)?.unbind(),
+        })
     }
 }
 

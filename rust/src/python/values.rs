@@ -1,0 +1,177 @@
+//! Python values to and from [`proto::Value`], the encoding of remote operations' arguments and
+//! results: None, bool, int (64-bit), float, str, bytes, list, dict with str keys, numpy arrays.
+//!
+//! Encoding refuses anything else with TypeError before a byte is sent; decoding refuses a
+//! malformed value with InvalidArgumentError. Neither runs code the value names.
+
+use bytes::Bytes;
+use pyo3::buffer::PyBuffer;
+use pyo3::exceptions::PyTypeError;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{
+    PyBool, PyByteArray, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple, PyType,
+};
+
+use super::errors::to_py;
+use super::tensor::TensorBytes;
+use crate::codec::{self, TensorBuf, TensorMeta};
+use crate::errors::Error;
+use crate::proto::{self, value::Kind};
+
+/// How deeply lists and dicts may nest. protobuf decoders stop at 100 nested messages and each
+/// level here takes two, so anything encoded is decodable; it also ends a self-containing list.
+const MAX_DEPTH: usize = 32;
+
+static NDARRAY: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static NUMPY_SCALAR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static TO_WIRE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+static FROM_WIRE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// Keyword arguments as the wire carries them.
+pub fn encode_kwargs(kwargs: &Bound<'_, PyDict>) -> PyResult<Vec<proto::DictEntry>> {
+    encode_entries(kwargs, 0)
+}
+
+pub fn encode(value: &Bound<'_, PyAny>) -> PyResult<proto::Value> {
+    encode_at(value, 0)
+}
+
+fn encode_at(value: &Bound<'_, PyAny>, depth: usize) -> PyResult<proto::Value> {
+    let kind = if value.is_none() {
+        Kind::NullValue(proto::NullValue::NullValue as i32)
+    } else if let Ok(flag) = value.cast::<PyBool>() {
+        Kind::BoolValue(flag.is_true())
+    } else if let Ok(int) = value.cast::<PyInt>() {
+        Kind::IntValue(int.extract().map_err(|_| {
+            PyTypeError::new_err(format!("{int} does not fit in 64 bits, as an int must"))
+        })?)
+    } else if let Ok(float) = value.cast::<PyFloat>() {
+        Kind::FloatValue(float.value())
+    } else if let Ok(text) = value.cast::<PyString>() {
+        Kind::StringValue(text.to_str()?.to_owned())
+    } else if let Ok(data) = value.cast::<PyBytes>() {
+        Kind::BytesValue(Bytes::copy_from_slice(data.as_bytes()))
+    } else if let Ok(data) = value.cast::<PyByteArray>() {
+        Kind::BytesValue(Bytes::from(data.to_vec()))
+    } else if value.is_instance_of::<PyList>() || value.is_instance_of::<PyTuple>() {
+        let depth = deeper(depth)?;
+        let items = value
+            .try_iter()?
+            .map(|item| encode_at(&item?, depth))
+            .collect::<PyResult<_>>()?;
+        Kind::ListValue(proto::ListValue { items })
+    } else if let Ok(dict) = value.cast::<PyDict>() {
+        let entries = encode_entries(dict, deeper(depth)?)?;
+        Kind::DictValue(proto::DictValue { entries })
+    } else if is_numpy(value)? {
+        Kind::TensorValue(encode_array(value)?)
+    } else {
+        return Err(PyTypeError::new_err(format!(
+            "cannot encode a {} for a remote operation: values are None, bool, int, float, str, \
+             bytes, list, tuple, dict with str keys and numpy arrays",
+            value.get_type().name()?
+        )));
+    };
+    Ok(proto::Value { kind: Some(kind) })
+}
+
+fn encode_entries(dict: &Bound<'_, PyDict>, depth: usize) -> PyResult<Vec<proto::DictEntry>> {
+    dict.iter()
+        .map(|(key, value)| {
+            let key = key.cast::<PyString>().map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "dict keys must be str, not {}",
+                    key.get_type()
+                        .name()
+                        .map_or_else(|_| "?".into(), |n| n.to_string())
+                ))
+            })?;
+            Ok(proto::DictEntry {
+                key: key.to_str()?.to_owned(),
+                value: Some(encode_at(&value, depth)?),
+            })
+        })
+        .collect()
+}
+
+fn deeper(depth: usize) -> PyResult<usize> {
+    if depth >= MAX_DEPTH {
+        return Err(PyTypeError::new_err(format!(
+            "cannot encode lists and dicts nested more than {MAX_DEPTH} deep"
+        )));
+    }
+    Ok(depth + 1)
+}
+
+fn is_numpy(value: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let py = value.py();
+    Ok(value.is_instance(NDARRAY.import(py, "numpy", "ndarray")?)?
+        || value.is_instance(NUMPY_SCALAR.import(py, "numpy", "generic")?)?)
+}
+
+/// An array (or numpy scalar, which becomes a 0-d array; `numpy.float64` is a float already) as `distsrv.tensors.to_wire` lays it
+/// out for the exchange: dtype code, shape, C-order bytes.
+fn encode_array(array: &Bound<'_, PyAny>) -> PyResult<proto::TensorProto> {
+    let py = array.py();
+    let to_wire = TO_WIRE.import(py, "distsrv.tensors", "to_wire")?;
+    let (dtype, shape, flat): (i32, Vec<u64>, Bound<'_, PyAny>) =
+        to_wire.call1((array,))?.extract()?;
+    let meta = TensorMeta::checked(dtype, shape).map_err(to_py)?;
+    let data = PyBuffer::<u8>::get(&flat)?.to_vec(py)?;
+    Ok(codec::tensor_proto(&meta, Bytes::from(data)))
+}
+
+pub fn decode(py: Python<'_>, value: proto::Value) -> PyResult<Bound<'_, PyAny>> {
+    let Some(kind) = value.kind else {
+        return Err(malformed("a Value with no kind set"));
+    };
+    Ok(match kind {
+        Kind::NullValue(_) => py.None().into_bound(py),
+        Kind::BoolValue(flag) => PyBool::new(py, flag).to_owned().into_any(),
+        Kind::IntValue(int) => int.into_pyobject(py)?.into_any(),
+        Kind::FloatValue(float) => PyFloat::new(py, float).into_any(),
+        Kind::StringValue(text) => PyString::new(py, &text).into_any(),
+        Kind::BytesValue(data) => PyBytes::new(py, &data).into_any(),
+        Kind::ListValue(list) => {
+            let items = list
+                .items
+                .into_iter()
+                .map(|item| decode(py, item))
+                .collect::<PyResult<Vec<_>>>()?;
+            PyList::new(py, items)?.into_any()
+        }
+        Kind::DictValue(dict) => decode_entries(py, dict.entries)?.into_any(),
+        Kind::TensorValue(tensor) => decode_array(py, tensor)?,
+    })
+}
+
+/// A dict (keyword arguments too) from its entries.
+pub fn decode_entries(
+    py: Python<'_>,
+    entries: Vec<proto::DictEntry>,
+) -> PyResult<Bound<'_, PyDict>> {
+    let count = entries.len();
+    let dict = PyDict::new(py);
+    for entry in entries {
+        let value = entry
+            .value
+            .ok_or_else(|| malformed(&format!("entry {:?} has no value", entry.key)))?;
+        dict.set_item(entry.key, decode(py, value)?)?;
+    }
+    if dict.len() != count {
+        return Err(malformed("a dict with a repeated key"));
+    }
+    Ok(dict)
+}
+
+fn decode_array(py: Python<'_>, tensor: proto::TensorProto) -> PyResult<Bound<'_, PyAny>> {
+    let (meta, data) = codec::from_tensor_proto(tensor).map_err(to_py)?;
+    let data = TensorBytes::new(TensorBuf::from_slice(&data));
+    let from_wire = FROM_WIRE.import(py, "distsrv.tensors", "from_wire")?;
+    from_wire.call1((meta.dtype as i32, meta.shape, data))
+}
+
+fn malformed(what: &str) -> PyErr {
+    to_py(Error::invalid_argument(format!("malformed value: {what}")))
+}
