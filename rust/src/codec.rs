@@ -274,16 +274,7 @@ pub fn tensor_proto(meta: &TensorMeta, data: Bytes) -> proto::TensorProto {
 
 /// A tensor's description and bytes, checked to agree.
 pub fn from_tensor_proto(tensor: proto::TensorProto) -> Result<(TensorMeta, Bytes)> {
-    let shape = tensor
-        .tensor_shape
-        .unwrap_or_default()
-        .dim
-        .iter()
-        .map(|dim| {
-            u64::try_from(dim.size)
-                .map_err(|_| Error::invalid_argument(format!("negative dimension {}", dim.size)))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let shape = dims(&tensor.tensor_shape.unwrap_or_default())?;
     let meta = TensorMeta::new(tensor.dtype, shape, tensor.tensor_content.len() as u64)?;
     Ok((meta, tensor.tensor_content))
 }
@@ -305,26 +296,28 @@ pub fn parse_header(header: &proto::TensorHeader) -> Result<(TensorKey, TensorMe
         .source
         .as_ref()
         .ok_or_else(|| Error::invalid_argument("the tensor header names no source task"))?;
-    let shape = header.shape.clone().unwrap_or_default();
+    let shape = dims(&header.shape.clone().unwrap_or_default())?;
+    let meta = TensorMeta::new(header.dtype, shape, header.total_bytes)?;
+    let key = TensorKey {
+        source: TaskId::from_proto(source)?,
+        name: header.name.clone(),
+    };
+    Ok((key, meta))
+}
+
+/// A shape's dimensions, which must be known and not negative.
+fn dims(shape: &proto::TensorShapeProto) -> Result<Vec<u64>> {
     if shape.unknown_rank {
-        return Err(Error::invalid_argument(
-            "a sent tensor must have a known rank",
-        ));
+        return Err(Error::invalid_argument("a tensor must have a known rank"));
     }
-    let dims = shape
+    shape
         .dim
         .iter()
         .map(|d| {
             u64::try_from(d.size)
                 .map_err(|_| Error::invalid_argument(format!("negative dimension {}", d.size)))
         })
-        .collect::<Result<Vec<_>>>()?;
-    let meta = TensorMeta::new(header.dtype, dims, header.total_bytes)?;
-    let key = TensorKey {
-        source: TaskId::from_proto(source)?,
-        name: header.name.clone(),
-    };
-    Ok((key, meta))
+        .collect()
 }
 
 /// gRPC's length prefix: an uncompressed flag and the message length, big-endian.
