@@ -1,21 +1,33 @@
 //! The Rust exchange loop alone (no Python): one tensor sent and received between two servers in
-//! this process over loopback gRPC, so regressions show where they come from.
+//! this process, through shared memory (the same-host path) and over loopback gRPC, so
+//! regressions show where they come from.
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use distsrv::cluster::TaskId;
 use distsrv::codec::TensorMeta;
+use distsrv::config::ServerConfig;
 use distsrv::proto::DataType;
 
 #[path = "../rust/tests/common/mod.rs"]
 mod common;
 
 fn exchange(c: &mut Criterion) {
-    let mut servers = common::cluster(2, 2);
+    for (transport, shared_memory) in [("shm", true), ("grpc", false)] {
+        send_recv(c, transport, shared_memory);
+    }
+}
+
+fn send_recv(c: &mut Criterion, transport: &str, shared_memory: bool) {
+    let config = ServerConfig {
+        shared_memory,
+        ..ServerConfig::default()
+    };
+    let mut servers = common::cluster_with(2, 2, config);
     let b = servers.pop().expect("two servers");
     let a = servers.pop().expect("two servers");
     let runtime = a.runtime().expect("running");
-    let mut group = c.benchmark_group("send_recv");
+    let mut group = c.benchmark_group(format!("send_recv_{transport}"));
     for size in [4usize << 10, 1 << 20, 64 << 20] {
         let meta =
             TensorMeta::checked(DataType::DtFloat as i32, vec![(size / 4) as u64]).expect("meta");
@@ -48,7 +60,10 @@ fn exchange(c: &mut Criterion) {
         });
     }
     group.finish();
-    // A generated unary call's round trip: the transport's floor for small tensors.
+    if shared_memory {
+        return;
+    }
+    // A generated unary call's round trip: the gRPC transport's floor for small tensors.
     let peer = TaskId::new("w", 1);
     c.bench_function("get_status_round_trip", |bench| {
         bench.iter(|| {

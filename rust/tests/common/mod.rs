@@ -14,7 +14,14 @@ fn free_port() -> u16 {
 }
 
 /// Running servers for the first `started` of `count` tasks of job "w".
+#[allow(dead_code)] // Each test crate uses one of the two.
 pub fn cluster(count: u32, started: u32) -> Vec<Server> {
+    cluster_with(count, started, ServerConfig::default())
+}
+
+/// Like [`cluster`], with `config` for every server.
+#[allow(dead_code)]
+pub fn cluster_with(count: u32, started: u32, config: ServerConfig) -> Vec<Server> {
     let tasks = (0..count).map(|i| (i, format!("127.0.0.1:{}", free_port())));
     let jobs = Jobs::from([("w".to_owned(), BTreeMap::from_iter(tasks))]);
     let cluster = Cluster::new(jobs).expect("a valid cluster");
@@ -26,7 +33,7 @@ pub fn cluster(count: u32, started: u32) -> Vec<Server> {
                 protocol: "grpc".into(),
                 port: 0,
             };
-            let server = Server::bind(def, ServerConfig::default()).expect("bind");
+            let server = Server::bind(def, config.clone()).expect("bind");
             server.start().expect("start");
             server
         })
