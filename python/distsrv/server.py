@@ -303,10 +303,11 @@ class Server:
     # -- collectives --------------------------------------------------------------------------
     #
     # A collective runs over a group: every task of the cluster by default, a job's tasks, or
-    # the tasks listed. Every member must call the group's collectives in the same order. A rank
-    # is a member's position in (job, index) order. Members that disagree on dtype or shape all
-    # raise InvalidArgumentError; a member that cannot be reached for ``config.connect_timeout``
-    # makes the others raise UnavailableError; ``timeout`` bounds the whole call.
+    # the tasks listed. Every member must call the group's collectives in the same order, with
+    # the same op (which is not checked across members). A rank is a member's position in
+    # (job, index) order. Members that disagree on dtype or shape all raise InvalidArgumentError;
+    # a member that cannot be reached for ``config.connect_timeout`` makes the others raise
+    # UnavailableError; ``timeout`` bounds the whole call.
 
     def all_reduce(
         self,
