@@ -32,12 +32,11 @@ impl Variables {
             .map_err(|_| Error::invalid_argument(format!("unknown variable op {}", request.op)))?;
         let name = request.name;
         if op == Op::Read {
-            let variable = self.get(&name)?;
-            let variable = lock(&variable);
+            let value = self.read(&name)?;
             return Ok(VariableResponse {
                 value: Some(codec::tensor_proto(
-                    &variable.meta,
-                    Bytes::copy_from_slice(variable.data.as_slice()),
+                    &value.meta,
+                    Bytes::from_owner(value.data),
                 )),
             });
         }
@@ -82,6 +81,16 @@ impl Variables {
         Ok(VariableResponse::default())
     }
 
+    /// A copy of the variable's current value.
+    pub fn read(&self, name: &str) -> Result<Tensor> {
+        let variable = self.get(name)?;
+        let variable = lock(&variable);
+        Ok(Tensor {
+            meta: variable.meta.clone(),
+            data: TensorBuf::from_slice(variable.data.as_slice()),
+        })
+    }
+
     fn get(&self, name: &str) -> Result<Arc<Mutex<Tensor>>> {
         let by_name = self.by_name.lock().unwrap_or_else(|e| e.into_inner());
         by_name.get(name).cloned().ok_or_else(|| {
@@ -97,7 +106,8 @@ fn lock(variable: &Mutex<Tensor>) -> MutexGuard<'_, Tensor> {
     variable.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Applies `request` to the variable `host` has: here, or through that task's server.
+/// Applies `request` to the variable `host` has: here, or through that task's server. A read
+/// gives the value, copied once here (into an aligned buffer) whichever task holds it.
 pub async fn call(
     host: &TaskId,
     request: VariableRequest,
@@ -105,14 +115,19 @@ pub async fn call(
     me: &TaskId,
     peers: &Peers,
     max_message_bytes: usize,
-) -> Result<VariableResponse> {
+) -> Result<Option<Tensor>> {
     let what = format!(
         "{:?} of variable {:?} on {host}",
         request.op(),
         request.name
     );
     if host == me {
-        return local.apply(request).map_err(|e| e.context(what));
+        let done = if request.op() == Op::Read {
+            local.read(&request.name).map(Some)
+        } else {
+            local.apply(request).map(|_| None)
+        };
+        return done.map_err(|e| e.context(what));
     }
     peers.cluster().require(host)?;
     let channel = peers.channel(host).await?;
@@ -122,7 +137,14 @@ pub async fn call(
         .variable_op(request)
         .await
         .map_err(|status| Error::from(status).context(what))?;
-    Ok(response.into_inner())
+    let Some(value) = response.into_inner().value else {
+        return Ok(None);
+    };
+    let (meta, data) = codec::from_tensor_proto(value)?;
+    Ok(Some(Tensor {
+        meta,
+        data: TensorBuf::from_slice(&data),
+    }))
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use super::handlers::PyHandler;
 use super::tensor::{HeldBuffer, TensorBytes};
 use super::values;
 use crate::cluster::{Cluster, Jobs, ServerDef, TaskId, format_address};
-use crate::codec::{Tensor, TensorBuf, TensorMeta};
+use crate::codec::{Tensor, TensorMeta};
 use crate::collectives::{Collective, Group};
 use crate::config::ServerConfig;
 use crate::errors::{Error, Result};
@@ -447,14 +447,7 @@ impl NativeServer {
         if let Some(held) = held {
             held.release(py);
         }
-        let Some(value) = response?.into_py()?.value else {
-            return Ok(None);
-        };
-        let (meta, data) = crate::codec::from_tensor_proto(value).into_py()?;
-        Ok(Some(tensor_parts(Tensor {
-            meta,
-            data: TensorBuf::from_slice(&data),
-        })))
+        Ok(response?.into_py()?.map(tensor_parts))
     }
 
     /// Tensors this task sent through shared memory and over gRPC, and received through shared
