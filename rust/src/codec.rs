@@ -335,6 +335,23 @@ pub fn frame_message(message: &impl Message) -> Bytes {
     out.freeze()
 }
 
+/// The one gRPC-framed message that is the whole of `framed`.
+pub fn unframe_message<M: Message + Default>(framed: &[u8]) -> Result<M> {
+    let Some((&[compressed, a, b, c, d], message)) = framed.split_first_chunk::<5>() else {
+        return Err(Error::data_loss(format!(
+            "{} bytes are not a gRPC message",
+            framed.len()
+        )));
+    };
+    let declared = u32::from_be_bytes([a, b, c, d]) as usize;
+    if compressed != 0 || message.len() != declared {
+        return Err(Error::data_loss(format!(
+            "not one uncompressed {declared}-byte gRPC message"
+        )));
+    }
+    M::decode(message).map_err(|e| Error::invalid_argument(format!("an undecodable message: {e}")))
+}
+
 /// Tensors up to this size travel as one frame: copying them costs less than the transport's
 /// per-frame work.
 const COALESCE_BYTES: usize = 64 << 10;
@@ -626,6 +643,24 @@ mod tests {
             parser.feed(Bytes::copy_from_slice(piece), &mut |_| Ok(()))?;
         }
         parser.finish()
+    }
+
+    #[test]
+    fn a_framed_message_unframes_and_anything_else_is_refused() {
+        let reply = proto::SendTensorResponse {
+            received_bytes: 4096,
+        };
+        let framed = frame_message(&reply);
+        let back: proto::SendTensorResponse = unframe_message(&framed).unwrap();
+        assert_eq!(back, reply);
+        for broken in [&framed[..4], &framed[..framed.len() - 1]] {
+            let error = unframe_message::<proto::SendTensorResponse>(broken).unwrap_err();
+            assert_eq!(error.code, crate::errors::Code::DataLoss);
+        }
+        let mut compressed = framed.to_vec();
+        compressed[0] = 1;
+        let error = unframe_message::<proto::SendTensorResponse>(&compressed).unwrap_err();
+        assert_eq!(error.code, crate::errors::Code::DataLoss);
     }
 
     #[test]

@@ -15,8 +15,6 @@ use bytes::Bytes;
 use futures::future::Either;
 use http_body_util::BodyExt;
 use tokio::sync::oneshot;
-use tonic::codec::Streaming;
-use tonic_prost::ProstDecoder;
 
 use crate::cluster::TaskId;
 use crate::codec::{self, ChunkParser, Tensor, TensorBuf, TensorKey, TensorMeta};
@@ -54,7 +52,8 @@ impl Exchange {
         }
     }
 
-    /// Starts sending `payload` (row-major bytes of a `meta` tensor) to `to` under `name`.
+    /// Starts sending `payload` (row-major bytes of a `meta` tensor) to `to` under `name`, over
+    /// the server runtime's connections.
     ///
     /// The send's place in the order of sends to the same (task, name) is taken now, so the
     /// returned future may run on any thread and still deliver in call order. It resolves once the
@@ -62,6 +61,19 @@ impl Exchange {
     /// at once.
     pub fn send(
         &self,
+        to: TaskId,
+        name: String,
+        meta: TensorMeta,
+        payload: Bytes,
+    ) -> Result<impl Future<Output = Result<()>> + Send + 'static> {
+        self.send_via(&self.peers, to, name, meta, payload)
+    }
+
+    /// Like [`Exchange::send`], over `connections`: those of the runtime that will drive the
+    /// future (a blocking send drives its own, on the caller runtime).
+    pub fn send_via(
+        &self,
+        connections: &Arc<Peers>,
         to: TaskId,
         name: String,
         meta: TensorMeta,
@@ -91,6 +103,7 @@ impl Exchange {
         }
         let turn = self.order.take_turn(&to, &key.name);
         let peers = Arc::clone(&self.peers);
+        let connections = Arc::clone(connections);
         let shm = Arc::clone(&self.shm);
         let chunk = self.chunk_bytes;
         Ok(Either::Right(async move {
@@ -101,7 +114,7 @@ impl Exchange {
                 Some(link) => link.send(&header, &payload).await,
                 None => {
                     push(
-                        &peers,
+                        &connections,
                         &to,
                         codec::tensor_frames(&header, payload, chunk),
                         total,
@@ -214,59 +227,43 @@ impl Exchange {
 
 /// Streams the frames of one tensor to `to` and waits for its acknowledgement.
 async fn push(peers: &Peers, to: &TaskId, frames: Vec<Bytes>, total: u64) -> Result<()> {
-    let (mut connection, uri) = peers.push_connection(to, SEND_TENSOR_PATH).await?;
-    // One frame goes as a complete body, so it carries END_STREAM itself instead of being
-    // followed by an empty frame that costs the receiver another wake-up.
-    let body = match <[Bytes; 1]>::try_from(frames) {
-        Ok([frame]) => tonic::body::Body::new(http_body_util::Full::new(frame)),
-        Err(frames) => {
-            tonic::body::Body::new(http_body_util::StreamBody::new(futures::stream::iter(
-                frames
-                    .into_iter()
-                    .map(|frame| Ok::<_, tonic::Status>(http_body::Frame::data(frame))),
-            )))
-        }
-    };
+    let (connection, uri) = peers.push_connection(to, SEND_TENSOR_PATH).await?;
     let request = http::Request::builder()
         .method(http::Method::POST)
         .uri(uri)
         .header(http::header::CONTENT_TYPE, "application/grpc")
         .header(http::header::TE, "trailers")
-        .body(body)
+        .body(())
         .map_err(|e| Error::internal(format!("cannot build the request: {e}")))?;
-    let sent = async {
-        connection.ready().await?;
-        connection.send_request(request).await
-    };
-    let response = sent.await.map_err(|e: hyper::Error| {
-        // hyper's own message ("connection error") says little; its causes say what.
-        let mut why = e.to_string();
-        let mut cause = std::error::Error::source(&e);
-        while let Some(inner) = cause {
-            why = format!("{why}: {inner}");
-            cause = inner.source();
-        }
-        Error::unavailable(why)
-    })?;
+    let mut requests = connection.requests.ready().await.map_err(broken)?;
+    let (response, mut body) = requests.send_request(request, false).map_err(broken)?;
+    // Every frame is queued before the connection next writes, so a small tensor's headers and
+    // payload leave in one write. HTTP/2 holds what flow control does not let out yet: the
+    // frames are slices of the caller's buffer, so holding them costs no memory.
+    let last = frames.len().saturating_sub(1);
+    for (index, frame) in frames.into_iter().enumerate() {
+        body.send_data(frame, index == last).map_err(broken)?;
+    }
+    let response = response.await.map_err(broken)?;
     if let Some(status) = tonic::Status::from_header_map(response.headers())
         && status.code() != Code::Ok
     {
         return Err(status.into());
     }
-    let status_code = response.status();
-    let mut replies = Streaming::new_response(
-        ProstDecoder::<proto::SendTensorResponse>::default(),
-        tonic::body::Body::new(response.into_body()),
-        status_code,
-        None,
-        None,
-    );
-    let reply = replies
-        .message()
-        .await?
-        .ok_or_else(|| Error::internal("the receiver acknowledged nothing"))?;
-    // Reading on to the end surfaces a non-OK status sent in the trailers.
-    while replies.message().await?.is_some() {}
+    let mut answer = response.into_body();
+    let mut reply = bytes::BytesMut::new();
+    while let Some(data) = answer.data().await {
+        let data = data.map_err(broken)?;
+        let _ = answer.flow_control().release_capacity(data.len());
+        reply.extend_from_slice(&data);
+    }
+    let trailers = answer.trailers().await.map_err(broken)?.unwrap_or_default();
+    match tonic::Status::from_header_map(&trailers) {
+        Some(status) if status.code() == Code::Ok => {}
+        Some(status) => return Err(status.into()),
+        None => return Err(Error::internal("the receiver's answer carries no status")),
+    }
+    let reply: proto::SendTensorResponse = codec::unframe_message(&reply)?;
     if reply.received_bytes != total {
         return Err(Error::data_loss(format!(
             "the receiver kept {} of {total} bytes",
@@ -274,6 +271,14 @@ async fn push(peers: &Peers, to: &TaskId, frames: Vec<Bytes>, total: u64) -> Res
         )));
     }
     Ok(())
+}
+
+/// A push cut short by the connection or the peer.
+fn broken(error: h2::Error) -> Error {
+    Error::unavailable(match error.get_io() {
+        Some(io) => format!("the connection broke: {io}"),
+        None => error.to_string(),
+    })
 }
 
 /// Bytes counted against the inbox's limit until dropped.

@@ -1,10 +1,12 @@
 //! Client connections to the other tasks of the cluster, made on first use and shared by every
 //! call to that peer: a tonic channel for the generated RPCs, and a bare HTTP/2 connection for
-//! tensor pushes, whose requests go from the calling task straight into HTTP/2 instead of through
-//! the channel's buffer task (a thread hand-off per call, much of a small tensor's time).
+//! tensor pushes. A push's request goes from the calling task straight into HTTP/2, headers and
+//! payload together, instead of through the channel's buffer task and a body task: each of those
+//! hand-offs is a thread wake-up and a socket write of its own, much of a small tensor's time.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::OnceCell;
@@ -22,8 +24,16 @@ pub const CONNECTION_WINDOW_BYTES: u32 = 64 << 20;
 /// Largest HTTP/2 frame a server accepts (and so a client sends); bigger frames mean fewer per-frame costs for tensor payloads.
 pub const MAX_FRAME_BYTES: u32 = 1 << 20;
 
+/// How often a wait on a peer checks that the peer is still there.
+const LIVENESS_CHECK: Duration = Duration::from_millis(250);
+
 /// A bare HTTP/2 connection to a peer's server.
-pub type PushConnection = hyper::client::conn::http2::SendRequest<tonic::body::Body>;
+#[derive(Clone)]
+pub struct PushConnection {
+    pub requests: h2::client::SendRequest<bytes::Bytes>,
+    /// Set once the connection has ended, so the next push connects again.
+    closed: Arc<AtomicBool>,
+}
 
 pub struct Peers {
     cluster: Cluster,
@@ -32,6 +42,9 @@ pub struct Peers {
     /// each making its own.
     channels: Mutex<HashMap<TaskId, Arc<OnceCell<Channel>>>>,
     pushes: Mutex<HashMap<TaskId, PushConnection>>,
+    /// Ticks every [`LIVENESS_CHECK`] for the waits that watch a peer. One shared timer, not one
+    /// per wait: a wait's own timer would wake the runtime to register it, at every receive.
+    liveness_ticks: OnceLock<tokio::sync::watch::Receiver<()>>,
 }
 
 impl Peers {
@@ -41,6 +54,7 @@ impl Peers {
             connect_timeout: config.connect_timeout,
             channels: Mutex::new(HashMap::new()),
             pushes: Mutex::new(HashMap::new()),
+            liveness_ticks: OnceLock::new(),
         }
     }
 
@@ -83,22 +97,26 @@ impl Peers {
             .unwrap_or_else(|e| e.into_inner())
             .get(task)
             .cloned();
-        if let Some(connection) = cached.filter(|c| !c.is_closed()) {
+        if let Some(connection) = cached.filter(|c| !c.closed.load(Ordering::Acquire)) {
             return Ok((connection, uri));
         }
         let connect = || async {
             let stream = tokio::net::TcpStream::connect(address).await?;
             stream.set_nodelay(true)?;
-            let (connection, driver) =
-                hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .initial_stream_window_size(STREAM_WINDOW_BYTES)
-                    .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-                    .max_frame_size(MAX_FRAME_BYTES)
-                    .handshake(hyper_util::rt::TokioIo::new(stream))
-                    .await
-                    .map_err(std::io::Error::other)?;
-            tokio::spawn(driver);
-            Ok::<_, std::io::Error>(connection)
+            let (requests, driver) = h2::client::Builder::new()
+                .initial_window_size(STREAM_WINDOW_BYTES)
+                .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+                .max_frame_size(MAX_FRAME_BYTES)
+                .handshake(stream)
+                .await
+                .map_err(std::io::Error::other)?;
+            let closed = Arc::new(AtomicBool::new(false));
+            let ended = Arc::clone(&closed);
+            tokio::spawn(async move {
+                let _ = driver.await;
+                ended.store(true, Ordering::Release);
+            });
+            Ok::<_, std::io::Error>(PushConnection { requests, closed })
         };
         let connection =
             tokio::time::timeout(self.connect_timeout, self.retrying(task, address, connect))
@@ -155,17 +173,44 @@ impl Peers {
         Ok(response.into_inner())
     }
 
-    /// Resolves only when `task` has been unreachable for the connect timeout, checking a few
-    /// times a second; its answer to GetStatus proves it alive.
+    /// Resolves only when `task` has been unreachable for the connect timeout, checking at every
+    /// liveness tick; its answer to GetStatus proves it alive. Called on the server's runtime.
     pub async fn unreachable(&self, task: &TaskId) -> Error {
+        let mut ticks = self
+            .liveness_ticks
+            .get_or_init(|| {
+                let (tick, ticks) = tokio::sync::watch::channel(());
+                tokio::spawn(async move {
+                    let mut interval = tokio::time::interval(LIVENESS_CHECK);
+                    loop {
+                        interval.tick().await;
+                        tick.send_replace(());
+                    }
+                });
+                ticks
+            })
+            .clone();
+        ticks.mark_unchanged();
         loop {
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            if ticks.changed().await.is_err() {
+                // The runtime is stopping; its stop ends this wait.
+                std::future::pending::<()>().await;
+            }
             if let Err(error) = self.status(task).await
                 && error.code == Code::Unavailable
             {
                 return error;
             }
         }
+    }
+
+    /// Closes every connection, once the runtimes that drove them have stopped.
+    pub fn disconnect(&self) {
+        self.lock().clear();
+        self.pushes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TaskId, Arc<OnceCell<Channel>>>> {

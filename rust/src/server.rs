@@ -288,6 +288,8 @@ impl Server {
             serve.abort();
         });
         runtime.shutdown_timeout(Duration::from_secs(1));
+        self.task.peers.disconnect();
+        self.task.caller_peers.disconnect();
         let mut state = self.lifecycle.lock();
         if state.status == Status::Closing {
             self.lifecycle.set(&mut state, Status::Closed);

@@ -40,7 +40,7 @@ pub struct Task {
     pub devices: Vec<proto::DeviceAttributes>,
     pub peers: Arc<Peers>,
     /// The same peers, connected on the server's caller runtime (`Server::caller_runtime`).
-    pub caller_peers: Peers,
+    pub caller_peers: Arc<Peers>,
     pub exchange: Arc<Exchange>,
     pub collectives: Collectives,
     /// The parameter-server variables this task hosts.
@@ -56,7 +56,7 @@ impl Task {
         let exchange = Arc::new(Exchange::new(def.task.clone(), Arc::clone(&peers), &config));
         let operations = Operations::new(def.task.clone(), &config);
         Self {
-            caller_peers: Peers::new(def.cluster.clone(), &config),
+            caller_peers: Arc::new(Peers::new(def.cluster.clone(), &config)),
             incarnation: rand::random::<u64>() | 1,
             devices: devices::discover(&def.task),
             calls: Arc::new(tokio::sync::Semaphore::new(config.connection_limit)),

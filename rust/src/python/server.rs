@@ -24,6 +24,7 @@ use crate::codec::{Tensor, TensorMeta};
 use crate::collectives::{Collective, Group};
 use crate::config::ServerConfig;
 use crate::errors::{Error, Result};
+use crate::peers::Peers;
 use crate::proto;
 use crate::reduce::ReduceOp;
 use crate::registry;
@@ -225,9 +226,13 @@ impl NativeServer {
         shape: Vec<u64>,
         data: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
-        let (held, future, runtime) = self.start_send(to, name, dtype, shape, data)?;
-        let sent = wait_interruptibly(py, &runtime, future);
+        let server = self.server()?;
+        let runtime = server.caller_runtime().into_py()?;
+        let (held, future) =
+            self.start_send(&server.task().caller_peers, to, name, dtype, shape, data)?;
+        let sent = drive_interruptibly(py, &runtime, future);
         held.release(py);
+        py.detach(|| drop(runtime));
         sent?.into_py()
     }
 
@@ -240,7 +245,9 @@ impl NativeServer {
         shape: Vec<u64>,
         data: &Bound<'_, PyAny>,
     ) -> PyResult<Pending> {
-        let (held, future, runtime) = self.start_send(to, name, dtype, shape, data)?;
+        let server = self.server()?;
+        let runtime = server.runtime().into_py()?;
+        let (held, future) = self.start_send(&server.task().peers, to, name, dtype, shape, data)?;
         let (done, finished) = completion_pipe()?;
         let task = runtime.spawn(async move {
             let _done = finished;
@@ -641,24 +648,25 @@ impl NativeServer {
         done?.map(tensor_parts).into_py()
     }
 
+    /// Starts a send over `connections`, those of the runtime that will drive it.
     fn start_send(
         &self,
+        connections: &Arc<Peers>,
         to: (String, u32),
         name: String,
         dtype: i32,
         shape: Vec<u64>,
         data: &Bound<'_, PyAny>,
-    ) -> PyResult<(HeldBuffer, SendFuture, Handle)> {
-        let server = self.server()?;
-        let runtime = server.runtime().into_py()?;
+    ) -> PyResult<(HeldBuffer, SendFuture)> {
         let meta = TensorMeta::checked(dtype, shape).into_py()?;
         let (held, payload) = HeldBuffer::hold(data)?;
-        let future = server
+        let future = self
+            .server()?
             .task()
             .exchange
-            .send(TaskId::new(to.0, to.1), name, meta, payload)
+            .send_via(connections, TaskId::new(to.0, to.1), name, meta, payload)
             .into_py()?;
-        Ok((held, Box::pin(future), runtime))
+        Ok((held, Box::pin(future)))
     }
 }
 

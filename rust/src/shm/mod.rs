@@ -66,6 +66,9 @@ pub struct Shm {
     routes: Mutex<HashMap<TaskId, Route>>,
     /// One handshake at a time, so concurrent first sends to a peer make one link.
     dialing: tokio::sync::Mutex<()>,
+    /// The server's runtime while it serves, which owns every link's socket and reader whichever
+    /// thread dials. Let go at close: a handle keeps the runtime's descriptors open.
+    runtime: Mutex<Option<tokio::runtime::Handle>>,
     shm_sent: AtomicU64,
     grpc_sent: AtomicU64,
     shm_received: Arc<AtomicU64>,
@@ -95,6 +98,7 @@ impl Shm {
             pool: Arc::default(),
             routes: Mutex::new(HashMap::new()),
             dialing: tokio::sync::Mutex::new(()),
+            runtime: Mutex::new(None),
             shm_sent: AtomicU64::new(0),
             grpc_sent: AtomicU64::new(0),
             shm_received: Arc::default(),
@@ -110,7 +114,7 @@ impl Shm {
     }
 
     /// The link to `to` if it is on this host, dialling it on first use; `None`: use gRPC.
-    pub async fn route(&self, peers: &Peers, to: &TaskId) -> Option<Arc<Link>> {
+    pub async fn route(self: &Arc<Self>, peers: &Arc<Peers>, to: &TaskId) -> Option<Arc<Link>> {
         let link = self.try_route(peers, to).await;
         let counter = if link.is_some() {
             &self.shm_sent
@@ -121,7 +125,7 @@ impl Shm {
         link
     }
 
-    async fn try_route(&self, peers: &Peers, to: &TaskId) -> Option<Arc<Link>> {
+    async fn try_route(self: &Arc<Self>, peers: &Arc<Peers>, to: &TaskId) -> Option<Arc<Link>> {
         if !self.enabled {
             return None;
         }
@@ -132,7 +136,22 @@ impl Shm {
         if let Some(route) = self.known(to) {
             return route;
         }
-        match self.dial(peers, to).await {
+        let runtime = self
+            .runtime
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let dialled = match runtime {
+            Some(runtime) => {
+                let (shm, peers, to) = (Arc::clone(self), Arc::clone(peers), to.clone());
+                runtime
+                    .spawn(async move { shm.dial(&peers, &to).await })
+                    .await
+                    .unwrap_or_else(|e| Err(Error::unavailable(format!("the dial ended: {e}"))))
+            }
+            None => self.dial(peers, to).await,
+        };
+        match dialled {
             Ok(link) => {
                 self.lock_routes()
                     .insert(to.clone(), Route::Shm(Arc::clone(&link)));
@@ -239,6 +258,8 @@ impl Shm {
     /// Accepts links on this task's socket until the runtime stops. Spawned once, at start.
     pub fn serve(exchange: &Arc<Exchange>) {
         let shm = exchange.shm();
+        *shm.runtime.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(tokio::runtime::Handle::current());
         let Some(listener) = shm
             .listener
             .lock()
@@ -274,6 +295,10 @@ impl Shm {
             }
         }
         self.pool.close();
+        self.runtime
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         self.listener
             .lock()
             .unwrap_or_else(|e| e.into_inner())
