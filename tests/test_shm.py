@@ -124,6 +124,30 @@ def test_received_segments_outlive_the_server_and_are_reused(pair) -> None:
     assert _memfds() == []
 
 
+@pytest.mark.parametrize("blocking", [True, False], ids=["send", "isend"])
+def test_a_restarted_peer_is_reached_again_through_shared_memory(blocking: bool) -> None:
+    spec = pair_cluster(2)
+    a, b = _pair(spec)
+    try:
+        for round_ in range(2):
+            for size in (16, 16, INLINE_BYTES):  # inline on the link, then through a segment
+                array = np.full(size, round_, np.float32)
+                if blocking:
+                    a.send("t", array, to=B)
+                else:
+                    a.isend("t", array, to=B).wait(timeout=10)
+                np.testing.assert_array_equal(b.recv("t", source=A, timeout=10), array)
+            # The first tensor to the restarted task may take gRPC: the handshake's connection
+            # broke with the old one. The link is dialled again for the next.
+            assert b.transport_counts()["shm_received"] >= (3 if round_ == 0 else 2)
+            b.stop(grace=0)
+            # The same task again, on the same port: the link to the old one has hung up.
+            b = distsrv.Server(spec, "worker", 1, config=distsrv.ServerConfig(connect_timeout=2.0))
+    finally:
+        a.stop(grace=0)
+        b.stop(grace=0)
+
+
 def test_many_threads_many_sizes(pair) -> None:
     a, b = pair
     sizes = [0, 1, 1000, INLINE_BYTES // 4, INLINE_BYTES // 4 + 1, 300_000, 2_000_000]

@@ -102,7 +102,6 @@ impl Exchange {
             return Ok(Either::Left(std::future::ready(Ok(()))));
         }
         let turn = self.order.take_turn(&to, &key.name);
-        let peers = Arc::clone(&self.peers);
         let connections = Arc::clone(connections);
         let shm = Arc::clone(&self.shm);
         let chunk = self.chunk_bytes;
@@ -110,7 +109,7 @@ impl Exchange {
             let _turn = turn.wait().await;
             let total = payload.len() as u64;
             let header = codec::header(&key, &meta);
-            let sent = match shm.route(&peers, &to).await {
+            let sent = match shm.route(&connections, &to).await {
                 Some(link) => link.send(&header, &payload).await,
                 None => {
                     push(

@@ -1,6 +1,6 @@
 //! Client connections to the other tasks of the cluster, made on first use and shared by every
-//! call to that peer: a tonic channel for the generated RPCs, and a bare HTTP/2 connection for
-//! tensor pushes. A push's request goes from the calling task straight into HTTP/2, headers and
+//! call to that peer: a tonic channel for the generated RPCs, a bare HTTP/2 connection for
+//! tensor pushes, and a same-host link where the peer shares this host. A push's request goes from the calling task straight into HTTP/2, headers and
 //! payload together, instead of through the channel's buffer task and a body task: each of those
 //! hand-offs is a thread wake-up and a socket write of its own, much of a small tensor's time.
 
@@ -17,6 +17,7 @@ use crate::config::ServerConfig;
 use crate::errors::{Code, Error, Result};
 use crate::proto;
 use crate::proto::worker_client::WorkerClient;
+use crate::shm::Links;
 
 /// HTTP/2 flow-control windows: h2's 64 KiB default stalls a fast link every few frames.
 pub const STREAM_WINDOW_BYTES: u32 = 16 << 20;
@@ -42,6 +43,8 @@ pub struct Peers {
     /// each making its own.
     channels: Mutex<HashMap<TaskId, Arc<OnceCell<Channel>>>>,
     pushes: Mutex<HashMap<TaskId, PushConnection>>,
+    /// Same-host links to the peers that share this host (see `shm`).
+    links: Links,
     /// Ticks every [`LIVENESS_CHECK`] for the waits that watch a peer. One shared timer, not one
     /// per wait: a wait's own timer would wake the runtime to register it, at every receive.
     liveness_ticks: OnceLock<tokio::sync::watch::Receiver<()>>,
@@ -54,6 +57,7 @@ impl Peers {
             connect_timeout: config.connect_timeout,
             channels: Mutex::new(HashMap::new()),
             pushes: Mutex::new(HashMap::new()),
+            links: Links::default(),
             liveness_ticks: OnceLock::new(),
         }
     }
@@ -204,8 +208,15 @@ impl Peers {
         }
     }
 
-    /// Closes every connection, once the runtimes that drove them have stopped.
+    /// The same-host links of these connections.
+    pub fn links(&self) -> &Links {
+        &self.links
+    }
+
+    /// Closes every connection: sends on a same-host link fail at once, and the sockets close
+    /// once nothing in flight holds them.
     pub fn disconnect(&self) {
+        self.links.close();
         self.lock().clear();
         self.pushes
             .lock()

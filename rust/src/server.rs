@@ -247,6 +247,9 @@ impl Server {
                 }
                 Status::Running => {
                     self.task.exchange.close();
+                    // Sends on same-host links fail now rather than at the runtime's end.
+                    self.task.peers.disconnect();
+                    self.task.caller_peers.disconnect();
                     self.task.operations.close();
                     self.lifecycle.set(&mut state, Status::Closing);
                     state.serving.take()
@@ -288,6 +291,7 @@ impl Server {
             serve.abort();
         });
         runtime.shutdown_timeout(Duration::from_secs(1));
+        // Again, for connections made while calls drained.
         self.task.peers.disconnect();
         self.task.caller_peers.disconnect();
         let mut state = self.lifecycle.lock();

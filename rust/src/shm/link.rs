@@ -1,19 +1,23 @@
 //! One task's same-host link to another: a unix socket that carries control messages and small
 //! tensors, and segments of the receiver's shared memory that carry large ones.
 //!
-//! The sender's half ([`Link`]) may carry many tensors at once, each under its own id; a task on
-//! the runtime reads the receiver's answers and hands each to the send waiting for it. The
-//! receiver's half ([`serve`]) handles one message at a time and answers in order. A tensor is
-//! acknowledged only once it is in the receiver's inbox, as over gRPC.
+//! The sender's half ([`Link`]) may carry many tensors at once, each under its own id. The sends
+//! waiting for answers read them themselves, one at a time, each handing on the answers that
+//! are not its own: a lone blocking send writes its tensor and reads its acknowledgement on its
+//! own thread, with no other thread woken on its side. The receiver's half ([`serve`]) handles
+//! one message at a time and answers in order. A tensor is acknowledged only once it is in the
+//! receiver's inbox, as over gRPC.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use prost::Message;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::os::fd::{AsRawFd, RawFd};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
-use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::oneshot;
 
 use super::segment::{Mapping, SegmentPool};
@@ -30,6 +34,8 @@ pub const INLINE_BYTES: usize = 64 << 10;
 const MAX_MESSAGE_BYTES: usize = 64 << 10;
 /// Mappings of the receiver's segments a sender keeps for reuse; more are unmapped.
 const CACHED_MAPPINGS: usize = 8;
+/// Read buffer of either side: a whole inline tensor and its message in one read.
+const READ_BUFFER_BYTES: usize = INLINE_BYTES + 4096;
 
 /// Writes one message, followed by `payload` (an inline tensor's bytes).
 async fn write_message<W: AsyncWrite + Unpin>(
@@ -97,6 +103,10 @@ pub struct Link {
     pid: u32,
     /// `None` once closed: dropping the write half ends the stream, and the receiver lets go.
     writer: tokio::sync::Mutex<Option<OwnedWriteHalf>>,
+    /// The answers, read by whichever waiting send holds this.
+    reader: tokio::sync::Mutex<BufReader<OwnedReadHalf>>,
+    /// The socket, polled for a hang-up while no send reads it.
+    socket: RawFd,
     waiters: Mutex<Waiters>,
     broken: AtomicBool,
     next_id: AtomicU64,
@@ -113,7 +123,9 @@ impl Link {
         pid: u32,
         ticket: Vec<u8>,
     ) -> Result<Arc<Self>> {
-        let (mut reader, mut writer) = stream.into_split();
+        let socket = stream.as_raw_fd();
+        let (reader, mut writer) = stream.into_split();
+        let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, reader);
         write_message(&mut writer, &message(0, Kind::Hello(ticket)), &[])
             .await
             .map_err(|e| Error::unavailable(format!("cannot greet {peer}: {e}")))?;
@@ -128,31 +140,37 @@ impl Link {
                 )));
             }
         }
-        let link = Arc::new(Self {
+        Ok(Arc::new(Self {
             peer,
             pid,
             writer: tokio::sync::Mutex::new(Some(writer)),
+            reader: tokio::sync::Mutex::new(reader),
+            socket,
             waiters: Mutex::new(HashMap::new()),
             broken: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             mappings: Mutex::new(VecDeque::new()),
-        });
-        let reading = Arc::clone(&link);
-        tokio::spawn(async move {
-            while let Ok(Some(answer)) = read_message(&mut reader).await {
-                let waiter = reading.lock_waiters().remove(&answer.id);
-                if let Some(waiter) = waiter {
-                    let _ = waiter.send(answer);
-                }
-            }
-            reading.break_off();
-        });
-        Ok(link)
+        }))
     }
 
-    /// Whether the link can carry no more tensors (closed, or the peer went away).
+    /// Whether the link can carry no more tensors: closed, or the peer went away. Nobody reads an
+    /// idle link, so the socket itself is asked whether the peer hung up.
     pub fn is_broken(&self) -> bool {
-        self.broken.load(Ordering::Acquire)
+        if self.broken.load(Ordering::Acquire) {
+            return true;
+        }
+        let mut poll = libc::pollfd {
+            fd: self.socket,
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; the socket lives as long as `self.reader`.
+        let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+        if ready > 0 && poll.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+            self.break_off();
+            return true;
+        }
+        false
     }
 
     /// Sends one tensor and returns once the receiver holds it. A send abandoned half-way closes
@@ -193,7 +211,7 @@ impl Link {
     async fn request(&self, request: ShmMessage, payload: &[u8]) -> Result<Kind> {
         let (sender, answer) = oneshot::channel();
         self.lock_waiters().insert(request.id, sender);
-        if self.is_broken() {
+        if self.broken.load(Ordering::Acquire) {
             self.lock_waiters().remove(&request.id);
             return Err(self.gone());
         }
@@ -204,10 +222,39 @@ impl Link {
                 .await
                 .map_err(|e| Error::unavailable(format!("the link to {} broke: {e}", self.peer)))?;
         }
-        match answer.await.map_err(|_| self.gone())?.kind {
+        match self.answer(answer).await?.kind {
             Some(Kind::Error(error)) => Err(Error::new(Code::from(error.code), error.message)),
             Some(kind) => Ok(kind),
             None => Err(Error::internal("an empty answer on the link")),
+        }
+    }
+
+    /// Waits for the answer `answer` will carry: reads the link itself once no other send is
+    /// reading it, handing every other answer to its send, until this one has come.
+    async fn answer(&self, mut answer: oneshot::Receiver<ShmMessage>) -> Result<ShmMessage> {
+        let mut reader = tokio::select! {
+            biased;
+            answered = &mut answer => return answered.map_err(|_| self.gone()),
+            reader = self.reader.lock() => reader,
+        };
+        loop {
+            match answer.try_recv() {
+                Ok(answered) => return Ok(answered),
+                Err(oneshot::error::TryRecvError::Closed) => return Err(self.gone()),
+                Err(oneshot::error::TryRecvError::Empty) => {}
+            }
+            match read_message(&mut *reader).await {
+                Ok(Some(answered)) => {
+                    let waiter = self.lock_waiters().remove(&answered.id);
+                    if let Some(waiter) = waiter {
+                        let _ = waiter.send(answered);
+                    }
+                }
+                Ok(None) | Err(_) => {
+                    self.break_off();
+                    return Err(self.gone());
+                }
+            }
         }
     }
 
@@ -307,8 +354,10 @@ pub async fn serve(
     write_message(&mut stream, &message(0, Kind::Welcome(true)), &[])
         .await
         .map_err(|e| Error::unavailable(e.to_string()))?;
+    let (reader, mut writer) = stream.split();
+    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, reader);
     let mut grants: HashMap<u64, Grant> = HashMap::new();
-    while let Some(request) = read_message(&mut stream).await? {
+    while let Some(request) = read_message(&mut reader).await? {
         let id = request.id;
         let answer = match request.kind {
             Some(Kind::Inline(header)) => {
@@ -318,7 +367,7 @@ pub async fn serve(
                     return Err(Error::invalid_argument("an inline tensor too large"));
                 }
                 let mut data = TensorBuf::new(total);
-                stream
+                reader
                     .read_exact(data.as_mut_slice())
                     .await
                     .map_err(|e| Error::unavailable(format!("the link broke mid-tensor: {e}")))?;
@@ -379,7 +428,7 @@ pub async fn serve(
         if matches!(answer, Kind::Ack(_)) {
             received.fetch_add(1, Ordering::Relaxed);
         }
-        write_message(&mut stream, &message(id, answer), &[])
+        write_message(&mut writer, &message(id, answer), &[])
             .await
             .map_err(|e| Error::unavailable(format!("cannot answer on the link: {e}")))?;
     }

@@ -46,6 +46,43 @@ enum Route {
     Grpc,
 }
 
+/// The routes of one [`Peers`], that is of one runtime: per peer, its link or gRPC.
+#[derive(Default)]
+pub struct Links {
+    routes: Mutex<HashMap<TaskId, Route>>,
+    /// One handshake at a time, so concurrent first sends to a peer make one link.
+    dialing: tokio::sync::Mutex<()>,
+}
+
+impl Links {
+    /// The settled route to `to`, if any: `Some(None)` means gRPC.
+    fn known(&self, to: &TaskId) -> Option<Option<Arc<Link>>> {
+        match self.lock().get(to)? {
+            Route::Grpc => Some(None),
+            Route::Shm(link) if !link.is_broken() => Some(Some(Arc::clone(link))),
+            Route::Shm(_) => None,
+        }
+    }
+
+    fn set(&self, to: &TaskId, route: Route) {
+        self.lock().insert(to.clone(), route);
+    }
+
+    /// Closes every link: sends on them fail, and their peers free what they lent.
+    pub fn close(&self) {
+        let routes = std::mem::take(&mut *self.lock());
+        for route in routes.into_values() {
+            if let Route::Shm(link) = route {
+                link.close();
+            }
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<TaskId, Route>> {
+        self.routes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// Tensors sent and received over each transport, for tests and diagnostics.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Counts {
@@ -63,12 +100,6 @@ pub struct Shm {
     listener: Mutex<Option<std::os::unix::net::UnixListener>>,
     tickets: Mutex<HashMap<Vec<u8>, (TaskId, u32)>>,
     pool: Arc<SegmentPool>,
-    routes: Mutex<HashMap<TaskId, Route>>,
-    /// One handshake at a time, so concurrent first sends to a peer make one link.
-    dialing: tokio::sync::Mutex<()>,
-    /// The server's runtime while it serves, which owns every link's socket and reader whichever
-    /// thread dials. Let go at close: a handle keeps the runtime's descriptors open.
-    runtime: Mutex<Option<tokio::runtime::Handle>>,
     shm_sent: AtomicU64,
     grpc_sent: AtomicU64,
     shm_received: Arc<AtomicU64>,
@@ -96,9 +127,6 @@ impl Shm {
             listener: Mutex::new(listener),
             tickets: Mutex::new(HashMap::new()),
             pool: Arc::default(),
-            routes: Mutex::new(HashMap::new()),
-            dialing: tokio::sync::Mutex::new(()),
-            runtime: Mutex::new(None),
             shm_sent: AtomicU64::new(0),
             grpc_sent: AtomicU64::new(0),
             shm_received: Arc::default(),
@@ -113,8 +141,10 @@ impl Shm {
         }
     }
 
-    /// The link to `to` if it is on this host, dialling it on first use; `None`: use gRPC.
-    pub async fn route(self: &Arc<Self>, peers: &Arc<Peers>, to: &TaskId) -> Option<Arc<Link>> {
+    /// The link to `to` among `peers`' connections if `to` is on this host, dialling it on
+    /// first use; `None`: use gRPC. Each runtime has its own links (in its [`Peers`]), because a
+    /// link's socket answers to the runtime it was dialled on.
+    pub async fn route(&self, peers: &Peers, to: &TaskId) -> Option<Arc<Link>> {
         let link = self.try_route(peers, to).await;
         let counter = if link.is_some() {
             &self.shm_sent
@@ -125,53 +155,37 @@ impl Shm {
         link
     }
 
-    async fn try_route(self: &Arc<Self>, peers: &Arc<Peers>, to: &TaskId) -> Option<Arc<Link>> {
+    async fn try_route(&self, peers: &Peers, to: &TaskId) -> Option<Arc<Link>> {
         if !self.enabled {
             return None;
         }
-        if let Some(route) = self.known(to) {
+        let links = peers.links();
+        if let Some(route) = links.known(to) {
             return route;
         }
-        let _dialing = self.dialing.lock().await;
-        if let Some(route) = self.known(to) {
+        let _dialing = links.dialing.lock().await;
+        if let Some(route) = links.known(to) {
             return route;
         }
-        let runtime = self
-            .runtime
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let dialled = match runtime {
-            Some(runtime) => {
-                let (shm, peers, to) = (Arc::clone(self), Arc::clone(peers), to.clone());
-                runtime
-                    .spawn(async move { shm.dial(&peers, &to).await })
-                    .await
-                    .unwrap_or_else(|e| Err(Error::unavailable(format!("the dial ended: {e}"))))
-            }
-            None => self.dial(peers, to).await,
-        };
-        match dialled {
+        match self.dial(peers, to).await {
             Ok(link) => {
-                self.lock_routes()
-                    .insert(to.clone(), Route::Shm(Arc::clone(&link)));
+                links.set(to, Route::Shm(Arc::clone(&link)));
                 Some(link)
             }
-            // The peer is not up yet: gRPC waits for it, and the next send tries again.
-            Err(error) if error.code == Code::Unavailable => None,
-            Err(_) => {
-                self.lock_routes().insert(to.clone(), Route::Grpc);
+            // The peer is not up yet, or the connection to it broke (it restarted): gRPC waits
+            // for it, and the next send tries again.
+            Err(error)
+                if matches!(
+                    error.code,
+                    Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
+                ) =>
+            {
                 None
             }
-        }
-    }
-
-    /// The settled route to `to`, if any: `Some(None)` means gRPC.
-    fn known(&self, to: &TaskId) -> Option<Option<Arc<Link>>> {
-        match self.lock_routes().get(to)? {
-            Route::Grpc => Some(None),
-            Route::Shm(link) if !link.is_broken() => Some(Some(Arc::clone(link))),
-            Route::Shm(_) => None,
+            Err(_) => {
+                links.set(to, Route::Grpc);
+                None
+            }
         }
     }
 
@@ -258,8 +272,6 @@ impl Shm {
     /// Accepts links on this task's socket until the runtime stops. Spawned once, at start.
     pub fn serve(exchange: &Arc<Exchange>) {
         let shm = exchange.shm();
-        *shm.runtime.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(tokio::runtime::Handle::current());
         let Some(listener) = shm
             .listener
             .lock()
@@ -286,27 +298,14 @@ impl Shm {
         });
     }
 
-    /// Stops both ways: links closed, idle segments freed, the socket no longer served.
+    /// Stops serving: idle segments freed, the socket no longer served. (The links this task
+    /// dialled belong to its [`Peers`], which close them.)
     pub fn close(&self) {
-        let routes = std::mem::take(&mut *self.lock_routes());
-        for route in routes.into_values() {
-            if let Route::Shm(link) = route {
-                link.close();
-            }
-        }
         self.pool.close();
-        self.runtime
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
         self.listener
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-    }
-
-    fn lock_routes(&self) -> MutexGuard<'_, HashMap<TaskId, Route>> {
-        self.routes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock_tickets(&self) -> MutexGuard<'_, HashMap<Vec<u8>, (TaskId, u32)>> {
