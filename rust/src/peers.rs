@@ -1,8 +1,9 @@
 //! Client connections to the other tasks of the cluster, made on first use and shared by every
 //! call to that peer: a tonic channel for the generated RPCs, a bare HTTP/2 connection for
-//! tensor pushes, and a same-host link where the peer shares this host. A push's request goes from the calling task straight into HTTP/2, headers and
-//! payload together, instead of through the channel's buffer task and a body task: each of those
-//! hand-offs is a thread wake-up and a socket write of its own, much of a small tensor's time.
+//! tensor pushes, and a same-host link where the peer shares this host. A push's request goes
+//! from the calling task straight into HTTP/2, headers and payload together, instead of through
+//! the channel's buffer task and a body task: each of those hand-offs is a thread wake-up and a
+//! socket write of its own, much of a small tensor's time.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
