@@ -125,8 +125,9 @@ pub struct TensorBuf {
 
 /// Buffers this large are recycled through [`POOL`] and backed by transparent huge pages.
 const LARGE_BYTES: usize = 1 << 20;
-/// What the pool may keep: enough for a training step's worth of gradients, bounded.
-const POOL_BUFFERS: usize = 8;
+/// What the pool may keep: enough for a training step's worth of gradients, or every piece of a
+/// large collective (64 MiB in 4 MiB pieces is 16 buffers), bounded.
+const POOL_BUFFERS: usize = 64;
 const POOL_BYTES: usize = 1 << 30;
 
 /// Freed large buffers, kept for the next tensor of about the same size. A fresh buffer costs a

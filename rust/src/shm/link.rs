@@ -20,7 +20,7 @@ use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::oneshot;
 
-use super::segment::{Mapping, SegmentPool};
+use super::segment::{Mapping, POOL_BYTES, POOL_SEGMENTS, SegmentPool};
 use crate::cluster::TaskId;
 use crate::codec::{self, Tensor, TensorBuf};
 use crate::errors::{Code, Error, Result};
@@ -32,8 +32,6 @@ use crate::proto::{self, ShmMessage, shm_message::Kind};
 pub const INLINE_BYTES: usize = 64 << 10;
 /// Bound on one control message (a tensor header is a few hundred bytes).
 const MAX_MESSAGE_BYTES: usize = 64 << 10;
-/// Mappings of the receiver's segments a sender keeps for reuse; more are unmapped.
-const CACHED_MAPPINGS: usize = 8;
 /// Read buffer of either side: a whole inline tensor and its message in one read.
 const READ_BUFFER_BYTES: usize = INLINE_BYTES + 4096;
 
@@ -110,7 +108,7 @@ pub struct Link {
     waiters: Mutex<Waiters>,
     broken: AtomicBool,
     next_id: AtomicU64,
-    /// The receiver's segments this side has mapped, newest last.
+    /// The receiver's segments this side has mapped, newest last, bounded like its pool.
     mappings: Mutex<VecDeque<(u64, Arc<Mapping>)>>,
 }
 
@@ -270,8 +268,12 @@ impl Link {
             grant.capacity as usize,
         )?);
         mappings.push_back((grant.segment, Arc::clone(&mapping)));
-        if mappings.len() > CACHED_MAPPINGS {
-            mappings.pop_front();
+        // As many as the receiver pools: a mapping of a segment it has since freed keeps that
+        // memory alive until evicted here.
+        let mut held: usize = mappings.iter().map(|(_, mapping)| mapping.len()).sum();
+        while mappings.len() > POOL_SEGMENTS || held > POOL_BYTES {
+            let (_, evicted) = mappings.pop_front().expect("over a bound, so not empty");
+            held -= evicted.len();
         }
         Ok(mapping)
     }

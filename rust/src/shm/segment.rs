@@ -19,9 +19,11 @@ use crate::errors::{Error, Result};
 
 /// Segments are sized in these steps, so tensors of nearly the same size share them.
 const GRANULE: usize = 1 << 20;
-/// What a pool keeps of idle segments, at most.
-const POOL_SEGMENTS: usize = 8;
-const POOL_BYTES: usize = 1 << 30;
+/// What a pool keeps of idle segments, at most. A collective on a large tensor holds every piece
+/// of it at once (64 MiB in 4 MiB pieces is 16 segments, each way), and a pool smaller than that
+/// makes every call map fresh pages.
+pub const POOL_SEGMENTS: usize = 64;
+pub const POOL_BYTES: usize = 1 << 30;
 
 /// A read-write shared mapping of a whole memory file; unmapped when dropped.
 pub struct Mapping {
@@ -305,6 +307,24 @@ mod tests {
         pool.close();
         drop((again, other));
         assert_eq!(pool.idle(), 0);
+    }
+
+    #[test]
+    fn the_pool_keeps_a_large_collective_s_pieces_and_no_more() {
+        let pool = Arc::new(SegmentPool::default());
+        let held: Vec<_> = (0..POOL_SEGMENTS + 2)
+            .map(|_| pool.take(4 << 20).unwrap())
+            .collect();
+        let ids: Vec<_> = held.iter().map(|segment| segment.region().id()).collect();
+        drop(held);
+        assert_eq!(pool.idle(), POOL_SEGMENTS);
+        let again: Vec<_> = (0..POOL_SEGMENTS)
+            .map(|_| pool.take(4 << 20).unwrap())
+            .collect();
+        let mut reused: Vec<_> = again.iter().map(|segment| segment.region().id()).collect();
+        reused.sort();
+        // The two oldest went; every other segment came back rather than a new one.
+        assert_eq!(reused, ids[2..]);
     }
 
     #[test]
