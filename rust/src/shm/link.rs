@@ -9,15 +9,17 @@
 //! receiver's inbox, as over gRPC.
 
 use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
 
 use prost::Message;
-use std::os::fd::{AsRawFd, RawFd};
-
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncReadExt, BufReader, Interest, ReadBuf};
 use tokio::sync::oneshot;
 
 use super::segment::{Mapping, POOL_BYTES, POOL_SEGMENTS, SegmentPool};
@@ -35,18 +37,101 @@ const MAX_MESSAGE_BYTES: usize = 64 << 10;
 /// Read buffer of either side: a whole inline tensor and its message in one read.
 const READ_BUFFER_BYTES: usize = INLINE_BYTES + 4096;
 
-/// Writes one message, followed by `payload` (an inline tensor's bytes).
-async fn write_message<W: AsyncWrite + Unpin>(
-    out: &mut W,
-    message: &ShmMessage,
-    payload: &[u8],
-) -> std::io::Result<()> {
-    let len = message.encoded_len();
-    let mut buffer = Vec::with_capacity(4 + len + payload.len());
-    buffer.extend_from_slice(&(len as u32).to_le_bytes());
-    message.encode(&mut buffer).expect("capacity reserved");
-    buffer.extend_from_slice(payload);
-    out.write_all(&buffer).await
+/// A link's socket, watched by the runtime for reading only. A unix socket signals write space
+/// each time its peer reads, so watching for writing too would wake the waiting thread once for
+/// every message the peer takes in, for nothing. Writes rarely wait; one that must watches a
+/// duplicate of the socket until it can go on.
+pub struct Socket(AsyncFd<UnixStream>);
+
+impl Socket {
+    pub fn new(stream: UnixStream) -> std::io::Result<Arc<Self>> {
+        Ok(Arc::new(Self(watch(stream, Interest::READABLE)?)))
+    }
+
+    /// The socket's incoming bytes, read through a buffer that holds a whole inline tensor.
+    pub fn reader(self: &Arc<Self>) -> BufReader<SocketReader> {
+        BufReader::with_capacity(READ_BUFFER_BYTES, SocketReader(Arc::clone(self)))
+    }
+
+    async fn write_all(&self, mut bytes: &[u8]) -> std::io::Result<()> {
+        let mut space = None;
+        while !bytes.is_empty() {
+            match (&mut self.0.get_ref()).write(bytes) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(written) => bytes = &bytes[written..],
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let space = match &mut space {
+                        Some(space) => space,
+                        None => {
+                            space.insert(watch(self.0.get_ref().try_clone()?, Interest::WRITABLE)?)
+                        }
+                    };
+                    space.writable().await?.clear_ready();
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes one message, followed by `payload` (an inline tensor's bytes).
+    async fn write_message(&self, message: &ShmMessage, payload: &[u8]) -> std::io::Result<()> {
+        let len = message.encoded_len();
+        let mut buffer = Vec::with_capacity(4 + len + payload.len());
+        buffer.extend_from_slice(&(len as u32).to_le_bytes());
+        message.encode(&mut buffer).expect("capacity reserved");
+        buffer.extend_from_slice(payload);
+        self.write_all(&buffer).await
+    }
+
+    /// Whether the peer hung up, asked of the socket itself (nobody may be reading it).
+    fn hung_up(&self) -> bool {
+        let mut poll = libc::pollfd {
+            fd: self.0.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd over a socket that lives as long as `self`.
+        let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+        ready > 0 && poll.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+    }
+
+    /// Ends this side's stream: the peer reads its end.
+    fn shut_down(&self) {
+        let _ = self.0.get_ref().shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// `stream`, made non-blocking and watched by the current runtime for `interest`.
+fn watch(stream: UnixStream, interest: Interest) -> std::io::Result<AsyncFd<UnixStream>> {
+    stream.set_nonblocking(true)?;
+    // SAFETY: the stream owns its descriptor, which nothing closes or replaces while the
+    // `AsyncFd` holds it.
+    Ok(unsafe { AsyncFd::register_with_interest(stream, interest) }?)
+}
+
+/// The reading side of a [`Socket`].
+pub struct SocketReader(Arc<Socket>);
+
+impl AsyncRead for SocketReader {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        loop {
+            let mut ready = ready!(self.0.0.poll_read_ready(context))?;
+            let unfilled = buf.initialize_unfilled();
+            match ready.try_io(|stream| (&mut stream.get_ref()).read(unfilled)) {
+                Ok(read) => {
+                    buf.advance(read?);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(_would_block) => continue,
+            }
+        }
+    }
 }
 
 /// Reads one message; `None` at a clean end of stream.
@@ -99,12 +184,11 @@ pub struct Link {
     peer: TaskId,
     /// The receiving process, whose segments are opened through `/proc/<pid>/fd`.
     pid: u32,
-    /// `None` once closed: dropping the write half ends the stream, and the receiver lets go.
-    writer: tokio::sync::Mutex<Option<OwnedWriteHalf>>,
+    socket: Arc<Socket>,
+    /// Held while a message is written, so that messages never interleave.
+    writing: tokio::sync::Mutex<()>,
     /// The answers, read by whichever waiting send holds this.
-    reader: tokio::sync::Mutex<BufReader<OwnedReadHalf>>,
-    /// The socket, polled for a hang-up while no send reads it.
-    socket: RawFd,
+    reader: tokio::sync::Mutex<BufReader<SocketReader>>,
     waiters: Mutex<Waiters>,
     broken: AtomicBool,
     next_id: AtomicU64,
@@ -121,10 +205,11 @@ impl Link {
         pid: u32,
         ticket: Vec<u8>,
     ) -> Result<Arc<Self>> {
-        let socket = stream.as_raw_fd();
-        let (reader, mut writer) = stream.into_split();
-        let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, reader);
-        write_message(&mut writer, &message(0, Kind::Hello(ticket)), &[])
+        let socket = Socket::new(stream)
+            .map_err(|e| Error::unavailable(format!("cannot watch the link to {peer}: {e}")))?;
+        let mut reader = socket.reader();
+        socket
+            .write_message(&message(0, Kind::Hello(ticket)), &[])
             .await
             .map_err(|e| Error::unavailable(format!("cannot greet {peer}: {e}")))?;
         match read_message(&mut reader).await? {
@@ -141,9 +226,9 @@ impl Link {
         Ok(Arc::new(Self {
             peer,
             pid,
-            writer: tokio::sync::Mutex::new(Some(writer)),
-            reader: tokio::sync::Mutex::new(reader),
             socket,
+            writing: tokio::sync::Mutex::new(()),
+            reader: tokio::sync::Mutex::new(reader),
             waiters: Mutex::new(HashMap::new()),
             broken: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
@@ -157,14 +242,7 @@ impl Link {
         if self.broken.load(Ordering::Acquire) {
             return true;
         }
-        let mut poll = libc::pollfd {
-            fd: self.socket,
-            events: libc::POLLRDHUP,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd; the socket lives as long as `self.reader`.
-        let ready = unsafe { libc::poll(&mut poll, 1, 0) };
-        if ready > 0 && poll.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+        if self.socket.hung_up() {
             self.break_off();
             return true;
         }
@@ -214,9 +292,12 @@ impl Link {
             return Err(self.gone());
         }
         {
-            let mut writer = self.writer.lock().await;
-            let writer = writer.as_mut().ok_or_else(|| self.gone())?;
-            write_message(writer, &request, payload)
+            let _writing = self.writing.lock().await;
+            if self.broken.load(Ordering::Acquire) {
+                return Err(self.gone());
+            }
+            self.socket
+                .write_message(&request, payload)
                 .await
                 .map_err(|e| Error::unavailable(format!("the link to {} broke: {e}", self.peer)))?;
         }
@@ -281,9 +362,7 @@ impl Link {
     /// Ends the link: the receiver sees the stream end and frees what it lent.
     pub fn close(&self) {
         self.broken.store(true, Ordering::Release);
-        if let Ok(mut writer) = self.writer.try_lock() {
-            writer.take();
-        }
+        self.socket.shut_down();
         self.mappings
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -326,8 +405,8 @@ impl Drop for Abandoned<'_> {
 // -- the receiver's half --------------------------------------------------------------------------
 
 /// The ticket a new connection presents first.
-pub async fn read_hello(stream: &mut UnixStream) -> Result<Vec<u8>> {
-    match read_message(stream).await? {
+pub async fn read_hello(reader: &mut BufReader<SocketReader>) -> Result<Vec<u8>> {
+    match read_message(reader).await? {
         Some(ShmMessage {
             kind: Some(Kind::Hello(ticket)),
             ..
@@ -347,17 +426,17 @@ struct Grant {
 /// Serves a link from `source` until it ends. Whatever was lent and not committed goes back when
 /// it does: a sender that dies mid-transfer delivers nothing.
 pub async fn serve(
-    mut stream: UnixStream,
+    socket: Arc<Socket>,
+    mut reader: BufReader<SocketReader>,
     source: TaskId,
     exchange: Arc<Exchange>,
     pool: Arc<SegmentPool>,
     received: Arc<AtomicU64>,
 ) -> Result<()> {
-    write_message(&mut stream, &message(0, Kind::Welcome(true)), &[])
+    socket
+        .write_message(&message(0, Kind::Welcome(true)), &[])
         .await
         .map_err(|e| Error::unavailable(e.to_string()))?;
-    let (reader, mut writer) = stream.split();
-    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, reader);
     let mut grants: HashMap<u64, Grant> = HashMap::new();
     while let Some(request) = read_message(&mut reader).await? {
         let id = request.id;
@@ -430,7 +509,8 @@ pub async fn serve(
         if matches!(answer, Kind::Ack(_)) {
             received.fetch_add(1, Ordering::Relaxed);
         }
-        write_message(&mut writer, &message(id, answer), &[])
+        socket
+            .write_message(&message(id, answer), &[])
             .await
             .map_err(|e| Error::unavailable(format!("cannot answer on the link: {e}")))?;
     }
@@ -454,4 +534,30 @@ fn check_source(key: &codec::TensorKey, source: &TaskId) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A write larger than the socket's buffer waits for the peer to drain it, although the
+    /// socket is watched for reading only.
+    #[tokio::test]
+    async fn a_write_past_the_socket_buffer_waits_for_the_reader() {
+        let (near, far) = UnixStream::pair().unwrap();
+        let (near, far) = (Socket::new(near).unwrap(), Socket::new(far).unwrap());
+        let sent: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 251) as u8).collect();
+        let reader = tokio::spawn(async move {
+            let mut reader = far.reader();
+            let mut received = vec![0u8; 8 << 20];
+            // Slowly, so that the writer finds the buffer full many times.
+            for chunk in received.chunks_mut(256 << 10) {
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                reader.read_exact(chunk).await.unwrap();
+            }
+            received
+        });
+        near.write_all(&sent).await.unwrap();
+        assert!(reader.await.unwrap() == sent);
+    }
 }

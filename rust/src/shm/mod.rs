@@ -30,6 +30,7 @@ use crate::peers::Peers;
 use crate::proto;
 use crate::proto::worker_client::WorkerClient;
 
+use link::Socket;
 pub use link::{INLINE_BYTES, Link};
 pub use segment::SegmentPool;
 
@@ -231,6 +232,9 @@ impl Shm {
                 "{to}'s socket belongs to another process"
             )));
         }
+        let stream = stream
+            .into_std()
+            .map_err(|e| Error::failed_precondition(format!("cannot take {to}'s socket: {e}")))?;
         Link::open(stream, to.clone(), answer.pid, answer.ticket).await
     }
 
@@ -315,18 +319,23 @@ impl Shm {
 
 /// Admits a connection that presents a ticket from a handshake, made by the process that proved
 /// itself there, and serves it.
-async fn accept(mut stream: tokio::net::UnixStream, exchange: Arc<Exchange>) -> Result<()> {
+async fn accept(stream: tokio::net::UnixStream, exchange: Arc<Exchange>) -> Result<()> {
     let shm = exchange.shm();
-    let hello = tokio::time::timeout(HELLO_TIMEOUT, link::read_hello(&mut stream))
+    let credentials = stream
+        .peer_cred()
+        .map_err(|e| Error::unavailable(e.to_string()))?;
+    let socket = stream
+        .into_std()
+        .and_then(Socket::new)
+        .map_err(|e| Error::unavailable(e.to_string()))?;
+    let mut reader = socket.reader();
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, link::read_hello(&mut reader))
         .await
         .map_err(|_| Error::deadline_exceeded("no hello on the link"))??;
     let (source, pid) = shm
         .lock_tickets()
         .remove(&hello)
         .ok_or_else(|| Error::new(Code::PermissionDenied, "an unknown ticket"))?;
-    let credentials = stream
-        .peer_cred()
-        .map_err(|e| Error::unavailable(e.to_string()))?;
     // SAFETY: getuid cannot fail.
     let uid = unsafe { libc::getuid() };
     if credentials.uid() != uid || credentials.pid() != Some(pid as i32) {
@@ -337,5 +346,13 @@ async fn accept(mut stream: tokio::net::UnixStream, exchange: Arc<Exchange>) -> 
     }
     let pool = Arc::clone(&shm.pool);
     let received = Arc::clone(&shm.shm_received);
-    link::serve(stream, source, Arc::clone(&exchange), pool, received).await
+    link::serve(
+        socket,
+        reader,
+        source,
+        Arc::clone(&exchange),
+        pool,
+        received,
+    )
+    .await
 }
