@@ -3,7 +3,8 @@
 Every peer does the same thing: a client calls a no-op operation (no arguments, None back) on a
 server in another process and waits for the answer. Measured: the round trip of one call at a
 time (median and 99th percentile), and calls per second from 1 and from 8 client threads.
-Peers: distsrv (`Server.call` to a Python handler), a stock Python grpcio server and client (a
+Peers: distsrv (`Server.call` to a Python handler; by default through the same-host link, and
+"distsrv gRPC" with it off, as calls between hosts go), a stock Python grpcio server and client (a
 unary method on raw bytes, so no protobuf work at all), and dask.distributed's `Server` and
 `rpc` when `distributed` is installed (`pip install '.[bench-dask]'`).
 
@@ -42,19 +43,23 @@ def noop() -> None:
 
 
 class Distsrv:
-    name = "distsrv"
+    """distsrv as it runs by default: calls between tasks of one host take the same-host link."""
 
-    @staticmethod
-    def spec(ports: list[int]) -> distsrv.ClusterSpec:
-        return distsrv.ClusterSpec({"bench": [f"{HOST}:{p}" for p in ports]})
+    name = "distsrv"
+    shared_memory = True
+
+    @classmethod
+    def make(cls, ports: list[int], index: int, **handlers: Any) -> distsrv.Server:
+        spec = distsrv.ClusterSpec({"bench": [f"{HOST}:{p}" for p in ports]})
+        config = distsrv.ServerConfig(shared_memory=cls.shared_memory)
+        return distsrv.Server(spec, "bench", index, config=config, handlers=handlers)
 
     @classmethod
     def serve(cls, ports: list[int]) -> Callable[[], None]:
-        server = distsrv.Server(cls.spec(ports), "bench", 1, handlers={"noop": noop})
-        return server.stop
+        return cls.make(ports, 1, noop=noop).stop
 
     def __init__(self, ports: list[int]) -> None:
-        self.server = distsrv.Server(self.spec(ports), "bench", 0)
+        self.server = self.make(ports, 0)
         self.server.wait_for_cluster(timeout=30)
 
     def caller(self) -> Callable[[], Any]:
@@ -63,6 +68,13 @@ class Distsrv:
 
     def close(self) -> None:
         self.server.stop()
+
+
+class DistsrvGrpc(Distsrv):
+    """distsrv with the same-host link off: every call over loopback gRPC, as between hosts."""
+
+    name = "distsrv gRPC"
+    shared_memory = False
 
 
 class Grpcio:
@@ -139,7 +151,12 @@ class Dask:
             loop.close()
 
 
-PEERS: dict[str, Any] = {"distsrv": Distsrv, "grpcio": Grpcio, "dask": Dask}
+PEERS: dict[str, Any] = {
+    "distsrv": Distsrv,
+    "distsrv-grpc": DistsrvGrpc,
+    "grpcio": Grpcio,
+    "dask": Dask,
+}
 
 
 # -- measuring ------------------------------------------------------------------------------------

@@ -31,9 +31,11 @@ def add(x: Any, y: Any) -> Any:
     return x + y
 
 
-@pytest.fixture
-def server() -> Iterator[distsrv.Server]:
-    server = distsrv.Server.create_local_server(handlers={"echo": echo, "add": add})
+@pytest.fixture(params=[True, False], ids=["same-host-link", "grpc"])
+def server(request: pytest.FixtureRequest) -> Iterator[distsrv.Server]:
+    """A server whose calls to itself go through its same-host link, or over gRPC."""
+    config = distsrv.ServerConfig(shared_memory=request.param)
+    server = distsrv.Server.create_local_server(config, handlers={"echo": echo, "add": add})
     yield server
     server.stop(grace=0)
 

@@ -71,7 +71,12 @@ def test_same_host_tensors_take_shared_memory(pair) -> None:
     a.send("large", large, to=B)
     np.testing.assert_array_equal(b.recv("small", source=A, timeout=10), small)
     np.testing.assert_array_equal(b.recv("large", source=A, timeout=10), large)
-    assert a.transport_counts() == {"shm_sent": 2, "grpc_sent": 0, "shm_received": 0}
+    assert a.transport_counts() == {
+        "shm_sent": 2,
+        "grpc_sent": 0,
+        "shm_received": 0,
+        "shm_calls_served": 0,
+    }
     assert b.transport_counts()["shm_received"] == 2
 
 
@@ -189,6 +194,55 @@ def test_collectives_take_shared_memory(pair) -> None:
     np.testing.assert_array_equal(results[0], mine)
     assert a.transport_counts()["shm_sent"] > 0
     assert a.transport_counts()["grpc_sent"] == 0
+
+
+def test_calls_between_tasks_of_one_host_take_the_link(pair) -> None:
+    a, b = pair
+    b.add_handler("scale", lambda x, by: {"scaled": x * by, "by": by})
+    large = np.arange(1 << 20, dtype=np.float32)
+    result = a.call(B, "scale", x=large, by=2)
+    np.testing.assert_array_equal(result["scaled"], large * 2)
+    assert result["by"] == 2
+    assert b.transport_counts()["shm_calls_served"] == 1
+    assert a.transport_counts()["shm_calls_served"] == 0
+
+
+@pytest.mark.parametrize(("shm_a", "shm_b"), [(False, True), (True, False)])
+def test_the_switch_keeps_calls_on_grpc_either_side(shm_a: bool, shm_b: bool) -> None:
+    a, b = _pair(pair_cluster(2), shm_a, shm_b)
+    try:
+        b.add_handler("echo", lambda value: value)
+        assert a.call(B, "echo", value=[1, "two"]) == [1, "two"]
+        assert b.transport_counts()["shm_calls_served"] == 0
+    finally:
+        a.stop(grace=0)
+        b.stop(grace=0)
+
+
+def test_a_call_given_up_leaves_the_link_serving(pair) -> None:
+    a, b = pair
+    release, finished = threading.Event(), threading.Event()
+
+    def slow() -> str:
+        release.wait(10)
+        finished.set()
+        return "late"
+
+    b.add_handler("slow", slow)
+    b.add_handler("echo", lambda value: value)
+    with pytest.raises(errors.DeadlineExceededError):
+        a.call(B, "slow", timeout=0.2)
+    # While the slow call still runs on B, its link goes on carrying tensors and calls.
+    a.send("t", np.arange(10), to=B)
+    np.testing.assert_array_equal(b.recv("t", source=A, timeout=10), np.arange(10))
+    assert a.call(B, "echo", value="on") == "on"
+    # Its late answer reaches nobody, and what follows is not mistaken for it.
+    release.set()
+    assert finished.wait(10)
+    time.sleep(0.2)
+    assert [a.call(B, "echo", value=i) for i in range(3)] == [0, 1, 2]
+    assert a.transport_counts()["grpc_sent"] == 0
+    assert b.transport_counts()["shm_calls_served"] == 5
 
 
 @pytest.mark.slow

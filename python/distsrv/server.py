@@ -241,7 +241,8 @@ class Server:
 
     def transport_counts(self) -> dict[str, int]:
         """How many tensors this task sent through shared memory (to tasks on its host) and over
-        gRPC, and received through shared memory: ``shm_sent``, ``grpc_sent``, ``shm_received``."""
+        gRPC, and received through shared memory: ``shm_sent``, ``grpc_sent``, ``shm_received``;
+        and how many remote operations it served through same-host links: ``shm_calls_served``."""
         return self._native.transport_counts()
 
     def local_devices(self) -> list[DeviceAttributes]:

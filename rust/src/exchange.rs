@@ -47,7 +47,11 @@ impl Exchange {
             chunk_bytes: config.chunk_bytes,
             inbox: Arc::new(Inbox::new(config.max_pending_bytes)),
             order: Arc::default(),
-            shm: Arc::new(Shm::new(me.clone(), config.shared_memory)),
+            shm: Arc::new(Shm::new(
+                me.clone(),
+                config.shared_memory,
+                config.max_message_bytes,
+            )),
             me,
         }
     }

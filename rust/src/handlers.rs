@@ -19,6 +19,7 @@ use crate::errors::{Error, Result};
 use crate::peers::Peers;
 use crate::proto;
 use crate::proto::worker_client::WorkerClient;
+use crate::shm::Shm;
 
 /// One call of an operation, as its handler receives it.
 pub struct Call {
@@ -49,6 +50,8 @@ where
 /// A task's operations: the handlers it serves, the ones it refuses, and its calls to peers.
 pub struct Operations {
     me: TaskId,
+    /// Calls to tasks of this host go through the same-host link, when there is one.
+    shm: Arc<Shm>,
     max_message_bytes: usize,
     handlers: RwLock<HashMap<String, Arc<dyn Handler>>>,
     blocked: RwLock<HashSet<String>>,
@@ -57,9 +60,10 @@ pub struct Operations {
 }
 
 impl Operations {
-    pub fn new(me: TaskId, config: &ServerConfig) -> Self {
+    pub fn new(me: TaskId, config: &ServerConfig, shm: Arc<Shm>) -> Self {
         Self {
             me,
+            shm,
             max_message_bytes: config.max_message_bytes,
             handlers: RwLock::default(),
             blocked: RwLock::default(),
@@ -142,12 +146,17 @@ impl Operations {
         timeout: Option<Duration>,
     ) -> Result<proto::Value> {
         let called = async {
-            let channel = peers.channel(&to).await?;
-            let mut request = tonic::Request::new(proto::CallRequest {
+            peers.cluster().require(&to)?;
+            let request = proto::CallRequest {
                 op: op.clone(),
                 kwargs: Some(proto::DictValue { entries: kwargs }),
                 caller: Some(self.me.to_proto()),
-            });
+            };
+            if let Some(link) = self.shm.link(peers, &to).await {
+                return link.call(&request, timeout).await;
+            }
+            let channel = peers.channel(&to).await?;
+            let mut request = tonic::Request::new(request);
             if let Some(timeout) = timeout {
                 request.set_timeout(timeout);
             }

@@ -207,7 +207,11 @@ impl Server {
                 .map_err(|e| Error::internal(format!("cannot serve the listener: {e}")))?;
             let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
             let (health, router) = service::router(&self.task);
-            crate::shm::Shm::serve(&self.task.exchange);
+            let task = Arc::clone(&self.task);
+            let calls: crate::shm::CallServer = Arc::new(move |caller, request, timeout| {
+                Box::pin(Arc::clone(&task).serve_linked_call(caller, request, timeout))
+            });
+            crate::shm::Shm::serve(&self.task.exchange, calls);
             let lifecycle = Arc::clone(&self.lifecycle);
             let serve = runtime.spawn(async move {
                 let served = router

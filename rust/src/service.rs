@@ -3,16 +3,18 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use tonic::body::Body;
+use tonic::metadata::MetadataMap;
 use tonic::server::NamedService;
 use tonic::transport::server::Router;
 use tonic::{Request, Response, Status};
 use tonic_health::server::HealthReporter;
 use tower::Service;
 
-use crate::cluster::ServerDef;
+use crate::cluster::{ServerDef, TaskId};
 use crate::codec::{self, TensorKey};
 use crate::collectives::Collectives;
 use crate::config::ServerConfig;
@@ -54,7 +56,7 @@ impl Task {
     pub fn new(def: ServerDef, config: ServerConfig) -> Self {
         let peers = Arc::new(Peers::new(def.cluster.clone(), &config));
         let exchange = Arc::new(Exchange::new(def.task.clone(), Arc::clone(&peers), &config));
-        let operations = Operations::new(def.task.clone(), &config);
+        let operations = Operations::new(def.task.clone(), &config, Arc::clone(exchange.shm()));
         Self {
             caller_peers: Arc::new(Peers::new(def.cluster.clone(), &config)),
             incarnation: rand::random::<u64>() | 1,
@@ -79,6 +81,31 @@ impl Task {
                 self.def.task, self.config.connection_limit
             ))
         })
+    }
+
+    /// Serves a remote operation that `caller` made through a same-host link: under the same
+    /// limit as calls over gRPC, and held to the caller's `timeout`.
+    pub async fn serve_linked_call(
+        self: Arc<Self>,
+        caller: TaskId,
+        mut request: proto::CallRequest,
+        timeout: Option<Duration>,
+    ) -> Result<proto::Value, Error> {
+        let _in_flight = self.admit()?;
+        // The link proved who calls, whatever the request says.
+        request.caller = Some(caller.to_proto());
+        let served = self.operations.serve(request, MetadataMap::new());
+        match timeout {
+            None => served.await,
+            Some(limit) => tokio::time::timeout(limit, served)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::deadline_exceeded(format!(
+                        "the call did not finish within {:.3}s",
+                        limit.as_secs_f64()
+                    )))
+                }),
+        }
     }
 
     /// Keeps `permit` (the call's place under the limit) until the response body has been handed

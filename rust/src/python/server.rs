@@ -458,13 +458,15 @@ impl NativeServer {
     }
 
     /// Tensors this task sent through shared memory and over gRPC, and received through shared
-    /// memory: `{"shm_sent": n, "grpc_sent": n, "shm_received": n}`.
+    /// memory, and remote operations it served through same-host links:
+    /// `{"shm_sent": n, "grpc_sent": n, "shm_received": n, "shm_calls_served": n}`.
     fn transport_counts(&self) -> PyResult<BTreeMap<&'static str, u64>> {
         let counts = self.server()?.task().exchange.shm().counts();
         Ok(BTreeMap::from([
             ("shm_sent", counts.shm_sent),
             ("grpc_sent", counts.grpc_sent),
             ("shm_received", counts.shm_received),
+            ("shm_calls_served", counts.shm_calls_served),
         ]))
     }
 

@@ -16,6 +16,10 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::future::BoxFuture;
 
 use prost::Message;
 use tokio::io::unix::AsyncFd;
@@ -41,11 +45,18 @@ const READ_BUFFER_BYTES: usize = INLINE_BYTES + 4096;
 /// each time its peer reads, so watching for writing too would wake the waiting thread once for
 /// every message the peer takes in, for nothing. Writes rarely wait; one that must watches a
 /// duplicate of the socket until it can go on.
-pub struct Socket(AsyncFd<UnixStream>);
+pub struct Socket {
+    watched: AsyncFd<UnixStream>,
+    /// Held while a message is written, so that messages never interleave.
+    writing: tokio::sync::Mutex<()>,
+}
 
 impl Socket {
     pub fn new(stream: UnixStream) -> std::io::Result<Arc<Self>> {
-        Ok(Arc::new(Self(watch(stream, Interest::READABLE)?)))
+        Ok(Arc::new(Self {
+            watched: watch(stream, Interest::READABLE)?,
+            writing: tokio::sync::Mutex::new(()),
+        }))
     }
 
     /// The socket's incoming bytes, read through a buffer that holds a whole inline tensor.
@@ -56,16 +67,17 @@ impl Socket {
     async fn write_all(&self, mut bytes: &[u8]) -> std::io::Result<()> {
         let mut space = None;
         while !bytes.is_empty() {
-            match (&mut self.0.get_ref()).write(bytes) {
+            match (&mut self.watched.get_ref()).write(bytes) {
                 Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
                 Ok(written) => bytes = &bytes[written..],
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     let space = match &mut space {
                         Some(space) => space,
-                        None => {
-                            space.insert(watch(self.0.get_ref().try_clone()?, Interest::WRITABLE)?)
-                        }
+                        None => space.insert(watch(
+                            self.watched.get_ref().try_clone()?,
+                            Interest::WRITABLE,
+                        )?),
                     };
                     space.writable().await?.clear_ready();
                 }
@@ -82,13 +94,14 @@ impl Socket {
         buffer.extend_from_slice(&(len as u32).to_le_bytes());
         message.encode(&mut buffer).expect("capacity reserved");
         buffer.extend_from_slice(payload);
+        let _writing = self.writing.lock().await;
         self.write_all(&buffer).await
     }
 
     /// Whether the peer hung up, asked of the socket itself (nobody may be reading it).
     fn hung_up(&self) -> bool {
         let mut poll = libc::pollfd {
-            fd: self.0.as_raw_fd(),
+            fd: self.watched.as_raw_fd(),
             events: libc::POLLRDHUP,
             revents: 0,
         };
@@ -99,7 +112,7 @@ impl Socket {
 
     /// Ends this side's stream: the peer reads its end.
     fn shut_down(&self) {
-        let _ = self.0.get_ref().shutdown(std::net::Shutdown::Write);
+        let _ = self.watched.get_ref().shutdown(std::net::Shutdown::Write);
     }
 }
 
@@ -121,7 +134,7 @@ impl AsyncRead for SocketReader {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         loop {
-            let mut ready = ready!(self.0.0.poll_read_ready(context))?;
+            let mut ready = ready!(self.0.watched.poll_read_ready(context))?;
             let unfilled = buf.initialize_unfilled();
             match ready.try_io(|stream| (&mut stream.get_ref()).read(unfilled)) {
                 Ok(read) => {
@@ -171,13 +184,100 @@ fn error_message(id: u64, error: &Error) -> ShmMessage {
         Kind::Error(proto::ShmError {
             code: error.code as i32,
             message: error.message.clone(),
+            task: error.task.clone().unwrap_or_default(),
+            exception_type: error.exception_type.clone().unwrap_or_default(),
         }),
     )
 }
 
+fn remote_error(error: proto::ShmError) -> Error {
+    let given = |text: String| (!text.is_empty()).then_some(text);
+    Error {
+        task: given(error.task),
+        exception_type: given(error.exception_type),
+        ..Error::new(Code::from(error.code), error.message)
+    }
+}
+
 // -- the sender's half ----------------------------------------------------------------------------
 
-type Waiters = HashMap<u64, oneshot::Sender<ShmMessage>>;
+type Waiters = HashMap<u64, oneshot::Sender<Answer>>;
+
+/// One answer on a link: its message and, for a call's result, the encoded response.
+struct Answer {
+    message: ShmMessage,
+    payload: Bytes,
+}
+
+/// The answers coming back on a link, parsed out of a buffer that keeps whatever has been read:
+/// a wait given up in the middle of an answer leaves the next reader where it stopped.
+struct Answers {
+    socket: SocketReader,
+    pending: BytesMut,
+    /// Bound on a result's payload.
+    max_payload: usize,
+}
+
+impl Answers {
+    /// The next answer; `None` at a clean end of stream.
+    async fn next(&mut self) -> Result<Option<Answer>> {
+        loop {
+            if let Some(answer) = self.parse()? {
+                return Ok(Some(answer));
+            }
+            if self.pending.capacity() - self.pending.len() < READ_BUFFER_BYTES {
+                self.pending.reserve(READ_BUFFER_BYTES);
+            }
+            let read = self
+                .socket
+                .read_buf(&mut self.pending)
+                .await
+                .map_err(|e| Error::unavailable(format!("the link broke: {e}")))?;
+            if read == 0 {
+                if self.pending.is_empty() {
+                    return Ok(None);
+                }
+                return Err(Error::unavailable("the link broke mid-message"));
+            }
+        }
+    }
+
+    /// The first whole answer in the buffer, taken out of it.
+    fn parse(&mut self) -> Result<Option<Answer>> {
+        let Some(prefix) = self.pending.first_chunk::<4>() else {
+            return Ok(None);
+        };
+        let len = u32::from_le_bytes(*prefix) as usize;
+        if len > MAX_MESSAGE_BYTES {
+            return Err(Error::invalid_argument(format!(
+                "a {len}-byte link message is off-protocol"
+            )));
+        }
+        let Some(body) = self.pending.get(4..4 + len) else {
+            return Ok(None);
+        };
+        let message = ShmMessage::decode(body)
+            .map_err(|e| Error::invalid_argument(format!("an undecodable link message: {e}")))?;
+        let payload = match message.kind {
+            Some(Kind::Result(bytes)) => bytes as usize,
+            _ => 0,
+        };
+        if payload > self.max_payload {
+            return Err(Error::invalid_argument(format!(
+                "a {payload}-byte result is past the limit of {} (max_message_bytes)",
+                self.max_payload
+            )));
+        }
+        let whole = 4 + len + payload;
+        if self.pending.len() < whole {
+            self.pending.reserve(whole - self.pending.len());
+            return Ok(None);
+        }
+        let mut frame = self.pending.split_to(whole).freeze();
+        let payload = frame.split_off(4 + len);
+        Ok(Some(Answer { message, payload }))
+    }
+}
 
 /// The sending side of a link to one peer task.
 pub struct Link {
@@ -185,10 +285,8 @@ pub struct Link {
     /// The receiving process, whose segments are opened through `/proc/<pid>/fd`.
     pid: u32,
     socket: Arc<Socket>,
-    /// Held while a message is written, so that messages never interleave.
-    writing: tokio::sync::Mutex<()>,
     /// The answers, read by whichever waiting send holds this.
-    reader: tokio::sync::Mutex<BufReader<SocketReader>>,
+    answers: tokio::sync::Mutex<Answers>,
     waiters: Mutex<Waiters>,
     broken: AtomicBool,
     next_id: AtomicU64,
@@ -199,22 +297,32 @@ pub struct Link {
 impl Link {
     /// Opens the link over a connected socket: presents the handshake's ticket and waits to be
     /// welcomed.
+    /// `max_result_bytes` bounds the results of calls.
     pub async fn open(
         stream: UnixStream,
         peer: TaskId,
         pid: u32,
         ticket: Vec<u8>,
+        max_result_bytes: usize,
     ) -> Result<Arc<Self>> {
         let socket = Socket::new(stream)
             .map_err(|e| Error::unavailable(format!("cannot watch the link to {peer}: {e}")))?;
-        let mut reader = socket.reader();
+        let mut answers = Answers {
+            socket: SocketReader(Arc::clone(&socket)),
+            pending: BytesMut::new(),
+            max_payload: max_result_bytes,
+        };
         socket
             .write_message(&message(0, Kind::Hello(ticket)), &[])
             .await
             .map_err(|e| Error::unavailable(format!("cannot greet {peer}: {e}")))?;
-        match read_message(&mut reader).await? {
-            Some(ShmMessage {
-                kind: Some(Kind::Welcome(_)),
+        match answers.next().await? {
+            Some(Answer {
+                message:
+                    ShmMessage {
+                        kind: Some(Kind::Welcome(_)),
+                        ..
+                    },
                 ..
             }) => {}
             _ => {
@@ -227,8 +335,7 @@ impl Link {
             peer,
             pid,
             socket,
-            writing: tokio::sync::Mutex::new(()),
-            reader: tokio::sync::Mutex::new(reader),
+            answers: tokio::sync::Mutex::new(answers),
             waiters: Mutex::new(HashMap::new()),
             broken: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
@@ -283,38 +390,70 @@ impl Link {
         }
     }
 
+    /// Runs operation `request.op` of the peer and returns its result. Unlike a send, a call may
+    /// be given up once its request is out (a timeout, Ctrl-C): its answer is dropped on arrival.
+    /// The peer holds the call to `timeout` too.
+    pub async fn call(
+        &self,
+        request: &proto::CallRequest,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<proto::Value> {
+        let encoded = request.encode_to_vec();
+        let call = proto::ShmCall {
+            request_bytes: encoded.len() as u64,
+            timeout_seconds: timeout.map_or(0.0, |limit| limit.as_secs_f64()),
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let answer = self
+            .exchange(message(id, Kind::Call(call)), &encoded)
+            .await?;
+        match answer.message.kind {
+            Some(Kind::Result(_)) => proto::CallResponse::decode(answer.payload)?
+                .result
+                .ok_or_else(|| Error::invalid_argument("the response carries no result")),
+            _ => Err(Error::internal("the receiver answered a call off-protocol")),
+        }
+    }
+
     /// Sends `request` and waits for the answer under its id; an error answer becomes `Err`.
     async fn request(&self, request: ShmMessage, payload: &[u8]) -> Result<Kind> {
+        self.exchange(request, payload)
+            .await?
+            .message
+            .kind
+            .ok_or_else(|| Error::internal("an empty answer on the link"))
+    }
+
+    /// Writes `request` and its payload, then waits for the answer under its id; an error answer
+    /// becomes `Err`. A message cut off half-way (this future dropped, or a failed write) closes
+    /// the link, whose stream can no longer be read.
+    async fn exchange(&self, request: ShmMessage, payload: &[u8]) -> Result<Answer> {
         let (sender, answer) = oneshot::channel();
         self.lock_waiters().insert(request.id, sender);
+        let _waiting = Waiting(self, request.id);
         if self.broken.load(Ordering::Acquire) {
-            self.lock_waiters().remove(&request.id);
             return Err(self.gone());
         }
-        {
-            let _writing = self.writing.lock().await;
-            if self.broken.load(Ordering::Acquire) {
-                return Err(self.gone());
-            }
-            self.socket
-                .write_message(&request, payload)
-                .await
-                .map_err(|e| Error::unavailable(format!("the link to {} broke: {e}", self.peer)))?;
-        }
-        match self.answer(answer).await?.kind {
-            Some(Kind::Error(error)) => Err(Error::new(Code::from(error.code), error.message)),
-            Some(kind) => Ok(kind),
-            None => Err(Error::internal("an empty answer on the link")),
+        let mut cut_off = Abandoned(Some(self));
+        self.socket
+            .write_message(&request, payload)
+            .await
+            .map_err(|e| Error::unavailable(format!("the link to {} broke: {e}", self.peer)))?;
+        cut_off.0 = None;
+        let answer = self.answer(answer).await?;
+        match answer.message.kind {
+            Some(Kind::Error(error)) => Err(remote_error(error)),
+            _ => Ok(answer),
         }
     }
 
     /// Waits for the answer `answer` will carry: reads the link itself once no other send is
     /// reading it, handing every other answer to its send, until this one has come.
-    async fn answer(&self, mut answer: oneshot::Receiver<ShmMessage>) -> Result<ShmMessage> {
-        let mut reader = tokio::select! {
+    async fn answer(&self, mut answer: oneshot::Receiver<Answer>) -> Result<Answer> {
+        let mut answers = tokio::select! {
             biased;
             answered = &mut answer => return answered.map_err(|_| self.gone()),
-            reader = self.reader.lock() => reader,
+            answers = self.answers.lock() => answers,
         };
         loop {
             match answer.try_recv() {
@@ -322,9 +461,9 @@ impl Link {
                 Err(oneshot::error::TryRecvError::Closed) => return Err(self.gone()),
                 Err(oneshot::error::TryRecvError::Empty) => {}
             }
-            match read_message(&mut *reader).await {
+            match answers.next().await {
                 Ok(Some(answered)) => {
-                    let waiter = self.lock_waiters().remove(&answered.id);
+                    let waiter = self.lock_waiters().remove(&answered.message.id);
                     if let Some(waiter) = waiter {
                         let _ = waiter.send(answered);
                     }
@@ -390,6 +529,15 @@ impl Link {
     }
 }
 
+/// Forgets a request's waiter when its wait ends, answered or not.
+struct Waiting<'a>(&'a Link, u64);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.lock_waiters().remove(&self.1);
+    }
+}
+
 /// Closes the link if a send stops half-way (its future dropped, or an error mid-transfer).
 struct Abandoned<'a>(Option<&'a Link>);
 
@@ -415,6 +563,26 @@ pub async fn read_hello(reader: &mut BufReader<SocketReader>) -> Result<Vec<u8>>
     }
 }
 
+/// Runs a remote operation that came on a link: the calling task, its request, its time limit.
+pub type CallServer = Arc<
+    dyn Fn(TaskId, proto::CallRequest, Option<Duration>) -> BoxFuture<'static, Result<proto::Value>>
+        + Send
+        + Sync,
+>;
+
+/// What a task's links are served with.
+pub struct Serving {
+    pub exchange: Arc<Exchange>,
+    pub pool: Arc<SegmentPool>,
+    /// Tensors received through links, in all.
+    pub received: Arc<AtomicU64>,
+    /// Calls served through links, in all.
+    pub calls_served: Arc<AtomicU64>,
+    pub calls: CallServer,
+    /// Bound on a call's request and on its result.
+    pub max_message_bytes: usize,
+}
+
 /// A segment lent for a tensor announced but not yet committed.
 struct Grant {
     key: codec::TensorKey,
@@ -429,10 +597,9 @@ pub async fn serve(
     socket: Arc<Socket>,
     mut reader: BufReader<SocketReader>,
     source: TaskId,
-    exchange: Arc<Exchange>,
-    pool: Arc<SegmentPool>,
-    received: Arc<AtomicU64>,
+    serving: Arc<Serving>,
 ) -> Result<()> {
+    let Serving { exchange, pool, .. } = &*serving;
     socket
         .write_message(&message(0, Kind::Welcome(true)), &[])
         .await
@@ -504,10 +671,36 @@ pub async fn serve(
                     Err(error) => return_error(id, &error),
                 }
             }
+            Some(Kind::Call(call)) => {
+                let len = call.request_bytes as usize;
+                if len > serving.max_message_bytes {
+                    return Err(Error::invalid_argument(format!(
+                        "a {len}-byte call is past the limit of {} (max_message_bytes)",
+                        serving.max_message_bytes
+                    )));
+                }
+                let mut request = vec![0u8; len];
+                reader
+                    .read_exact(&mut request)
+                    .await
+                    .map_err(|e| Error::unavailable(format!("the link broke mid-call: {e}")))?;
+                let timeout = Duration::try_from_secs_f64(call.timeout_seconds)
+                    .ok()
+                    .filter(|limit| !limit.is_zero());
+                tokio::spawn(answer_call(
+                    Arc::clone(&socket),
+                    Arc::clone(&serving),
+                    source.clone(),
+                    id,
+                    request,
+                    timeout,
+                ));
+                continue;
+            }
             _ => return Err(Error::invalid_argument("an off-protocol link message")),
         };
         if matches!(answer, Kind::Ack(_)) {
-            received.fetch_add(1, Ordering::Relaxed);
+            serving.received.fetch_add(1, Ordering::Relaxed);
         }
         socket
             .write_message(&message(id, answer), &[])
@@ -515,6 +708,43 @@ pub async fn serve(
             .map_err(|e| Error::unavailable(format!("cannot answer on the link: {e}")))?;
     }
     Ok(())
+}
+
+/// Runs a call that came on the link and answers it, beside the link's other traffic: a call
+/// that takes long holds up nothing else.
+async fn answer_call(
+    socket: Arc<Socket>,
+    serving: Arc<Serving>,
+    caller: TaskId,
+    id: u64,
+    request: Vec<u8>,
+    timeout: Option<Duration>,
+) {
+    let served = match proto::CallRequest::decode(request.as_slice()) {
+        Ok(request) => (serving.calls)(caller, request, timeout).await,
+        Err(e) => Err(Error::invalid_argument(format!("an undecodable call: {e}"))),
+    };
+    serving.calls_served.fetch_add(1, Ordering::Relaxed);
+    let response = served.and_then(|result| {
+        let response = proto::CallResponse {
+            result: Some(result),
+        }
+        .encode_to_vec();
+        if response.len() > serving.max_message_bytes {
+            return Err(Error::resource_exhausted(format!(
+                "the result is {} bytes, past the limit of {} (max_message_bytes)",
+                response.len(),
+                serving.max_message_bytes
+            )));
+        }
+        Ok(response)
+    });
+    let (answer, payload) = match response {
+        Ok(response) => (message(id, Kind::Result(response.len() as u64)), response),
+        Err(error) => (error_message(id, &error), Vec::new()),
+    };
+    // A link that broke meanwhile has nobody to answer.
+    let _ = socket.write_message(&answer, &payload).await;
 }
 
 /// The answer that carries `error` back to the sender.

@@ -30,8 +30,8 @@ use crate::peers::Peers;
 use crate::proto;
 use crate::proto::worker_client::WorkerClient;
 
-use link::Socket;
-pub use link::{INLINE_BYTES, Link};
+pub use link::{CallServer, INLINE_BYTES, Link};
+use link::{Serving, Socket};
 pub use segment::SegmentPool;
 
 /// How long an accepted connection has to present its ticket.
@@ -90,6 +90,8 @@ pub struct Counts {
     pub shm_sent: u64,
     pub grpc_sent: u64,
     pub shm_received: u64,
+    /// Remote operations served through links.
+    pub shm_calls_served: u64,
 }
 
 /// One task's side of the fast path, as sender and as receiver.
@@ -104,11 +106,14 @@ pub struct Shm {
     shm_sent: AtomicU64,
     grpc_sent: AtomicU64,
     shm_received: Arc<AtomicU64>,
+    shm_calls_served: Arc<AtomicU64>,
+    /// Bound on a call's request and result over a link, as over gRPC.
+    max_message_bytes: usize,
 }
 
 impl Shm {
     /// The fast path of task `me`; `enabled: false` keeps every tensor on gRPC, both ways.
-    pub fn new(me: TaskId, enabled: bool) -> Self {
+    pub fn new(me: TaskId, enabled: bool, max_message_bytes: usize) -> Self {
         let socket_name = format!(
             "distsrv-{}-{:016x}",
             std::process::id(),
@@ -131,6 +136,8 @@ impl Shm {
             shm_sent: AtomicU64::new(0),
             grpc_sent: AtomicU64::new(0),
             shm_received: Arc::default(),
+            shm_calls_served: Arc::default(),
+            max_message_bytes,
         }
     }
 
@@ -139,6 +146,7 @@ impl Shm {
             shm_sent: self.shm_sent.load(Ordering::Relaxed),
             grpc_sent: self.grpc_sent.load(Ordering::Relaxed),
             shm_received: self.shm_received.load(Ordering::Relaxed),
+            shm_calls_served: self.shm_calls_served.load(Ordering::Relaxed),
         }
     }
 
@@ -146,7 +154,7 @@ impl Shm {
     /// first use; `None`: use gRPC. Each runtime has its own links (in its [`Peers`]), because a
     /// link's socket answers to the runtime it was dialled on.
     pub async fn route(&self, peers: &Peers, to: &TaskId) -> Option<Arc<Link>> {
-        let link = self.try_route(peers, to).await;
+        let link = self.link(peers, to).await;
         let counter = if link.is_some() {
             &self.shm_sent
         } else {
@@ -156,7 +164,8 @@ impl Shm {
         link
     }
 
-    async fn try_route(&self, peers: &Peers, to: &TaskId) -> Option<Arc<Link>> {
+    /// Like [`Shm::route`], for a remote operation: not counted as a tensor.
+    pub async fn link(&self, peers: &Peers, to: &TaskId) -> Option<Arc<Link>> {
         if !self.enabled {
             return None;
         }
@@ -235,7 +244,14 @@ impl Shm {
         let stream = stream
             .into_std()
             .map_err(|e| Error::failed_precondition(format!("cannot take {to}'s socket: {e}")))?;
-        Link::open(stream, to.clone(), answer.pid, answer.ticket).await
+        Link::open(
+            stream,
+            to.clone(),
+            answer.pid,
+            answer.ticket,
+            self.max_message_bytes,
+        )
+        .await
     }
 
     /// Serves a peer's handshake: reads its token and hands out a ticket to this task's socket.
@@ -273,8 +289,9 @@ impl Shm {
         })
     }
 
-    /// Accepts links on this task's socket until the runtime stops. Spawned once, at start.
-    pub fn serve(exchange: &Arc<Exchange>) {
+    /// Accepts links on this task's socket until the runtime stops, serving the remote
+    /// operations that come on them with `calls`. Spawned once, at start.
+    pub fn serve(exchange: &Arc<Exchange>, calls: CallServer) {
         let shm = exchange.shm();
         let Some(listener) = shm
             .listener
@@ -291,12 +308,19 @@ impl Shm {
             Ok(listener) => listener,
             Err(_) => return,
         };
-        let exchange = Arc::clone(exchange);
+        let serving = Arc::new(Serving {
+            exchange: Arc::clone(exchange),
+            pool: Arc::clone(&shm.pool),
+            received: Arc::clone(&shm.shm_received),
+            calls_served: Arc::clone(&shm.shm_calls_served),
+            calls,
+            max_message_bytes: shm.max_message_bytes,
+        });
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let exchange = Arc::clone(&exchange);
+                let serving = Arc::clone(&serving);
                 tokio::spawn(async move {
-                    let _ = accept(stream, exchange).await;
+                    let _ = accept(stream, serving).await;
                 });
             }
         });
@@ -319,8 +343,8 @@ impl Shm {
 
 /// Admits a connection that presents a ticket from a handshake, made by the process that proved
 /// itself there, and serves it.
-async fn accept(stream: tokio::net::UnixStream, exchange: Arc<Exchange>) -> Result<()> {
-    let shm = exchange.shm();
+async fn accept(stream: tokio::net::UnixStream, serving: Arc<Serving>) -> Result<()> {
+    let shm = serving.exchange.shm();
     let credentials = stream
         .peer_cred()
         .map_err(|e| Error::unavailable(e.to_string()))?;
@@ -344,15 +368,5 @@ async fn accept(stream: tokio::net::UnixStream, exchange: Arc<Exchange>) -> Resu
             "the link's process is not the one that shook hands",
         ));
     }
-    let pool = Arc::clone(&shm.pool);
-    let received = Arc::clone(&shm.shm_received);
-    link::serve(
-        socket,
-        reader,
-        source,
-        Arc::clone(&exchange),
-        pool,
-        received,
-    )
-    .await
+    link::serve(socket, reader, source, Arc::clone(&serving)).await
 }
