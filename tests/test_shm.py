@@ -366,3 +366,53 @@ def test_a_sender_killed_mid_transfer_leaves_nothing_behind() -> None:
     assert set(os.listdir("/dev/shm")) == shm_before
     assert _memfds() == []
     assert _open_fds() <= fds_before
+
+
+_CALLER = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    import distsrv
+    spec = distsrv.ClusterSpec({"worker": sys.argv[1:]})
+    server = distsrv.Server(spec, "worker", 0)
+    server.wait_for_cluster(timeout=30)
+    print("calling", flush=True)
+    server.call(("worker", 1), "hold", x=np.ones(8 << 20, np.float32))
+    """
+)
+
+
+def test_a_caller_killed_mid_call_leaves_nothing_behind() -> None:
+    fds_before = _open_fds()
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(x: np.ndarray) -> np.ndarray:
+        entered.set()
+        release.wait(30)
+        return x
+
+    spec = pair_cluster(2)
+    callee = distsrv.Server(spec, "worker", 1, handlers={"hold": hold, "echo": lambda value: value})
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CALLER, *spec.job_tasks("worker")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert read_line(child, timeout=60) == "calling"
+        assert entered.wait(30)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+        # Its 32 MiB answer goes to a link that is gone; the callee serves on.
+        release.set()
+        assert callee.call(callee.task, "echo", value="still here", timeout=10) == "still here"
+        assert callee.transport_counts()["shm_calls_served"] >= 1
+    finally:
+        release.set()
+        child.kill()
+        child.wait(timeout=10)
+        assert child.stdout is not None
+        child.stdout.close()
+        callee.stop(grace=0)
+    assert _memfds() == []
+    assert _open_fds() <= fds_before

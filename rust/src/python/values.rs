@@ -118,8 +118,11 @@ fn encode_array(array: &Bound<'_, PyAny>) -> PyResult<proto::TensorProto> {
     let (dtype, shape, flat): (i32, Vec<u64>, Bound<'_, PyAny>) =
         to_wire.call1((array,))?.extract()?;
     let meta = TensorMeta::checked(dtype, shape).map_err(to_py)?;
-    let data = PyBuffer::<u8>::get(&flat)?.to_vec(py)?;
-    Ok(codec::tensor_proto(&meta, Bytes::from(data)))
+    let buffer = PyBuffer::<u8>::get(&flat)?;
+    // A large array lands in a recycled buffer, whose pages exist already.
+    let mut data = TensorBuf::new(buffer.item_count());
+    buffer.copy_to_slice(py, data.as_mut_slice())?;
+    Ok(codec::tensor_proto(&meta, Bytes::from_owner(data)))
 }
 
 pub fn decode(py: Python<'_>, value: proto::Value) -> PyResult<Bound<'_, PyAny>> {

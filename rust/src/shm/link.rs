@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures::future::BoxFuture;
 
 use prost::Message;
@@ -26,7 +26,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, BufReader, Interest, ReadBuf};
 use tokio::sync::oneshot;
 
-use super::segment::{Mapping, POOL_BYTES, POOL_SEGMENTS, SegmentPool};
+use super::segment::{Mapping, POOL_BYTES, POOL_SEGMENTS, Segment, SegmentPool};
 use crate::cluster::TaskId;
 use crate::codec::{self, Tensor, TensorBuf};
 use crate::errors::{Code, Error, Result};
@@ -88,14 +88,23 @@ impl Socket {
     }
 
     /// Writes one message, followed by `payload` (an inline tensor's bytes).
+    /// A small payload is written with its message, in one write; a large one after it, from
+    /// where it is.
     async fn write_message(&self, message: &ShmMessage, payload: &[u8]) -> std::io::Result<()> {
         let len = message.encoded_len();
-        let mut buffer = Vec::with_capacity(4 + len + payload.len());
+        let joined = payload.len() <= INLINE_BYTES;
+        let mut buffer = Vec::with_capacity(4 + len + if joined { payload.len() } else { 0 });
         buffer.extend_from_slice(&(len as u32).to_le_bytes());
         message.encode(&mut buffer).expect("capacity reserved");
-        buffer.extend_from_slice(payload);
+        if joined {
+            buffer.extend_from_slice(payload);
+        }
         let _writing = self.writing.lock().await;
-        self.write_all(&buffer).await
+        self.write_all(&buffer).await?;
+        if !joined {
+            self.write_all(payload).await?;
+        }
+        Ok(())
     }
 
     /// Whether the peer hung up, asked of the socket itself (nobody may be reading it).
@@ -214,6 +223,9 @@ struct Answer {
 struct Answers {
     socket: SocketReader,
     pending: BytesMut,
+    /// A large answer being read straight into a buffer of its own: its message, the buffer,
+    /// and how much of it has come.
+    partial: Option<(ShmMessage, TensorBuf, usize)>,
     /// Bound on a result's payload.
     max_payload: usize,
 }
@@ -222,8 +234,28 @@ impl Answers {
     /// The next answer; `None` at a clean end of stream.
     async fn next(&mut self) -> Result<Option<Answer>> {
         loop {
+            if let Some((_, payload, filled)) = &mut self.partial {
+                if *filled < payload.len() {
+                    let read = self
+                        .socket
+                        .read(&mut payload.as_mut_slice()[*filled..])
+                        .await
+                        .map_err(|e| Error::unavailable(format!("the link broke: {e}")))?;
+                    if read == 0 {
+                        return Err(Error::unavailable("the link broke mid-message"));
+                    }
+                    *filled += read;
+                    continue;
+                }
+                let (message, payload, _) = self.partial.take().expect("matched above");
+                let payload = Bytes::from_owner(payload);
+                return Ok(Some(Answer { message, payload }));
+            }
             if let Some(answer) = self.parse()? {
                 return Ok(Some(answer));
+            }
+            if self.partial.is_some() {
+                continue;
             }
             if self.pending.capacity() - self.pending.len() < READ_BUFFER_BYTES {
                 self.pending.reserve(READ_BUFFER_BYTES);
@@ -269,6 +301,16 @@ impl Answers {
             )));
         }
         let whole = 4 + len + payload;
+        if payload > INLINE_BYTES {
+            // Read the rest in place rather than through the buffer.
+            self.pending.advance(4 + len);
+            let mut buffer = TensorBuf::new(payload);
+            let filled = payload.min(self.pending.len());
+            buffer.as_mut_slice()[..filled].copy_from_slice(&self.pending[..filled]);
+            self.pending.advance(filled);
+            self.partial = Some((message, buffer, filled));
+            return Ok(None);
+        }
         if self.pending.len() < whole {
             self.pending.reserve(whole - self.pending.len());
             return Ok(None);
@@ -310,6 +352,7 @@ impl Link {
         let mut answers = Answers {
             socket: SocketReader(Arc::clone(&socket)),
             pending: BytesMut::new(),
+            partial: None,
             max_payload: max_result_bytes,
         };
         socket
@@ -398,15 +441,38 @@ impl Link {
         request: &proto::CallRequest,
         timeout: Option<std::time::Duration>,
     ) -> Result<proto::Value> {
-        let encoded = request.encode_to_vec();
-        let call = proto::ShmCall {
-            request_bytes: encoded.len() as u64,
+        let len = request.encoded_len();
+        let mut call = proto::ShmCall {
+            request_bytes: len as u64,
             timeout_seconds: timeout.map_or(0.0, |limit| limit.as_secs_f64()),
+            in_segment: false,
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let answer = self
-            .exchange(message(id, Kind::Call(call)), &encoded)
-            .await?;
+        let answer = if len <= INLINE_BYTES {
+            let encoded = request.encode_to_vec();
+            self.exchange(message(id, Kind::Call(call)), &encoded)
+                .await?
+        } else {
+            // Written once, into the receiver's memory; a call given up before its request is
+            // out closes the link, which frees the segment.
+            let mut lent = Abandoned(Some(self));
+            let grant = match self
+                .request(message(id, Kind::Lend(len as u64)), &[])
+                .await?
+            {
+                Kind::Grant(grant) => grant,
+                _ => return Err(Error::internal("the receiver answered lend off-protocol")),
+            };
+            let mapping = self.mapping(&grant)?;
+            if mapping.len() < len {
+                return Err(Error::internal("the lent segment is too small"));
+            }
+            mapping.encode_in(request)?;
+            call.in_segment = true;
+            let call = self.exchange(message(id, Kind::Call(call)), &[]);
+            lent.0 = None;
+            call.await?
+        };
         match answer.message.kind {
             Some(Kind::Result(_)) => proto::CallResponse::decode(answer.payload)?
                 .result
@@ -583,6 +649,18 @@ pub struct Serving {
     pub max_message_bytes: usize,
 }
 
+impl Serving {
+    fn check_call_size(&self, len: usize) -> Result<()> {
+        if len > self.max_message_bytes {
+            return Err(Error::resource_exhausted(format!(
+                "a {len}-byte call is past the limit of {} (max_message_bytes)",
+                self.max_message_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// A segment lent for a tensor announced but not yet committed.
 struct Grant {
     key: codec::TensorKey,
@@ -605,6 +683,8 @@ pub async fn serve(
         .await
         .map_err(|e| Error::unavailable(e.to_string()))?;
     let mut grants: HashMap<u64, Grant> = HashMap::new();
+    // Segments lent for calls' requests, by the id of the call to come.
+    let mut lent: HashMap<u64, Segment> = HashMap::new();
     while let Some(request) = read_message(&mut reader).await? {
         let id = request.id;
         let answer = match request.kind {
@@ -671,19 +751,42 @@ pub async fn serve(
                     Err(error) => return_error(id, &error),
                 }
             }
+            Some(Kind::Lend(bytes)) => {
+                let len = bytes as usize;
+                let granted = serving.check_call_size(len).and_then(|()| {
+                    let segment = pool.take(len)?;
+                    let grant = proto::ShmGrant {
+                        segment: segment.region().id(),
+                        fd: segment.region().fd(),
+                        capacity: segment.region().capacity() as u64,
+                    };
+                    lent.insert(id, segment);
+                    Ok(grant)
+                });
+                match granted {
+                    Ok(grant) => Kind::Grant(grant),
+                    Err(error) => return_error(id, &error),
+                }
+            }
             Some(Kind::Call(call)) => {
                 let len = call.request_bytes as usize;
-                if len > serving.max_message_bytes {
-                    return Err(Error::invalid_argument(format!(
-                        "a {len}-byte call is past the limit of {} (max_message_bytes)",
-                        serving.max_message_bytes
-                    )));
-                }
-                let mut request = vec![0u8; len];
-                reader
-                    .read_exact(&mut request)
-                    .await
-                    .map_err(|e| Error::unavailable(format!("the link broke mid-call: {e}")))?;
+                let request = if call.in_segment {
+                    let segment = lent
+                        .remove(&id)
+                        .ok_or_else(|| Error::invalid_argument("a call in a segment never lent"))?;
+                    if segment.len() < len {
+                        return Err(Error::invalid_argument("a call larger than its segment"));
+                    }
+                    Bytes::from_owner(TensorBuf::shared(segment)).slice(..len)
+                } else {
+                    serving.check_call_size(len)?;
+                    let mut request = TensorBuf::new(len);
+                    reader
+                        .read_exact(request.as_mut_slice())
+                        .await
+                        .map_err(|e| Error::unavailable(format!("the link broke mid-call: {e}")))?;
+                    Bytes::from_owner(request)
+                };
                 let timeout = Duration::try_from_secs_f64(call.timeout_seconds)
                     .ok()
                     .filter(|limit| !limit.is_zero());
@@ -717,10 +820,11 @@ async fn answer_call(
     serving: Arc<Serving>,
     caller: TaskId,
     id: u64,
-    request: Vec<u8>,
+    request: Bytes,
     timeout: Option<Duration>,
 ) {
-    let served = match proto::CallRequest::decode(request.as_slice()) {
+    // Array arguments stay slices of `request`, which was read or written once.
+    let served = match proto::CallRequest::decode(request) {
         Ok(request) => (serving.calls)(caller, request, timeout).await,
         Err(e) => Err(Error::invalid_argument(format!("an undecodable call: {e}"))),
     };
@@ -728,23 +832,26 @@ async fn answer_call(
     let response = served.and_then(|result| {
         let response = proto::CallResponse {
             result: Some(result),
-        }
-        .encode_to_vec();
-        if response.len() > serving.max_message_bytes {
+        };
+        let len = response.encoded_len();
+        if len > serving.max_message_bytes {
             return Err(Error::resource_exhausted(format!(
-                "the result is {} bytes, past the limit of {} (max_message_bytes)",
-                response.len(),
+                "the result is {len} bytes, past the limit of {} (max_message_bytes)",
                 serving.max_message_bytes
             )));
         }
-        Ok(response)
+        let mut encoded = TensorBuf::new(len);
+        response
+            .encode(&mut encoded.as_mut_slice())
+            .map_err(|e| Error::internal(format!("cannot encode the result: {e}")))?;
+        Ok(encoded)
     });
     let (answer, payload) = match response {
-        Ok(response) => (message(id, Kind::Result(response.len() as u64)), response),
-        Err(error) => (error_message(id, &error), Vec::new()),
+        Ok(encoded) => (message(id, Kind::Result(encoded.len() as u64)), encoded),
+        Err(error) => (error_message(id, &error), TensorBuf::new(0)),
     };
     // A link that broke meanwhile has nobody to answer.
-    let _ = socket.write_message(&answer, &payload).await;
+    let _ = socket.write_message(&answer, payload.as_slice()).await;
 }
 
 /// The answer that carries `error` back to the sender.
@@ -789,5 +896,33 @@ mod tests {
         });
         near.write_all(&sent).await.unwrap();
         assert!(reader.await.unwrap() == sent);
+    }
+
+    /// A wait given up in the middle of a large answer leaves the next reader where it stopped.
+    #[tokio::test]
+    async fn an_answer_read_half_way_is_finished_by_the_next_reader() {
+        let (near, far) = UnixStream::pair().unwrap();
+        let (near, far) = (Socket::new(near).unwrap(), Socket::new(far).unwrap());
+        let mut answers = Answers {
+            socket: SocketReader(Arc::clone(&far)),
+            pending: BytesMut::new(),
+            partial: None,
+            max_payload: 1 << 20,
+        };
+        let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let result = message(7, Kind::Result(payload.len() as u64));
+        let mut frame = Vec::new();
+        frame.extend_from_slice(&(result.encoded_len() as u32).to_le_bytes());
+        result.encode(&mut frame).unwrap();
+        frame.extend_from_slice(&payload);
+        let rest = frame.split_off(100_000);
+        near.write_all(&frame).await.unwrap();
+        let waited = tokio::time::timeout(Duration::from_millis(50), answers.next()).await;
+        assert!(waited.is_err(), "the answer cannot be whole yet");
+        let writer = tokio::spawn(async move { near.write_all(&rest).await });
+        let answer = answers.next().await.unwrap().unwrap();
+        writer.await.unwrap().unwrap();
+        assert_eq!(answer.message, result);
+        assert!(answer.payload == payload);
     }
 }

@@ -94,6 +94,19 @@ impl Mapping {
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.as_ptr(), bytes.len()) };
     }
 
+    /// Encodes `message` at the start of the mapping, which must hold it.
+    pub fn encode_in(&self, message: &impl prost::Message) -> Result<()> {
+        let len = message.encoded_len();
+        assert!(len <= self.len, "the mapping is too small");
+        // SAFETY: `len` bytes of the writable mapping. The segment was lent to this side for
+        // this message, and its owner reads it only once told the message is in, so nothing
+        // else touches these bytes while the slice lives.
+        let mut target = unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), len) };
+        message
+            .encode(&mut target)
+            .map_err(|e| Error::internal(format!("cannot encode into a segment: {e}")))
+    }
+
     /// Maps a memory file another process of this user holds open as descriptor `fd`.
     pub fn open_remote(pid: u32, fd: i32, len: usize) -> Result<Self> {
         let path = format!("/proc/{pid}/fd/{fd}");
