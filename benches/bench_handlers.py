@@ -27,15 +27,24 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 import distsrv
 from distsrv import _native
 from distsrv.launch import free_ports
 
 HOST = "127.0.0.1"
 THREADS = 8
+#: The argument of the array case: a float32 array this large, under every peer's message limit.
+ARRAY_BYTES = 32 << 20
 
 
 def noop() -> None:
+    return None
+
+
+def take(x: Any) -> None:
+    """The array case's operation: takes an array and answers nothing."""
     return None
 
 
@@ -56,7 +65,7 @@ class Distsrv:
 
     @classmethod
     def serve(cls, ports: list[int]) -> Callable[[], None]:
-        return cls.make(ports, 1, noop=noop).stop
+        return cls.make(ports, 1, noop=noop, take=take).stop
 
     def __init__(self, ports: list[int]) -> None:
         self.server = self.make(ports, 0)
@@ -65,6 +74,10 @@ class Distsrv:
     def caller(self) -> Callable[[], Any]:
         call, server = self.server.call, ("bench", 1)
         return lambda: call(server, "noop")
+
+    def array_caller(self, array: Any) -> Callable[[], Any]:
+        call, server = self.server.call, ("bench", 1)
+        return lambda: call(server, "take", x=array)
 
     def close(self) -> None:
         self.server.stop()
@@ -87,10 +100,12 @@ class Grpcio:
 
         import grpc
 
+        answer = grpc.unary_unary_rpc_method_handler(lambda request, _: b"")
         handler = grpc.method_handlers_generic_handler(
-            "bench.Bench", {"Noop": grpc.unary_unary_rpc_method_handler(lambda request, _: b"")}
+            "bench.Bench", {"Noop": answer, "Take": answer}
         )
-        server = grpc.server(futures.ThreadPoolExecutor(THREADS))
+        unlimited = [("grpc.max_receive_message_length", -1)]
+        server = grpc.server(futures.ThreadPoolExecutor(THREADS), options=unlimited)
         server.add_generic_rpc_handlers((handler,))
         server.add_insecure_port(f"{HOST}:{ports[1]}")
         server.start()
@@ -105,6 +120,11 @@ class Grpcio:
     def caller(self) -> Callable[[], Any]:
         call = self.channel.unary_unary(self.method)
         return lambda: call(b"")
+
+    def array_caller(self, array: Any) -> Callable[[], Any]:
+        """The array's bytes as the request, as an application would serialize it."""
+        call = self.channel.unary_unary("/bench.Bench/Take")
+        return lambda: call(array.tobytes())
 
     def close(self) -> None:
         self.channel.close()
@@ -121,7 +141,7 @@ class Dask:
         from distributed.core import Server
 
         loop = asyncio.new_event_loop()
-        server = Server({"noop": noop})
+        server = Server({"noop": noop, "take": take})
         loop.run_until_complete(server.listen(f"tcp://{HOST}:{ports[1]}"))
         thread = threading.Thread(target=loop.run_forever, daemon=True)
         thread.start()
@@ -144,6 +164,14 @@ class Dask:
         remote = self.rpc(self.address)
         self.remotes.append((loop, remote))
         return lambda: loop.run_until_complete(remote.noop())
+
+    def array_caller(self, array: Any) -> Callable[[], Any]:
+        from distributed.protocol import to_serialize
+
+        loop = asyncio.new_event_loop()
+        remote = self.rpc(self.address)
+        self.remotes.append((loop, remote))
+        return lambda: loop.run_until_complete(remote.take(x=to_serialize(array)))
 
     def close(self) -> None:
         for loop, remote in self.remotes:
@@ -213,7 +241,10 @@ def measure(peer: str, quick: bool) -> dict[str, float] | str:
         client = PEERS[peer](ports)
         warm, measured, calls = (100, 500, 300) if quick else (1000, 10_000, 3000)
         samples = latencies(client.caller(), warm, measured)
+        array = np.ones(ARRAY_BYTES // 4, np.float32)
+        array_samples = latencies(client.array_caller(array), 2, 5 if quick else 20)
         result = {
+            "array": statistics.median(array_samples),
             "p50": statistics.median(samples),
             "p99": sorted(samples)[int(len(samples) * 0.99)],
             "rate1": rate(client, 1, calls * 2),
@@ -255,7 +286,8 @@ def main() -> None:
 
     print(
         f"distsrv {distsrv.__version__} ({_native.BUILD_PROFILE}), {os.cpu_count()} CPUs, "
-        f"a no-op remote call, client and server in two processes on {HOST}"
+        f"a no-op remote call and one with a {ARRAY_BYTES >> 20} MiB array argument, client and "
+        f"server in two processes on {HOST}"
     )
     results = {peer: measure(peer, args.quick) for peer in args.peers}
     for peer, result in results.items():
@@ -264,7 +296,8 @@ def main() -> None:
     ours = results.get("distsrv")
     header = (
         f"{'peer':>14} {'p50':>9} {'p99':>9} {'calls/s, 1 thread':>18} "
-        f"{f'calls/s, {THREADS} threads':>19} {'distsrv is (p50, 8 threads)':>28}"
+        f"{f'calls/s, {THREADS} threads':>19} {f'{ARRAY_BYTES >> 20} MiB arg':>15} "
+        f"{'distsrv is (p50, 8 threads, array)':>35}"
     )
     print(header)
     print("-" * len(header))
@@ -275,10 +308,12 @@ def main() -> None:
         if peer != "distsrv" and isinstance(ours, dict):
             faster = result["p50"] / ours["p50"]
             more = ours[f"rate{THREADS}"] / result[f"rate{THREADS}"]
-            ratio = f"{faster:.1f}x faster, {more:.1f}x"
+            array_faster = result["array"] / ours["array"]
+            ratio = f"{faster:.1f}x faster, {more:.1f}x, {array_faster:.1f}x"
+        array = f"{result['array'] * 1e3:.1f}ms {ARRAY_BYTES / result['array'] / 1e9:.2f}GB/s"
         print(
             f"{PEERS[peer].name:>14} {result['p50'] * 1e6:>7.0f}µs {result['p99'] * 1e6:>7.0f}µs "
-            f"{result['rate1']:>18.0f} {result[f'rate{THREADS}']:>19.0f} {ratio:>28}"
+            f"{result['rate1']:>18.0f} {result[f'rate{THREADS}']:>19.0f} {array:>15} {ratio:>35}"
         )
 
 

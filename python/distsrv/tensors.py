@@ -44,6 +44,8 @@ def supported_dtypes() -> tuple[np.dtype[Any], ...]:
 
 def dtype_code(dtype: npt.DTypeLike) -> int:
     """TensorFlow's DataType number of ``dtype``; TypeError for dtypes the wire cannot carry."""
+    if isinstance(dtype, np.dtype) and dtype in _CODES:  # native-endian: nothing to normalize
+        return _CODES[dtype]
     native = np.dtype(dtype).newbyteorder("=")
     try:
         return _CODES[native]
