@@ -155,6 +155,26 @@ def test_a_large_array_round_trips(server: distsrv.Server) -> None:
     np.testing.assert_array_equal(got, array)
 
 
+def test_array_arguments_are_read_in_place_until_the_call_is_over(server: distsrv.Server) -> None:
+    # numpy refuses to resize an array something else still refers to: here, the call.
+    array = np.arange(1 << 20, dtype=np.float32)
+    got = server.call(server.task, "echo", value=[array, {"every other": array[::2]}])
+    np.testing.assert_array_equal(got[0], array)
+    np.testing.assert_array_equal(got[1]["every other"], array[::2])
+    array.resize(5)
+    held = np.arange(1 << 20, dtype=np.float32)
+    handle = server.icall(server.task, "echo", value=held)
+    with pytest.raises(ValueError, match="resize"):
+        held.resize(5)
+    np.testing.assert_array_equal(handle.wait(10), np.arange(1 << 20, dtype=np.float32))
+    held.resize(5)
+    dropped = np.arange(1 << 20, dtype=np.float32)
+    del handle
+    handle = server.icall(server.task, "echo", value=dropped)
+    del handle
+    dropped.resize(5)
+
+
 @pytest.mark.parametrize(
     ("value", "complaint"),
     [

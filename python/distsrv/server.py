@@ -446,7 +446,8 @@ class Server:
         self, task: TaskLike, op: str, /, *, timeout: float | None = None, **kwargs: Any
     ) -> CallHandle:
         """Starts :meth:`call` and returns at once; ``wait()`` on the handle for the result.
-        Dropping the handle before it finishes abandons the call."""
+        Array arguments are read in place, so they must not be modified until then. Dropping the
+        handle before it finishes abandons the call."""
         return CallHandle(self._native.icall(_task(task), op, kwargs, timeout))
 
     async def acall(

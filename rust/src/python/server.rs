@@ -253,7 +253,13 @@ impl NativeServer {
             let _done = finished;
             future.await.map(|()| Completed::Sent)
         });
-        Ok(Pending::new(runtime, task, done, Some(held)))
+        Ok(Pending::new(
+            runtime,
+            task,
+            done,
+            vec![held],
+            OnDrop::RunToEnd,
+        ))
     }
 
     /// Receives the next tensor `name` from `source`: (dtype code, shape, bytes).
@@ -298,7 +304,13 @@ impl NativeServer {
                 .await
                 .map(Completed::Received)
         });
-        Ok(Pending::new(runtime, join, done, None))
+        Ok(Pending::new(
+            runtime,
+            join,
+            done,
+            Vec::new(),
+            OnDrop::Cancel,
+        ))
     }
 
     /// The element-wise `op` ("sum", "mean", "max", "min", "prod") of every member's tensor;
@@ -547,7 +559,7 @@ impl NativeServer {
         let timeout = seconds(timeout)?;
         let server = self.server()?;
         let runtime = server.caller_runtime().into_py()?;
-        let kwargs = values::encode_kwargs(kwargs)?;
+        let (kwargs, lent) = values::encode_kwargs(kwargs)?;
         let task = server.task();
         let called = task.operations.call(
             &task.caller_peers,
@@ -558,6 +570,9 @@ impl NativeServer {
         );
         let result = drive_interruptibly(py, &runtime, called);
         py.detach(|| drop(runtime));
+        for held in lent {
+            held.release(py);
+        }
         Ok(values::decode(py, result?.into_py()?)?.unbind())
     }
 
@@ -573,7 +588,7 @@ impl NativeServer {
         let timeout = seconds(timeout)?;
         let server = self.server()?;
         let runtime = server.runtime().into_py()?;
-        let kwargs = values::encode_kwargs(kwargs)?;
+        let (kwargs, lent) = values::encode_kwargs(kwargs)?;
         let task = server.task().clone();
         let (done, finished) = completion_pipe()?;
         let join = runtime.spawn(async move {
@@ -583,7 +598,7 @@ impl NativeServer {
                 .await
                 .map(Completed::Called)
         });
-        Ok(Pending::new(runtime, join, done, None))
+        Ok(Pending::new(runtime, join, done, lent, OnDrop::Cancel))
     }
 }
 
@@ -810,7 +825,18 @@ pub struct Pending {
     runtime: Handle,
     stage: Mutex<Stage>,
     done: std::io::PipeReader,
-    held: Mutex<Option<HeldBuffer>>,
+    /// The arrays the operation reads (a send's, a call's arguments), held until it ends.
+    held: Mutex<Vec<HeldBuffer>>,
+    on_drop: OnDrop,
+}
+
+/// What dropping an unfinished operation's handle does.
+#[derive(PartialEq)]
+enum OnDrop {
+    /// A send runs to its end: its acknowledgement is what makes it safe.
+    RunToEnd,
+    /// A receive or a call nobody waits for any more is cancelled.
+    Cancel,
 }
 
 impl Pending {
@@ -818,13 +844,15 @@ impl Pending {
         runtime: Handle,
         task: JoinHandle<Result<Completed>>,
         done: std::io::PipeReader,
-        held: Option<HeldBuffer>,
+        held: Vec<HeldBuffer>,
+        on_drop: OnDrop,
     ) -> Self {
         Self {
             runtime,
             stage: Mutex::new(Stage::Running(task)),
             done,
             held: Mutex::new(held),
+            on_drop,
         }
     }
 
@@ -897,7 +925,8 @@ impl Pending {
 
 impl Pending {
     fn deliver(&self, py: Python<'_>, result: Result<Completed>) -> PyResult<Py<PyAny>> {
-        if let Some(held) = self.held.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let held = std::mem::take(&mut *self.held.lock().unwrap_or_else(|e| e.into_inner()));
+        for held in held {
             held.release(py);
         }
         Ok(match result.into_py()? {
@@ -913,7 +942,7 @@ impl Pending {
 impl Drop for Pending {
     fn drop(&mut self) {
         if let Stage::Running(task) = &*self.lock()
-            && self.held.lock().map(|h| h.is_none()).unwrap_or(true)
+            && self.on_drop == OnDrop::Cancel
         {
             task.abort();
         }

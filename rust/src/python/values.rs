@@ -14,7 +14,7 @@ use pyo3::types::{
 };
 
 use super::errors::to_py;
-use super::tensor::TensorBytes;
+use super::tensor::{HeldBuffer, TensorBytes};
 use crate::codec::{self, TensorBuf, TensorMeta};
 use crate::errors::Error;
 use crate::proto::{self, value::Kind};
@@ -28,16 +28,37 @@ static NUMPY_SCALAR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static TO_WIRE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static FROM_WIRE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
-/// Keyword arguments as the wire carries them.
-pub fn encode_kwargs(kwargs: &Bound<'_, PyDict>) -> PyResult<Vec<proto::DictEntry>> {
-    encode_entries(kwargs, 0)
+/// Where an encoded array's bytes are.
+enum Arrays {
+    /// Copied out: a handler's result outlives the Python call that made it.
+    Copied,
+    /// Still the caller's arrays, held until the call that carries them is over.
+    Lent(Vec<HeldBuffer>),
 }
 
+/// Keyword arguments as the wire carries them, and the arrays among them, whose memory the
+/// encoding borrows: release them once the call is over.
+pub fn encode_kwargs(
+    kwargs: &Bound<'_, PyDict>,
+) -> PyResult<(Vec<proto::DictEntry>, Vec<HeldBuffer>)> {
+    let mut arrays = Arrays::Lent(Vec::new());
+    let entries = encode_entries(kwargs, 0, &mut arrays)?;
+    let Arrays::Lent(held) = arrays else {
+        unreachable!("lent above")
+    };
+    Ok((entries, held))
+}
+
+/// A value that owns all of its bytes.
 pub fn encode(value: &Bound<'_, PyAny>) -> PyResult<proto::Value> {
-    encode_at(value, 0)
+    encode_at(value, 0, &mut Arrays::Copied)
 }
 
-fn encode_at(value: &Bound<'_, PyAny>, depth: usize) -> PyResult<proto::Value> {
+fn encode_at(
+    value: &Bound<'_, PyAny>,
+    depth: usize,
+    arrays: &mut Arrays,
+) -> PyResult<proto::Value> {
     let kind = if value.is_none() {
         Kind::NullValue(proto::NullValue::NullValue as i32)
     } else if let Ok(flag) = value.cast::<PyBool>() {
@@ -58,14 +79,14 @@ fn encode_at(value: &Bound<'_, PyAny>, depth: usize) -> PyResult<proto::Value> {
         let depth = deeper(depth)?;
         let items = value
             .try_iter()?
-            .map(|item| encode_at(&item?, depth))
+            .map(|item| encode_at(&item?, depth, arrays))
             .collect::<PyResult<_>>()?;
         Kind::ListValue(proto::ListValue { items })
     } else if let Ok(dict) = value.cast::<PyDict>() {
-        let entries = encode_entries(dict, deeper(depth)?)?;
+        let entries = encode_entries(dict, deeper(depth)?, arrays)?;
         Kind::DictValue(proto::DictValue { entries })
     } else if is_numpy(value)? {
-        Kind::TensorValue(encode_array(value)?)
+        Kind::TensorValue(encode_array(value, arrays)?)
     } else {
         return Err(PyTypeError::new_err(format!(
             "cannot encode a {} for a remote operation: values are None, bool, int, float, str, \
@@ -76,7 +97,11 @@ fn encode_at(value: &Bound<'_, PyAny>, depth: usize) -> PyResult<proto::Value> {
     Ok(proto::Value { kind: Some(kind) })
 }
 
-fn encode_entries(dict: &Bound<'_, PyDict>, depth: usize) -> PyResult<Vec<proto::DictEntry>> {
+fn encode_entries(
+    dict: &Bound<'_, PyDict>,
+    depth: usize,
+    arrays: &mut Arrays,
+) -> PyResult<Vec<proto::DictEntry>> {
     dict.iter()
         .map(|(key, value)| {
             let key = key.cast::<PyString>().map_err(|_| {
@@ -89,7 +114,7 @@ fn encode_entries(dict: &Bound<'_, PyDict>, depth: usize) -> PyResult<Vec<proto:
             })?;
             Ok(proto::DictEntry {
                 key: key.to_str()?.to_owned(),
-                value: Some(encode_at(&value, depth)?),
+                value: Some(encode_at(&value, depth, arrays)?),
             })
         })
         .collect()
@@ -112,17 +137,27 @@ fn is_numpy(value: &Bound<'_, PyAny>) -> PyResult<bool> {
 
 /// An array (or numpy scalar, which becomes a 0-d array; `numpy.float64` is a float already) as `distsrv.tensors.to_wire` lays it
 /// out for the exchange: dtype code, shape, C-order bytes.
-fn encode_array(array: &Bound<'_, PyAny>) -> PyResult<proto::TensorProto> {
+fn encode_array(array: &Bound<'_, PyAny>, arrays: &mut Arrays) -> PyResult<proto::TensorProto> {
     let py = array.py();
     let to_wire = TO_WIRE.import(py, "distsrv.tensors", "to_wire")?;
     let (dtype, shape, flat): (i32, Vec<u64>, Bound<'_, PyAny>) =
         to_wire.call1((array,))?.extract()?;
     let meta = TensorMeta::checked(dtype, shape).map_err(to_py)?;
-    let buffer = PyBuffer::<u8>::get(&flat)?;
-    // A large array lands in a recycled buffer, whose pages exist already.
-    let mut data = TensorBuf::new(buffer.item_count());
-    buffer.copy_to_slice(py, data.as_mut_slice())?;
-    Ok(codec::tensor_proto(&meta, Bytes::from_owner(data)))
+    let data = match arrays {
+        Arrays::Lent(held) => {
+            let (hold, bytes) = HeldBuffer::hold(&flat)?;
+            held.push(hold);
+            bytes
+        }
+        Arrays::Copied => {
+            let buffer = PyBuffer::<u8>::get(&flat)?;
+            // A large array lands in a recycled buffer, whose pages exist already.
+            let mut data = TensorBuf::new(buffer.item_count());
+            buffer.copy_to_slice(py, data.as_mut_slice())?;
+            Bytes::from_owner(data)
+        }
+    };
+    Ok(codec::tensor_proto(&meta, data))
 }
 
 pub fn decode(py: Python<'_>, value: proto::Value) -> PyResult<Bound<'_, PyAny>> {
