@@ -327,6 +327,22 @@ _SENDER = textwrap.dedent(
 )
 
 
+def _start_task_0(script: str, spec: distsrv.ClusterSpec) -> subprocess.Popen[str]:
+    """Task 0 of ``spec``'s worker job, running ``script`` in a child process."""
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *spec.job_tasks("worker")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _end(child: subprocess.Popen[str]) -> None:
+    child.kill()
+    child.wait(timeout=10)
+    assert child.stdout is not None
+    child.stdout.close()
+
+
 def _receive_whole_tensors_until_error(receiver: distsrv.Server) -> None:
     """Tensors acknowledged before the kill arrive whole; after them, the receive fails."""
     while True:
@@ -341,11 +357,7 @@ def test_a_sender_killed_mid_transfer_leaves_nothing_behind() -> None:
     fds_before = _open_fds()
     spec = pair_cluster(2)
     receiver = distsrv.Server(spec, "worker", 1, config=distsrv.ServerConfig(connect_timeout=1.0))
-    child = subprocess.Popen(
-        [sys.executable, "-c", _SENDER, *spec.job_tasks("worker")],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    child = _start_task_0(_SENDER, spec)
     try:
         assert read_line(child, timeout=60) == "sent"
         first = receiver.recv("big", source=A, timeout=30)
@@ -358,10 +370,7 @@ def test_a_sender_killed_mid_transfer_leaves_nothing_behind() -> None:
             _receive_whole_tensors_until_error(receiver)
         assert receiver.transport_counts()["shm_received"] >= 1
     finally:
-        child.kill()
-        child.wait(timeout=10)
-        assert child.stdout is not None
-        child.stdout.close()
+        _end(child)
         receiver.stop(grace=0)
     assert set(os.listdir("/dev/shm")) == shm_before
     assert _memfds() == []
@@ -393,11 +402,7 @@ def test_a_caller_killed_mid_call_leaves_nothing_behind() -> None:
 
     spec = pair_cluster(2)
     callee = distsrv.Server(spec, "worker", 1, handlers={"hold": hold, "echo": lambda value: value})
-    child = subprocess.Popen(
-        [sys.executable, "-c", _CALLER, *spec.job_tasks("worker")],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    child = _start_task_0(_CALLER, spec)
     try:
         assert read_line(child, timeout=60) == "calling"
         assert entered.wait(30)
@@ -409,10 +414,7 @@ def test_a_caller_killed_mid_call_leaves_nothing_behind() -> None:
         assert callee.transport_counts()["shm_calls_served"] >= 1
     finally:
         release.set()
-        child.kill()
-        child.wait(timeout=10)
-        assert child.stdout is not None
-        child.stdout.close()
+        _end(child)
         callee.stop(grace=0)
     assert _memfds() == []
     assert _open_fds() <= fds_before

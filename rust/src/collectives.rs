@@ -292,17 +292,7 @@ impl Collective {
                 lost = lost => Err(lost),
             }
         };
-        let done = match self.timeout {
-            None => watched_work.await,
-            Some(limit) => tokio::time::timeout(limit, watched_work)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(Error::deadline_exceeded(format!(
-                        "not done within {:.3}s",
-                        limit.as_secs_f64()
-                    )))
-                }),
-        };
+        let done = crate::errors::within(self.timeout, "not done", watched_work).await;
         done.map_err(|e| {
             e.context(format!(
                 "{what} of {} tasks at {}",

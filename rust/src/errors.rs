@@ -107,6 +107,23 @@ impl From<Error> for tonic::Status {
     }
 }
 
+/// `work`, or DEADLINE_EXCEEDED ("`what` within ...s") if `limit` passes first.
+pub async fn within<T>(
+    limit: Option<std::time::Duration>,
+    what: impl fmt::Display,
+    work: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    let Some(limit) = limit else {
+        return work.await;
+    };
+    tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
+        Err(Error::deadline_exceeded(format!(
+            "{what} within {:.3}s",
+            limit.as_secs_f64()
+        )))
+    })
+}
+
 impl From<tonic::Status> for Error {
     fn from(status: tonic::Status) -> Self {
         let read = |key| {

@@ -141,17 +141,7 @@ impl Exchange {
         self.peers.cluster().require(&source)?;
         let key = TensorKey { source, name };
         let take = self.inbox.take(key.clone());
-        let timed = async {
-            match timeout {
-                None => take.await,
-                Some(limit) => tokio::time::timeout(limit, take).await.unwrap_or_else(|_| {
-                    Err(Error::deadline_exceeded(format!(
-                        "no {key} within {:.3}s",
-                        limit.as_secs_f64()
-                    )))
-                }),
-            }
-        };
+        let timed = crate::errors::within(timeout, format!("no {key}"), take);
         if key.source == self.me {
             return timed.await;
         }

@@ -95,17 +95,7 @@ impl Task {
         // The link proved who calls, whatever the request says.
         request.caller = Some(caller.to_proto());
         let served = self.operations.serve(request, MetadataMap::new());
-        match timeout {
-            None => served.await,
-            Some(limit) => tokio::time::timeout(limit, served)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(Error::deadline_exceeded(format!(
-                        "the call did not finish within {:.3}s",
-                        limit.as_secs_f64()
-                    )))
-                }),
-        }
+        crate::errors::within(timeout, "the call did not finish", served).await
     }
 
     /// Keeps `permit` (the call's place under the limit) until the response body has been handed
