@@ -200,13 +200,15 @@ impl Exchange {
         Reservation::new(&self.inbox, bytes)
     }
 
-    /// Hands a whole arrived tensor to its receive, or keeps it for one.
+    /// Hands a whole arrived tensor to its receive, or keeps it for one. A receive waiting for it
+    /// gets it, and wakes, when the [`Handoff`] is dropped: keep that until the sender has been
+    /// answered, so the wake-up is not on the answer's way.
     pub(crate) fn deliver(
         &self,
         key: TensorKey,
         tensor: Tensor,
         reservation: Reservation,
-    ) -> Result<()> {
+    ) -> Result<Handoff> {
         self.inbox.deliver(key, tensor, reservation)
     }
 
@@ -350,26 +352,60 @@ impl Inbox {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Hands the tensor to the longest-waiting receive, or keeps it in arrival order.
-    fn deliver(&self, key: TensorKey, tensor: Tensor, reservation: Reservation) -> Result<()> {
+    /// Takes the tensor for the longest-waiting receive (handed over when the [`Handoff`] is
+    /// dropped), or keeps it in arrival order.
+    fn deliver(
+        self: &Arc<Self>,
+        key: TensorKey,
+        tensor: Tensor,
+        reservation: Reservation,
+    ) -> Result<Handoff> {
         let mut state = self.lock();
         if let Some(error) = &state.closed {
             return Err(error.clone());
         }
-        let mut arrived = Arrived {
+        let arrived = Arrived {
             tensor,
             _reservation: reservation,
         };
+        if let Some(slot) = state.slots.get_mut(&key) {
+            // Receives that gave up (timeout, Ctrl-C) are skipped.
+            while let Some(waiter) = slot.waiting.pop_front() {
+                if !waiter.is_closed() {
+                    return Ok(Handoff {
+                        inbox: Arc::clone(self),
+                        pending: Some((key, waiter, arrived)),
+                    });
+                }
+            }
+        }
+        state
+            .slots
+            .entry(key)
+            .or_default()
+            .arrived
+            .push_back(arrived);
+        Ok(Handoff {
+            inbox: Arc::clone(self),
+            pending: None,
+        })
+    }
+
+    /// Gives a tensor whose receive gave up before taking it to the next receive waiting, or
+    /// else puts it first in line: it came before any tensor now kept.
+    fn hand_on(&self, key: TensorKey, mut arrived: Arrived) {
+        let mut state = self.lock();
+        if state.closed.is_some() {
+            return;
+        }
         let slot = state.slots.entry(key).or_default();
         while let Some(waiter) = slot.waiting.pop_front() {
             match waiter.send(arrived) {
-                Ok(()) => return Ok(()),
-                // That receive gave up (timeout, Ctrl-C); try the next one.
+                Ok(()) => return,
                 Err(back) => arrived = back,
             }
         }
-        slot.arrived.push_back(arrived);
-        Ok(())
+        slot.arrived.push_front(arrived);
     }
 
     /// The next tensor under `key`, as soon as there is one.
@@ -429,6 +465,22 @@ impl Inbox {
         let slots = std::mem::take(&mut state.slots);
         drop(state);
         drop(slots);
+    }
+}
+
+/// A tensor delivered to a waiting receive, handed over (waking the receive) when dropped.
+pub(crate) struct Handoff {
+    inbox: Arc<Inbox>,
+    pending: Option<(TensorKey, oneshot::Sender<Arrived>, Arrived)>,
+}
+
+impl Drop for Handoff {
+    fn drop(&mut self) {
+        if let Some((key, waiter, arrived)) = self.pending.take()
+            && let Err(arrived) = waiter.send(arrived)
+        {
+            self.inbox.hand_on(key, arrived);
+        }
     }
 }
 
@@ -512,5 +564,60 @@ impl Drop for Turn {
         if last.get(&self.slot).is_some_and(|(id, _)| *id == self.id) {
             last.remove(&self.slot);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::DataType;
+
+    fn tensor(byte: u8) -> Tensor {
+        Tensor {
+            meta: TensorMeta {
+                dtype: DataType::DtUint8,
+                shape: vec![1],
+            },
+            data: TensorBuf::from_slice(&[byte]),
+        }
+    }
+
+    fn arrive(inbox: &Arc<Inbox>, key: &TensorKey, byte: u8) -> Handoff {
+        let reservation = Reservation::new(inbox, 1).unwrap();
+        inbox
+            .deliver(key.clone(), tensor(byte), reservation)
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_waiting_receive_gets_its_tensor_when_the_handoff_ends() {
+        let inbox = Arc::new(Inbox::new(1 << 20));
+        let key = TensorKey {
+            source: TaskId::new("worker", 0),
+            name: "t".to_owned(),
+        };
+        let mut waiting = Box::pin(inbox.take(key.clone()));
+        assert!(futures::poll!(&mut waiting).is_pending());
+        let handoff = arrive(&inbox, &key, 1);
+        assert!(futures::poll!(&mut waiting).is_pending());
+        drop(handoff);
+        assert_eq!(waiting.await.unwrap().data.as_slice(), [1]);
+    }
+
+    #[tokio::test]
+    async fn a_tensor_whose_receive_gave_up_meanwhile_goes_to_the_next_in_order() {
+        let inbox = Arc::new(Inbox::new(1 << 20));
+        let key = TensorKey {
+            source: TaskId::new("worker", 0),
+            name: "t".to_owned(),
+        };
+        let mut gave_up = Box::pin(inbox.take(key.clone()));
+        assert!(futures::poll!(&mut gave_up).is_pending());
+        let first = arrive(&inbox, &key, 1);
+        drop(gave_up);
+        drop(arrive(&inbox, &key, 2));
+        drop(first);
+        assert_eq!(inbox.take(key.clone()).await.unwrap().data.as_slice(), [1]);
+        assert_eq!(inbox.take(key).await.unwrap().data.as_slice(), [2]);
     }
 }

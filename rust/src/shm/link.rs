@@ -687,6 +687,8 @@ pub async fn serve(
     let mut lent: HashMap<u64, Segment> = HashMap::new();
     while let Some(request) = read_message(&mut reader).await? {
         let id = request.id;
+        // A receive waiting for the tensor wakes once its sender has the acknowledgement.
+        let mut handoff = None;
         let answer = match request.kind {
             Some(Kind::Inline(header)) => {
                 let announced = codec::parse_header(&header);
@@ -705,7 +707,10 @@ pub async fn serve(
                     exchange.deliver(key, Tensor { meta, data }, reservation)
                 });
                 match delivered {
-                    Ok(()) => Kind::Ack(total as u64),
+                    Ok(delivered) => {
+                        handoff = Some(delivered);
+                        Kind::Ack(total as u64)
+                    }
                     Err(error) => return_error(id, &error),
                 }
             }
@@ -747,7 +752,10 @@ pub async fn serve(
                     data: grant.data,
                 };
                 match exchange.deliver(grant.key, tensor, grant.reservation) {
-                    Ok(()) => Kind::Ack(total),
+                    Ok(delivered) => {
+                        handoff = Some(delivered);
+                        Kind::Ack(total)
+                    }
                     Err(error) => return_error(id, &error),
                 }
             }
@@ -809,6 +817,7 @@ pub async fn serve(
             .write_message(&message(id, answer), &[])
             .await
             .map_err(|e| Error::unavailable(format!("cannot answer on the link: {e}")))?;
+        drop(handoff);
     }
     Ok(())
 }
