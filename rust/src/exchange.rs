@@ -582,6 +582,14 @@ mod tests {
         }
     }
 
+    fn inbox_and_key() -> (Arc<Inbox>, TensorKey) {
+        let key = TensorKey {
+            source: TaskId::new("worker", 0),
+            name: "t".to_owned(),
+        };
+        (Arc::new(Inbox::new(1 << 20)), key)
+    }
+
     fn arrive(inbox: &Arc<Inbox>, key: &TensorKey, byte: u8) -> Handoff {
         let reservation = Reservation::new(inbox, 1).unwrap();
         inbox
@@ -591,11 +599,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiting_receive_gets_its_tensor_when_the_handoff_ends() {
-        let inbox = Arc::new(Inbox::new(1 << 20));
-        let key = TensorKey {
-            source: TaskId::new("worker", 0),
-            name: "t".to_owned(),
-        };
+        let (inbox, key) = inbox_and_key();
         let mut waiting = Box::pin(inbox.take(key.clone()));
         assert!(futures::poll!(&mut waiting).is_pending());
         let handoff = arrive(&inbox, &key, 1);
@@ -606,11 +610,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_tensor_whose_receive_gave_up_meanwhile_goes_to_the_next_in_order() {
-        let inbox = Arc::new(Inbox::new(1 << 20));
-        let key = TensorKey {
-            source: TaskId::new("worker", 0),
-            name: "t".to_owned(),
-        };
+        let (inbox, key) = inbox_and_key();
         let mut gave_up = Box::pin(inbox.take(key.clone()));
         assert!(futures::poll!(&mut gave_up).is_pending());
         let first = arrive(&inbox, &key, 1);

@@ -338,8 +338,7 @@ pub struct Link {
 
 impl Link {
     /// Opens the link over a connected socket: presents the handshake's ticket and waits to be
-    /// welcomed.
-    /// `max_result_bytes` bounds the results of calls.
+    /// welcomed. `max_result_bytes` bounds the results of calls made on it.
     pub async fn open(
         stream: UnixStream,
         peer: TaskId,
