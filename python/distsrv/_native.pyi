@@ -3,6 +3,8 @@
 from collections.abc import Callable
 from typing import Any, final
 
+import numpy.typing as npt
+
 __all__ = [
     "BUILD_PROFILE",
     "Pending",
@@ -22,9 +24,12 @@ __all__ = [
 __version__: str
 BUILD_PROFILE: str
 
+# A task as "/job:<job>/task:<index>" or (job, index).
+_Task = str | tuple[str, int]
+
 def blocked_threads() -> int: ...
 def parse_address(address: str) -> tuple[str, int]: ...
-def parse_task(name: str) -> tuple[str, int]: ...
+def parse_task(task: _Task) -> tuple[str, int]: ...
 def cluster_def_to_bytes(jobs: dict[str, dict[int, str]]) -> bytes: ...
 def cluster_def_from_bytes(data: bytes) -> dict[str, dict[int, str]]: ...
 def server_def_to_bytes(
@@ -49,7 +54,7 @@ class TensorBytes:
 class Pending:
     def fileno(self) -> int: ...
     def done(self) -> bool: ...
-    # None for a send, (dtype code, shape, bytes) for a receive, the result for a call.
+    # None for a send, the array for a receive, the result for a call.
     def wait(self, timeout: float | None = None) -> Any: ...
 
 @final
@@ -78,62 +83,45 @@ class Server:
     def incarnation(self) -> int: ...
     def server_def_bytes(self) -> bytes: ...
     def transport_counts(self) -> dict[str, int]: ...
-    def send(
-        self, to: tuple[str, int], name: str, dtype: int, shape: list[int], data: Any
-    ) -> None: ...
-    def isend(
-        self, to: tuple[str, int], name: str, dtype: int, shape: list[int], data: Any
-    ) -> Pending: ...
+    def send(self, to: _Task, name: str, array: npt.ArrayLike) -> None: ...
+    def isend(self, to: _Task, name: str, array: npt.ArrayLike) -> Pending: ...
     def recv(
-        self, source: tuple[str, int], name: str, timeout: float | None = None
-    ) -> tuple[int, list[int], TensorBytes]: ...
-    def irecv(
-        self, source: tuple[str, int], name: str, timeout: float | None = None
-    ) -> Pending: ...
+        self, source: _Task, name: str, timeout: float | None = None
+    ) -> npt.NDArray[Any]: ...
+    def irecv(self, source: _Task, name: str, timeout: float | None = None) -> Pending: ...
     def all_reduce(
         self,
-        group: list[tuple[str, int]] | None,
+        group: list[_Task] | None,
         op: str,
-        dtype: int,
-        shape: list[int],
-        data: Any,
+        array: npt.ArrayLike,
         timeout: float | None = None,
-    ) -> tuple[int, list[int], TensorBytes]: ...
+    ) -> npt.NDArray[Any]: ...
     def reduce_scatter(
         self,
-        group: list[tuple[str, int]] | None,
+        group: list[_Task] | None,
         op: str,
-        dtype: int,
-        shape: list[int],
-        data: Any,
+        array: npt.ArrayLike,
         timeout: float | None = None,
-    ) -> tuple[int, list[int], TensorBytes]: ...
+    ) -> npt.NDArray[Any]: ...
     def all_gather(
-        self,
-        group: list[tuple[str, int]] | None,
-        dtype: int,
-        shape: list[int],
-        data: Any,
-        timeout: float | None = None,
-    ) -> tuple[int, list[int], TensorBytes]: ...
+        self, group: list[_Task] | None, array: npt.ArrayLike, timeout: float | None = None
+    ) -> npt.NDArray[Any]: ...
     def broadcast(
         self,
-        group: list[tuple[str, int]] | None,
-        root: tuple[str, int],
-        given: tuple[int, list[int], Any] | None,
+        group: list[_Task] | None,
+        root: _Task,
+        array: npt.ArrayLike | None,
         timeout: float | None = None,
-    ) -> tuple[int, list[int], TensorBytes]: ...
-    def barrier(
-        self, group: list[tuple[str, int]] | None, timeout: float | None = None
-    ) -> None: ...
+    ) -> npt.NDArray[Any]: ...
+    def barrier(self, group: list[_Task] | None, timeout: float | None = None) -> None: ...
     def variable_op(
         self,
-        host: tuple[str, int],
+        host: _Task,
         name: str,
         op: str,
-        value: tuple[int, list[int], Any] | None = None,
+        value: npt.ArrayLike | None = None,
         learning_rate: float = 0.0,
-    ) -> tuple[int, list[int], TensorBytes] | None: ...
+    ) -> npt.NDArray[Any] | None: ...
     def local_devices(self) -> list[_Device]: ...
     def list_devices(self, timeout: float | None = None) -> list[_Device]: ...
     def wait_for_cluster(self, timeout: float | None = None) -> dict[str, int]: ...
@@ -144,14 +132,14 @@ class Server:
     def block_handlers(self, ops: list[str]) -> None: ...
     def call(
         self,
-        to: tuple[str, int],
+        to: _Task,
         op: str,
         kwargs: dict[str, Any],
         timeout: float | None = None,
     ) -> Any: ...
     def icall(
         self,
-        to: tuple[str, int],
+        to: _Task,
         op: str,
         kwargs: dict[str, Any],
         timeout: float | None = None,

@@ -270,26 +270,23 @@ class Server:
     def send(self, name: str, array: npt.ArrayLike, to: TaskLike) -> None:
         """Sends ``array`` to task ``to`` under ``name``; returns once that task's server holds
         all of it (from then on it cannot be lost). Sending to oneself works too."""
-        code, shape, contiguous = tensors.to_wire(array)
-        self._native.send(_task(to), name, code, shape, contiguous)
+        self._native.send(to, name, array)
 
     def recv(self, name: str, source: TaskLike, timeout: float | None = None) -> npt.NDArray[Any]:
         """The next tensor ``name`` sent by task ``source``, waiting up to ``timeout`` seconds
         (``DeadlineExceededError`` past it). An unreachable source raises ``UnavailableError``
         within ``config.connect_timeout``."""
-        code, shape, data = self._native.recv(_task(source), name, timeout)
-        return tensors.from_wire(code, shape, data)
+        return self._native.recv(source, name, timeout)
 
     def isend(self, name: str, array: npt.ArrayLike, to: TaskLike) -> SendHandle:
         """Starts a send and returns at once; ``wait()`` on the handle for its acknowledgement.
         The array must not be modified until then."""
-        code, shape, contiguous = tensors.to_wire(array)
-        return SendHandle(self._native.isend(_task(to), name, code, shape, contiguous))
+        return SendHandle(self._native.isend(to, name, array))
 
     def irecv(self, name: str, source: TaskLike, timeout: float | None = None) -> RecvHandle:
         """Starts a receive and returns at once; ``wait()`` on the handle for the array. Dropping
         the handle before it finishes cancels the receive."""
-        return RecvHandle(self._native.irecv(_task(source), name, timeout))
+        return RecvHandle(self._native.irecv(source, name, timeout))
 
     async def asend(self, name: str, array: npt.ArrayLike, to: TaskLike) -> None:
         """Awaitable :meth:`send`."""
@@ -320,9 +317,7 @@ class Server:
     ) -> npt.NDArray[Any]:
         """The element-wise ``op`` of every member's ``array``: bitwise the same on every member.
         A mean needs a floating or complex dtype; sum and prod of integers wrap as numpy's do."""
-        code, shape, contiguous = tensors.to_wire(array)
-        result = self._native.all_reduce(self._members(group), op, code, shape, contiguous, timeout)
-        return tensors.from_wire(*result)
+        return self._native.all_reduce(self._members(group), op, array, timeout)
 
     def reduce_scatter(
         self,
@@ -334,19 +329,13 @@ class Server:
     ) -> npt.NDArray[Any]:
         """This member's share of :meth:`all_reduce`: of ``n * m`` rows, rank ``r`` gets rows
         ``r * m`` to ``(r + 1) * m``."""
-        code, shape, contiguous = tensors.to_wire(array)
-        result = self._native.reduce_scatter(
-            self._members(group), op, code, shape, contiguous, timeout
-        )
-        return tensors.from_wire(*result)
+        return self._native.reduce_scatter(self._members(group), op, array, timeout)
 
     def all_gather(
         self, array: npt.ArrayLike, *, group: GroupLike = None, timeout: float | None = None
     ) -> npt.NDArray[Any]:
         """Every member's ``array``, stacked in rank order: shape ``(members, *array.shape)``."""
-        code, shape, contiguous = tensors.to_wire(array)
-        result = self._native.all_gather(self._members(group), code, shape, contiguous, timeout)
-        return tensors.from_wire(*result)
+        return self._native.all_gather(self._members(group), array, timeout)
 
     def broadcast(
         self,
@@ -358,9 +347,7 @@ class Server:
     ) -> npt.NDArray[Any]:
         """``root``'s ``array`` on every member. Other members may pass None, or an array whose
         dtype and shape are then checked against the root's."""
-        given = None if array is None else tensors.to_wire(array)
-        result = self._native.broadcast(self._members(group), _task(root), given, timeout)
-        return tensors.from_wire(*result)
+        return self._native.broadcast(self._members(group), root, array, timeout)
 
     def barrier(self, *, group: GroupLike = None, timeout: float | None = None) -> None:
         """Returns once every member has called it."""
@@ -371,15 +358,15 @@ class Server:
     def create_variable(self, name: str, initial: npt.ArrayLike, on: TaskLike) -> Variable:
         """Creates variable ``name`` on task ``on`` (typically a "ps" task) with value
         ``initial``; ``AlreadyExistsError`` if that task already has one by this name."""
-        host = _task(on)
-        self._native.variable_op(host, name, "create", tensors.to_wire(initial))
+        host = _native.parse_task(on)
+        self._native.variable_op(host, name, "create", initial)
         return Variable(self._native, name, host)
 
     def variable(self, name: str, on: TaskLike) -> Variable:
         """A handle to variable ``name`` on task ``on``, which another task may create later."""
-        return Variable(self._native, name, _task(on))
+        return Variable(self._native, name, _native.parse_task(on))
 
-    def _members(self, group: GroupLike) -> list[tuple[str, int]] | None:
+    def _members(self, group: GroupLike) -> list[TaskLike] | None:
         if group is None:
             return None
         if isinstance(group, str):
@@ -388,7 +375,7 @@ class Server:
                     f"no job {group!r} in the cluster (jobs: {self._spec.jobs})"
                 )
             return [(group, index) for index in self._spec.task_indices(group)]
-        return [_task(task) for task in group]
+        return list(group)
 
     # -- remote operations --------------------------------------------------------------------
 
@@ -440,7 +427,7 @@ class Server:
         :class:`distsrv.errors.RemoteError` naming its type, message and task (a distsrv error the
         handler raised keeps its class). Connections to each task are made once and reused.
         """
-        return self._native.call(_task(task), op, kwargs, timeout)
+        return self._native.call(task, op, kwargs, timeout)
 
     def icall(
         self, task: TaskLike, op: str, /, *, timeout: float | None = None, **kwargs: Any
@@ -448,7 +435,7 @@ class Server:
         """Starts :meth:`call` and returns at once; ``wait()`` on the handle for the result.
         Array arguments are read in place, so they must not be modified until then. Dropping the
         handle before it finishes abandons the call."""
-        return CallHandle(self._native.icall(_task(task), op, kwargs, timeout))
+        return CallHandle(self._native.icall(task, op, kwargs, timeout))
 
     async def acall(
         self, task: TaskLike, op: str, /, *, timeout: float | None = None, **kwargs: Any
@@ -501,11 +488,13 @@ class RecvHandle(_Handle):
 
     def wait(self, timeout: float | None = None) -> npt.NDArray[Any]:
         """Blocks until the tensor is here and returns it; re-raises the receive's error."""
-        return _received(self._pending.wait(timeout))
+        result: npt.NDArray[Any] = self._pending.wait(timeout)
+        return result
 
     async def wait_async(self) -> npt.NDArray[Any]:
         await self._finished()
-        return _received(self._pending.wait(None))
+        result: npt.NDArray[Any] = self._pending.wait(None)
+        return result
 
 
 class CallHandle(_Handle):
@@ -518,24 +507,6 @@ class CallHandle(_Handle):
     async def wait_async(self) -> Any:
         await self._finished()
         return self._pending.wait(None)
-
-
-def _received(result: tuple[int, list[int], _native.TensorBytes]) -> npt.NDArray[Any]:
-    return tensors.from_wire(*result)
-
-
-def _task(task: TaskLike) -> tuple[str, int]:
-    if isinstance(task, str):
-        return _native.parse_task(task)
-    if (
-        isinstance(task, tuple)
-        and len(task) == 2
-        and isinstance(task[0], str)
-        and isinstance(task[1], int | np.integer)
-        and not isinstance(task[1], bool)
-    ):
-        return task[0], int(task[1])
-    raise TypeError(f'a task is "/job:<job>/task:<index>" or (job, index), not {task!r}')
 
 
 def _jobs(spec: ClusterSpec) -> dict[str, dict[int, str]]:

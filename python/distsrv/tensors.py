@@ -7,9 +7,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from distsrv import _native
-
-__all__ = ["dtype_code", "from_wire", "supported_dtypes", "to_wire"]
+__all__ = ["dtype_code", "supported_dtypes", "to_wire"]
 
 # TensorFlow's DataType numbers (tensorflow/core/framework/types.proto).
 _CODES: dict[np.dtype[Any], int] = {
@@ -57,18 +55,14 @@ def dtype_code(dtype: npt.DTypeLike) -> int:
 
 
 def to_wire(array: npt.ArrayLike) -> tuple[int, list[int], npt.NDArray[Any]]:
-    """(dtype code, shape, its bytes as a flat uint8 view) for sending; copies only when the array
-    is not C-contiguous and native-endian already."""
+    """(dtype code, shape, a C-contiguous native-endian array of it) for sending; copies only when
+    the array is not such an array already. The native layer lends a C-contiguous ndarray
+    of a dtype in ``_CODES`` as it is, and comes here for everything else; it makes received
+    arrays with ``_DTYPES``."""
     array = np.asarray(array)
     code = dtype_code(array.dtype)
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
     if not array.flags.c_contiguous:
         array = array.copy(order="C")
-    # Flat bytes: a 0-d array exports no shape, and extension dtypes (bfloat16) export no format.
-    return code, list(array.shape), array.reshape(-1).view(np.uint8)
-
-
-def from_wire(code: int, shape: list[int], data: _native.TensorBytes) -> npt.NDArray[Any]:
-    """A writable array over a received tensor's bytes, without copying them."""
-    return np.frombuffer(memoryview(data), dtype=_DTYPES[code]).reshape(shape)
+    return code, list(array.shape), array

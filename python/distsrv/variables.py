@@ -6,8 +6,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy.typing as npt
 
-from distsrv import tensors
-
 if TYPE_CHECKING:
     from distsrv import _native
 
@@ -42,7 +40,7 @@ class Variable:
         """The current value, a new array."""
         value = self._native.variable_op(self._host, self._name, "read")
         assert value is not None, "a read yields the value"
-        return tensors.from_wire(*value)
+        return value
 
     def assign(self, value: npt.ArrayLike) -> None:
         """Replaces the value."""
@@ -57,7 +55,7 @@ class Variable:
         self._update("sgd_step", gradient, float(learning_rate))
 
     def _update(self, op: str, value: npt.ArrayLike, learning_rate: float = 0.0) -> None:
-        self._native.variable_op(self._host, self._name, op, tensors.to_wire(value), learning_rate)
+        self._native.variable_op(self._host, self._name, op, value, learning_rate)
 
     def __repr__(self) -> str:
         return f"<distsrv.Variable {self._name!r} on {self.host}>"

@@ -48,12 +48,11 @@ mod native {
         cluster::parse_address(address).map_err(|e| PyValueError::new_err(e.message))
     }
 
-    /// Splits "/job:ps/task:0" (or "/job:ps/replica:0/task:0") into job and index.
+    /// A task as (job, index), from "/job:ps/task:0" (or "/job:ps/replica:0/task:0"; ValueError
+    /// if malformed) or from such a pair (TypeError for anything else).
     #[pyfunction]
-    fn parse_task(name: &str) -> PyResult<(String, u32)> {
-        TaskId::parse(name)
-            .map(|task| (task.job, task.index))
-            .map_err(|e| PyValueError::new_err(e.message))
+    fn parse_task(task: super::server::TaskArg) -> (String, u32) {
+        (task.0.job, task.0.index)
     }
 
     /// Encodes jobs as a ClusterDef (TensorFlow's field numbers).

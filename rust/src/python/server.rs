@@ -2,22 +2,23 @@
 
 use std::collections::BTreeMap;
 use std::mem::ManuallyDrop;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 use std::time::Instant;
 
 use bytes::Bytes;
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyString, PyTuple};
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
 use super::devices::{DeviceTuple, device_tuple};
 use super::errors::{IntoPyResult, to_py};
 use super::handlers::PyHandler;
-use super::tensor::{HeldBuffer, TensorBytes};
+use super::tensor::{HeldBuffer, array_in, array_out};
 use super::values;
 use crate::cluster::{Cluster, Jobs, ServerDef, TaskId, format_address};
 use crate::codec::{Tensor, TensorMeta};
@@ -95,6 +96,24 @@ impl ConfigArgs {
     }
 }
 
+/// This process's id, kept current across `fork()` by a child handler: every operation checks it,
+/// and asking the kernel each time is a system call on the path of every small tensor.
+fn current_pid() -> u32 {
+    static WATCHED: std::sync::Once = std::sync::Once::new();
+    WATCHED.call_once(|| {
+        PID.store(std::process::id(), Ordering::Relaxed);
+        // SAFETY: registers a handler that only stores the child's id.
+        unsafe { libc::pthread_atfork(None, None, Some(forked)) };
+    });
+    PID.load(Ordering::Relaxed)
+}
+
+static PID: AtomicU32 = AtomicU32::new(0);
+
+extern "C" fn forked() {
+    PID.store(std::process::id(), Ordering::Relaxed);
+}
+
 fn seconds(value: Option<f64>) -> PyResult<Option<Duration>> {
     value
         .map(|v| {
@@ -137,7 +156,7 @@ impl NativeServer {
         let server = py.detach(|| Server::bind(def, config)).into_py()?;
         Ok(Self {
             server: ManuallyDrop::new(server),
-            pid: std::process::id(),
+            pid: current_pid(),
         })
     }
 
@@ -215,21 +234,17 @@ impl NativeServer {
         PyBytes::new(py, &self.server.server_def().encode())
     }
 
-    /// Sends `data` (a C-contiguous buffer of a `dtype` tensor of `shape`) to task `to`; returns
-    /// once the receiving server holds all of it.
+    /// Sends `array` to task `to`; returns once the receiving server holds all of it.
     fn send(
         &self,
         py: Python<'_>,
-        to: (String, u32),
+        to: TaskArg,
         name: String,
-        dtype: i32,
-        shape: Vec<u64>,
-        data: &Bound<'_, PyAny>,
+        array: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
         let server = self.server()?;
         let runtime = server.caller_runtime().into_py()?;
-        let (held, future) =
-            self.start_send(&server.task().caller_peers, to, name, dtype, shape, data)?;
+        let (held, future) = start_send(server, &server.task().caller_peers, to, name, array)?;
         let sent = drive_interruptibly(py, &runtime, future);
         held.release(py);
         py.detach(|| drop(runtime));
@@ -237,17 +252,10 @@ impl NativeServer {
     }
 
     /// Like `send`, but returns at once with a handle to wait on.
-    fn isend(
-        &self,
-        to: (String, u32),
-        name: String,
-        dtype: i32,
-        shape: Vec<u64>,
-        data: &Bound<'_, PyAny>,
-    ) -> PyResult<Pending> {
+    fn isend(&self, to: TaskArg, name: String, array: &Bound<'_, PyAny>) -> PyResult<Pending> {
         let server = self.server()?;
         let runtime = server.runtime().into_py()?;
-        let (held, future) = self.start_send(&server.task().peers, to, name, dtype, shape, data)?;
+        let (held, future) = start_send(server, &server.task().peers, to, name, array)?;
         let (done, finished) = completion_pipe()?;
         let task = runtime.spawn(async move {
             let _done = finished;
@@ -262,40 +270,34 @@ impl NativeServer {
         ))
     }
 
-    /// Receives the next tensor `name` from `source`: (dtype code, shape, bytes).
+    /// Receives the next tensor `name` from `source`, as a numpy array.
     #[pyo3(signature = (source, name, timeout=None))]
-    fn recv(
+    fn recv<'py>(
         &self,
-        py: Python<'_>,
-        source: (String, u32),
+        py: Python<'py>,
+        source: TaskArg,
         name: String,
         timeout: Option<f64>,
-    ) -> PyResult<(i32, Vec<u64>, TensorBytes)> {
+    ) -> PyResult<Bound<'py, PyAny>> {
         let timeout = seconds(timeout)?;
         let server = self.server()?;
         let runtime = server.runtime().into_py()?;
-        let source = TaskId::new(source.0, source.1);
         let received = wait_interruptibly(
             py,
             &runtime,
-            server.task().exchange.recv(source, name, timeout),
+            server.task().exchange.recv(source.0, name, timeout),
         )?;
-        received.map(tensor_parts).into_py()
+        array_out(py, received.into_py()?)
     }
 
     /// Like `recv`, but returns at once with a handle to wait on.
     #[pyo3(signature = (source, name, timeout=None))]
-    fn irecv(
-        &self,
-        source: (String, u32),
-        name: String,
-        timeout: Option<f64>,
-    ) -> PyResult<Pending> {
+    fn irecv(&self, source: TaskArg, name: String, timeout: Option<f64>) -> PyResult<Pending> {
         let timeout = seconds(timeout)?;
         let server = self.server()?;
         let runtime = server.runtime().into_py()?;
         let task = server.task().clone();
-        let source = TaskId::new(source.0, source.1);
+        let source = source.0;
         let (done, finished) = completion_pipe()?;
         let join = runtime.spawn(async move {
             let _done = finished;
@@ -315,20 +317,17 @@ impl NativeServer {
 
     /// The element-wise `op` ("sum", "mean", "max", "min", "prod") of every member's tensor;
     /// `group` lists the members (every task when None).
-    #[pyo3(signature = (group, op, dtype, shape, data, timeout=None))]
-    #[allow(clippy::too_many_arguments)]
-    fn all_reduce(
+    #[pyo3(signature = (group, op, array, timeout=None))]
+    fn all_reduce<'py>(
         &self,
-        py: Python<'_>,
-        group: Option<Vec<(String, u32)>>,
+        py: Python<'py>,
+        group: Option<Vec<TaskArg>>,
         op: &str,
-        dtype: i32,
-        shape: Vec<u64>,
-        data: &Bound<'_, PyAny>,
+        array: &Bound<'_, PyAny>,
         timeout: Option<f64>,
-    ) -> PyResult<TensorParts> {
+    ) -> PyResult<Bound<'py, PyAny>> {
         let op = ReduceOp::parse(op).into_py()?;
-        let given = Some((dtype, shape, data));
+        let given = Some(array);
         let check = |_: &Group, meta: Option<&TensorMeta>| op.check(meta.expect("given").dtype);
         self.collective(py, group, timeout, given, check, |run, given| {
             let (meta, data) = given.expect("given above");
@@ -337,20 +336,17 @@ impl NativeServer {
     }
 
     /// Rows `r*m .. (r+1)*m` of the reduction of every member's tensor, for the member of rank r.
-    #[pyo3(signature = (group, op, dtype, shape, data, timeout=None))]
-    #[allow(clippy::too_many_arguments)]
-    fn reduce_scatter(
+    #[pyo3(signature = (group, op, array, timeout=None))]
+    fn reduce_scatter<'py>(
         &self,
-        py: Python<'_>,
-        group: Option<Vec<(String, u32)>>,
+        py: Python<'py>,
+        group: Option<Vec<TaskArg>>,
         op: &str,
-        dtype: i32,
-        shape: Vec<u64>,
-        data: &Bound<'_, PyAny>,
+        array: &Bound<'_, PyAny>,
         timeout: Option<f64>,
-    ) -> PyResult<TensorParts> {
+    ) -> PyResult<Bound<'py, PyAny>> {
         let op = ReduceOp::parse(op).into_py()?;
-        let given = Some((dtype, shape, data));
+        let given = Some(array);
         let check = |_: &Group, meta: Option<&TensorMeta>| op.check(meta.expect("given").dtype);
         self.collective(py, group, timeout, given, check, |run, given| {
             let (meta, data) = given.expect("given above");
@@ -359,17 +355,15 @@ impl NativeServer {
     }
 
     /// Every member's tensor, stacked in rank order.
-    #[pyo3(signature = (group, dtype, shape, data, timeout=None))]
-    fn all_gather(
+    #[pyo3(signature = (group, array, timeout=None))]
+    fn all_gather<'py>(
         &self,
-        py: Python<'_>,
-        group: Option<Vec<(String, u32)>>,
-        dtype: i32,
-        shape: Vec<u64>,
-        data: &Bound<'_, PyAny>,
+        py: Python<'py>,
+        group: Option<Vec<TaskArg>>,
+        array: &Bound<'_, PyAny>,
         timeout: Option<f64>,
-    ) -> PyResult<TensorParts> {
-        let given = Some((dtype, shape, data));
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let given = Some(array);
         let check = |_: &Group, _: Option<&TensorMeta>| Ok(());
         self.collective(py, group, timeout, given, check, |run, given| {
             let (meta, data) = given.expect("given above");
@@ -378,19 +372,17 @@ impl NativeServer {
     }
 
     /// `root`'s tensor on every member; members other than the root may give None.
-    #[pyo3(signature = (group, root, given, timeout=None))]
-    fn broadcast(
+    #[pyo3(signature = (group, root, array, timeout=None))]
+    fn broadcast<'py>(
         &self,
-        py: Python<'_>,
-        group: Option<Vec<(String, u32)>>,
-        root: (String, u32),
-        given: Option<(i32, Vec<u64>, Bound<'_, PyAny>)>,
+        py: Python<'py>,
+        group: Option<Vec<TaskArg>>,
+        root: TaskArg,
+        array: Option<Bound<'_, PyAny>>,
         timeout: Option<f64>,
-    ) -> PyResult<TensorParts> {
-        let root = TaskId::new(root.0, root.1);
-        let given = given
-            .as_ref()
-            .map(|(dtype, shape, data)| (*dtype, shape.clone(), data));
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let root = root.0;
+        let given = array.as_ref();
         let check = |group: &Group, _: Option<&TensorMeta>| group.rank_of(&root).map(drop);
         let root_of_run = root.clone();
         self.collective(py, group, timeout, given, check, |run, given| async move {
@@ -403,7 +395,7 @@ impl NativeServer {
     fn barrier(
         &self,
         py: Python<'_>,
-        group: Option<Vec<(String, u32)>>,
+        group: Option<Vec<TaskArg>>,
         timeout: Option<f64>,
     ) -> PyResult<()> {
         let server = self.server()?;
@@ -419,15 +411,15 @@ impl NativeServer {
     /// Applies `op` ("read", "create", "assign", "assign_add", "sgd_step") to variable `name`
     /// hosted on `host`; a read gives the value.
     #[pyo3(signature = (host, name, op, value=None, learning_rate=0.0))]
-    fn variable_op(
+    fn variable_op<'py>(
         &self,
-        py: Python<'_>,
-        host: (String, u32),
+        py: Python<'py>,
+        host: TaskArg,
         name: String,
         op: &str,
-        value: Option<(i32, Vec<u64>, Bound<'_, PyAny>)>,
+        value: Option<Bound<'_, PyAny>>,
         learning_rate: f64,
-    ) -> PyResult<Option<TensorParts>> {
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
         use crate::proto::variable_request::Op;
         let op = Op::from_str_name(&op.to_uppercase()).ok_or_else(|| {
             to_py(Error::invalid_argument(format!(
@@ -438,9 +430,8 @@ impl NativeServer {
         let runtime = server.runtime().into_py()?;
         let task = Arc::clone(server.task());
         let (held, value) = match value {
-            Some((dtype, shape, data)) => {
-                let meta = TensorMeta::checked(dtype, shape).into_py()?;
-                let (held, bytes) = HeldBuffer::hold(&data)?;
+            Some(array) => {
+                let (meta, held, bytes) = array_in(&array)?;
                 (Some(held), Some(crate::codec::tensor_proto(&meta, bytes)))
             }
             None => (None, None),
@@ -451,7 +442,7 @@ impl NativeServer {
             value,
             learning_rate,
         };
-        let host = TaskId::new(host.0, host.1);
+        let host = host.0;
         let response = wait_interruptibly(py, &runtime, async move {
             variables::call(
                 &host,
@@ -466,7 +457,10 @@ impl NativeServer {
         if let Some(held) = held {
             held.release(py);
         }
-        Ok(response?.into_py()?.map(tensor_parts))
+        response?
+            .into_py()?
+            .map(|tensor| array_out(py, tensor))
+            .transpose()
     }
 
     /// Tensors this task sent through shared memory and over gRPC, and received through shared
@@ -551,7 +545,7 @@ impl NativeServer {
     fn call(
         &self,
         py: Python<'_>,
-        to: (String, u32),
+        to: TaskArg,
         op: String,
         kwargs: &Bound<'_, PyDict>,
         timeout: Option<f64>,
@@ -561,13 +555,9 @@ impl NativeServer {
         let runtime = server.caller_runtime().into_py()?;
         let (kwargs, lent) = values::encode_kwargs(kwargs)?;
         let task = server.task();
-        let called = task.operations.call(
-            &task.caller_peers,
-            TaskId::new(to.0, to.1),
-            op,
-            kwargs,
-            timeout,
-        );
+        let called = task
+            .operations
+            .call(&task.caller_peers, to.0, op, kwargs, timeout);
         let result = drive_interruptibly(py, &runtime, called);
         py.detach(|| drop(runtime));
         for held in lent {
@@ -580,7 +570,7 @@ impl NativeServer {
     #[pyo3(signature = (to, op, kwargs, timeout=None))]
     fn icall(
         &self,
-        to: (String, u32),
+        to: TaskArg,
         op: String,
         kwargs: &Bound<'_, PyDict>,
         timeout: Option<f64>,
@@ -594,7 +584,7 @@ impl NativeServer {
         let join = runtime.spawn(async move {
             let _done = finished;
             task.operations
-                .call(&task.peers, TaskId::new(to.0, to.1), op, kwargs, timeout)
+                .call(&task.peers, to.0, op, kwargs, timeout)
                 .await
                 .map(Completed::Called)
         });
@@ -607,7 +597,7 @@ type SendFuture = std::pin::Pin<Box<dyn Future<Output = Result<()>> + Send>>;
 impl NativeServer {
     /// The server, unless this is a forked child of the process that made it.
     fn server(&self) -> PyResult<&Server> {
-        if std::process::id() != self.pid {
+        if current_pid() != self.pid {
             return Err(to_py(Error::failed_precondition(format!(
                 "this server was created in process {} and cannot be used after fork(); create \
                  servers in the process that uses them (or use the 'spawn' start method)",
@@ -617,18 +607,17 @@ impl NativeServer {
         Ok(&self.server)
     }
 
-    /// Runs one collective over `group` with `given` (dtype code, shape, buffer) lent to it,
-    /// once `check` has found nothing to refuse.
-    #[allow(clippy::too_many_arguments)]
-    fn collective<C, F, Fut>(
+    /// Runs one collective over `group` with the `given` array lent to it, once `check` has found
+    /// nothing to refuse.
+    fn collective<'py, C, F, Fut>(
         &self,
-        py: Python<'_>,
-        group: Option<Vec<(String, u32)>>,
+        py: Python<'py>,
+        group: Option<Vec<TaskArg>>,
         timeout: Option<f64>,
-        given: Option<(i32, Vec<u64>, &Bound<'_, PyAny>)>,
+        given: Option<&Bound<'_, PyAny>>,
         check: C,
         run: F,
-    ) -> PyResult<TensorParts>
+    ) -> PyResult<Bound<'py, PyAny>>
     where
         C: FnOnce(&Group, Option<&TensorMeta>) -> Result<()>,
         F: FnOnce(Collective, Option<(TensorMeta, Bytes)>) -> Fut,
@@ -637,17 +626,8 @@ impl NativeServer {
         let server = self.server()?;
         let runtime = server.runtime().into_py()?;
         let (held, given) = match given {
-            Some((dtype, shape, data)) => {
-                let meta = TensorMeta::checked(dtype, shape).into_py()?;
-                let (held, bytes) = HeldBuffer::hold(data)?;
-                if meta.byte_len() != Some(bytes.len() as u64) {
-                    return Err(to_py(Error::invalid_argument(format!(
-                        "{} bytes given for a {:?} tensor of shape {:?}",
-                        bytes.len(),
-                        meta.dtype,
-                        meta.shape
-                    ))));
-                }
+            Some(array) => {
+                let (meta, held, bytes) = array_in(array)?;
                 (Some(held), Some((meta, bytes)))
             }
             None => (None, None),
@@ -662,34 +642,30 @@ impl NativeServer {
         if let Some(held) = held {
             held.release(py);
         }
-        done?.map(tensor_parts).into_py()
+        array_out(py, done?.into_py()?)
     }
+}
 
-    /// Starts a send over `connections`, those of the runtime that will drive it.
-    fn start_send(
-        &self,
-        connections: &Arc<Peers>,
-        to: (String, u32),
-        name: String,
-        dtype: i32,
-        shape: Vec<u64>,
-        data: &Bound<'_, PyAny>,
-    ) -> PyResult<(HeldBuffer, SendFuture)> {
-        let meta = TensorMeta::checked(dtype, shape).into_py()?;
-        let (held, payload) = HeldBuffer::hold(data)?;
-        let future = self
-            .server()?
-            .task()
-            .exchange
-            .send_via(connections, TaskId::new(to.0, to.1), name, meta, payload)
-            .into_py()?;
-        Ok((held, Box::pin(future)))
-    }
+/// Starts a send of `array` over `connections`, those of the runtime that will drive it.
+fn start_send(
+    server: &Server,
+    connections: &Arc<Peers>,
+    to: TaskArg,
+    name: String,
+    array: &Bound<'_, PyAny>,
+) -> PyResult<(HeldBuffer, SendFuture)> {
+    let (meta, held, payload) = array_in(array)?;
+    let future = server
+        .task()
+        .exchange
+        .send_via(connections, to.0, name, meta, payload)
+        .into_py()?;
+    Ok((held, Box::pin(future)))
 }
 
 impl Drop for NativeServer {
     fn drop(&mut self) {
-        if std::process::id() == self.pid {
+        if current_pid() == self.pid {
             // SAFETY: dropped exactly once, here.
             let server = unsafe { ManuallyDrop::take(&mut self.server) };
             Python::attach(|py| py.detach(|| drop(server)));
@@ -699,25 +675,37 @@ impl Drop for NativeServer {
     }
 }
 
-fn collective_group(task: &Task, members: Option<Vec<(String, u32)>>) -> PyResult<Group> {
-    let members = members.map(|tasks| {
-        tasks
-            .into_iter()
-            .map(|(job, index)| TaskId::new(job, index))
-            .collect()
-    });
+fn collective_group(task: &Task, members: Option<Vec<TaskArg>>) -> PyResult<Group> {
+    let members = members.map(|tasks| tasks.into_iter().map(|task| task.0).collect());
     Group::new(&task.exchange, members).into_py()
 }
 
-/// A tensor as Python receives it: dtype code, shape, and its bytes.
-type TensorParts = (i32, Vec<u64>, TensorBytes);
+/// A task as Python names it: `"/job:ps/task:0"` or `("ps", 0)`.
+pub struct TaskArg(pub TaskId);
 
-fn tensor_parts(tensor: Tensor) -> TensorParts {
-    (
-        tensor.meta.dtype as i32,
-        tensor.meta.shape,
-        TensorBytes::new(tensor.data),
-    )
+impl<'a, 'py> FromPyObject<'a, 'py> for TaskArg {
+    type Error = PyErr;
+
+    fn extract(task: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        if let Ok(name) = task.cast::<PyString>() {
+            return TaskId::parse(&name.to_cow()?)
+                .map(Self)
+                .map_err(|e| PyValueError::new_err(e.message));
+        }
+        if let Ok(pair) = task.cast::<PyTuple>()
+            && pair.len() == 2
+            && let (Ok(job), Ok(index)) = (pair.get_item(0), pair.get_item(1))
+            && let Ok(job) = job.cast::<PyString>()
+            && !index.is_instance_of::<PyBool>()
+            && let Ok(index) = index.extract::<u32>()
+        {
+            return Ok(Self(TaskId::new(job.to_cow()?, index)));
+        }
+        Err(PyTypeError::new_err(format!(
+            "a task is \"/job:<job>/task:<index>\" or (job, index), not {}",
+            task.repr()?
+        )))
+    }
 }
 
 /// Drives `future` without the GIL, checking for signals in between so Ctrl-C raises
@@ -931,9 +919,7 @@ impl Pending {
         }
         Ok(match result.into_py()? {
             Completed::Sent => py.None(),
-            Completed::Received(tensor) => {
-                tensor_parts(tensor).into_pyobject(py)?.into_any().unbind()
-            }
+            Completed::Received(tensor) => array_out(py, tensor)?.unbind(),
             Completed::Called(value) => values::decode(py, value)?.unbind(),
         })
     }

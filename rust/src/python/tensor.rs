@@ -6,21 +6,60 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use pyo3::buffer::PyUntypedBuffer;
-use pyo3::exceptions::{PyBufferError, PyValueError};
+use pyo3::exceptions::PyBufferError;
 use pyo3::ffi;
+use pyo3::intern;
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyTuple, PyType};
 
-use crate::codec::TensorBuf;
+use super::errors::to_py;
+use crate::codec::{Tensor, TensorBuf, TensorMeta};
+use crate::errors::Error;
 
 /// How long a finished send may take to drop its last view of the memory (the transport lets go of
 /// frames a moment after the reply). Past it the memory is leaked rather than handed back early.
 const LEASE_GRACE: Duration = Duration::from_secs(10);
 
+/// A Python buffer exported C-contiguous with its shape (`PyBUF_ND`). No format is asked for, so
+/// numpy builds none: extension dtypes (bfloat16) export too, and exporting allocates nothing.
+struct Export(Box<ffi::Py_buffer>);
+
+// SAFETY: the view is only read, and released with the GIL held (see `HeldBuffer`).
+unsafe impl Send for Export {}
+unsafe impl Sync for Export {}
+
+impl Export {
+    fn get(object: &Bound<'_, PyAny>) -> PyResult<Self> {
+        // Boxed, so the view stays in place: an exporter may point its shape into it.
+        let mut view = Box::new(ffi::Py_buffer::new());
+        // SAFETY: a live object and a view for it to fill.
+        if unsafe { ffi::PyObject_GetBuffer(object.as_ptr(), &mut *view, ffi::PyBUF_ND) } == -1 {
+            return Err(PyErr::fetch(object.py()));
+        }
+        Ok(Self(view))
+    }
+
+    fn shape(&self) -> Vec<u64> {
+        let ndim = usize::try_from(self.0.ndim).unwrap_or(0);
+        if ndim == 0 || self.0.shape.is_null() {
+            return Vec::new();
+        }
+        // SAFETY: with PyBUF_ND, `shape` points to `ndim` extents, alive until the release.
+        let shape = unsafe { std::slice::from_raw_parts(self.0.shape, ndim) };
+        shape.iter().map(|&extent| extent as u64).collect()
+    }
+
+    fn release(mut self, _py: Python<'_>) {
+        // SAFETY: released once, with the GIL held; nothing reads the view afterwards.
+        unsafe { ffi::PyBuffer_Release(&mut *self.0) };
+    }
+}
+
 /// A Python buffer held while Rust reads it. [`HeldBuffer::release`] waits until no [`Bytes`]
 /// made from it remains, then gives the buffer back to Python.
 pub struct HeldBuffer {
-    buffer: Option<PyUntypedBuffer>,
+    buffer: Option<Export>,
     leases_gone: mpsc::Receiver<()>,
 }
 
@@ -49,16 +88,11 @@ impl AsRef<[u8]> for Lease {
 impl HeldBuffer {
     /// Holds `object`'s buffer, which must be C-contiguous, and lends its bytes.
     pub fn hold(object: &Bound<'_, PyAny>) -> PyResult<(Self, Bytes)> {
-        let buffer = PyUntypedBuffer::get(object)?;
-        if !buffer.is_c_contiguous() {
-            return Err(PyValueError::new_err(
-                "the tensor's memory must be C-contiguous",
-            ));
-        }
+        let buffer = Export::get(object)?;
         let (alive, leases_gone) = mpsc::channel();
         let lease = Lease {
-            ptr: buffer.buf_ptr().cast_const().cast(),
-            len: buffer.len_bytes(),
+            ptr: buffer.0.buf.cast_const().cast(),
+            len: usize::try_from(buffer.0.len).unwrap_or(0),
             _alive: alive,
         };
         let held = Self {
@@ -89,7 +123,7 @@ impl HeldBuffer {
         } else {
             // Something still reads the memory: keeping the export forever is safe, freeing it
             // is not.
-            std::mem::forget(buffer);
+            Box::leak(buffer.0);
         }
     }
 }
@@ -154,4 +188,54 @@ impl TensorBytes {
     }
 
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
+}
+
+static NDARRAY: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static CODES: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+static DTYPES: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+static TO_WIRE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// An array (anything numpy can make one of) as the wire lays it out: its dtype and shape, and
+/// its C-order bytes, held. A C-contiguous ndarray of a dtype the wire carries is lent as it is,
+/// read here; anything else goes through `distsrv.tensors.to_wire`, which makes such an array of
+/// it (a copy) or raises TypeError. The common case runs no Python code: on the way to a send,
+/// Python is a large part of a small tensor's time.
+pub fn array_in(array: &Bound<'_, PyAny>) -> PyResult<(TensorMeta, HeldBuffer, Bytes)> {
+    let py = array.py();
+    if array.is_instance(NDARRAY.import(py, "numpy", "ndarray")?)? {
+        let codes = CODES.import(py, "distsrv.tensors", "_CODES")?;
+        if let Ok(code) = codes.get_item(array.getattr(intern!(py, "dtype"))?) {
+            // Refused only when not C-contiguous: then laid out anew below.
+            if let Ok((held, bytes)) = HeldBuffer::hold(array) {
+                let shape = held.buffer.as_ref().map(Export::shape).unwrap_or_default();
+                let meta = TensorMeta::checked(code.extract()?, shape).map_err(to_py)?;
+                return Ok((meta, held, bytes));
+            }
+        }
+    }
+    let to_wire = TO_WIRE.import(py, "distsrv.tensors", "to_wire")?;
+    let (code, shape, flat): (i32, Vec<u64>, Bound<'_, PyAny>) =
+        to_wire.call1((array,))?.extract()?;
+    let meta = TensorMeta::checked(code, shape).map_err(to_py)?;
+    let (held, bytes) = HeldBuffer::hold(&flat)?;
+    Ok((meta, held, bytes))
+}
+
+/// A received tensor as an ordinary writable numpy array over its buffer: nothing is copied.
+pub fn array_out(py: Python<'_>, tensor: Tensor) -> PyResult<Bound<'_, PyAny>> {
+    let code = tensor.meta.dtype as i32;
+    let dtype = DTYPES
+        .import(py, "distsrv.tensors", "_DTYPES")?
+        .get_item(code)
+        .map_err(|_| {
+            to_py(Error::unimplemented(format!(
+                "a {:?} tensor arrived, which numpy here cannot hold (bfloat16 needs ml_dtypes)",
+                tensor.meta.dtype
+            )))
+        })?;
+    let shape = PyTuple::new(py, &tensor.meta.shape)?;
+    let data = Bound::new(py, TensorBytes::new(tensor.data))?;
+    NDARRAY
+        .import(py, "numpy", "ndarray")?
+        .call1((shape, dtype, data))
 }

@@ -5,7 +5,6 @@
 //! malformed value with InvalidArgumentError. Neither runs code the value names.
 
 use bytes::Bytes;
-use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -14,8 +13,8 @@ use pyo3::types::{
 };
 
 use super::errors::to_py;
-use super::tensor::{HeldBuffer, TensorBytes};
-use crate::codec::{self, TensorBuf, TensorMeta};
+use super::tensor::{HeldBuffer, array_in, array_out};
+use crate::codec::{self, Tensor, TensorBuf};
 use crate::errors::Error;
 use crate::proto::{self, value::Kind};
 
@@ -25,8 +24,6 @@ const MAX_DEPTH: usize = 32;
 
 static NDARRAY: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static NUMPY_SCALAR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
-static TO_WIRE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
-static FROM_WIRE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
 /// Where an encoded array's bytes are.
 enum Arrays {
@@ -135,26 +132,21 @@ fn is_numpy(value: &Bound<'_, PyAny>) -> PyResult<bool> {
         || value.is_instance(NUMPY_SCALAR.import(py, "numpy", "generic")?)?)
 }
 
-/// An array (or numpy scalar, which becomes a 0-d array; `numpy.float64` is a float already) as `distsrv.tensors.to_wire` lays it
-/// out for the exchange: dtype code, shape, C-order bytes.
+/// An array (or numpy scalar, which becomes a 0-d array; `numpy.float64` is a float already) as
+/// the exchange lays it out: dtype code, shape, C-order bytes.
 fn encode_array(array: &Bound<'_, PyAny>, arrays: &mut Arrays) -> PyResult<proto::TensorProto> {
-    let py = array.py();
-    let to_wire = TO_WIRE.import(py, "distsrv.tensors", "to_wire")?;
-    let (dtype, shape, flat): (i32, Vec<u64>, Bound<'_, PyAny>) =
-        to_wire.call1((array,))?.extract()?;
-    let meta = TensorMeta::checked(dtype, shape).map_err(to_py)?;
+    let (meta, hold, bytes) = array_in(array)?;
     let data = match arrays {
         Arrays::Lent(held) => {
-            let (hold, bytes) = HeldBuffer::hold(&flat)?;
             held.push(hold);
             bytes
         }
         Arrays::Copied => {
-            let buffer = PyBuffer::<u8>::get(&flat)?;
             // A large array lands in a recycled buffer, whose pages exist already.
-            let mut data = TensorBuf::new(buffer.item_count());
-            buffer.copy_to_slice(py, data.as_mut_slice())?;
-            Bytes::from_owner(data)
+            let data = Bytes::from_owner(TensorBuf::from_slice(&bytes));
+            drop(bytes);
+            hold.release(array.py());
+            data
         }
     };
     Ok(codec::tensor_proto(&meta, data))
@@ -205,9 +197,8 @@ pub fn decode_entries(
 
 fn decode_array(py: Python<'_>, tensor: proto::TensorProto) -> PyResult<Bound<'_, PyAny>> {
     let (meta, data) = codec::from_tensor_proto(tensor).map_err(to_py)?;
-    let data = TensorBytes::new(TensorBuf::from_slice(&data));
-    let from_wire = FROM_WIRE.import(py, "distsrv.tensors", "from_wire")?;
-    from_wire.call1((meta.dtype as i32, meta.shape, data))
+    let data = TensorBuf::from_slice(&data);
+    array_out(py, Tensor { meta, data })
 }
 
 fn malformed(what: &str) -> PyErr {
