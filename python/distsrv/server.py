@@ -12,10 +12,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType, TracebackType
 from typing import Any, Literal
 
-import numpy as np
 import numpy.typing as npt
 
-from distsrv import _native, tensors
+from distsrv import _native
 from distsrv.cluster import ClusterLike, ClusterSpec
 from distsrv.config import ServerConfig
 from distsrv.devices import DeviceAttributes
