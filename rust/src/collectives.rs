@@ -25,6 +25,7 @@ use crate::cluster::TaskId;
 use crate::codec::{Tensor, TensorBuf, TensorMeta};
 use crate::errors::{Error, Result};
 use crate::exchange::Exchange;
+use crate::peers::Peers;
 use crate::proto::DataType;
 use crate::reduce::{self, ReduceOp};
 
@@ -41,7 +42,8 @@ pub struct Collectives {
 }
 
 impl Collectives {
-    /// This task's part in the next collective of `group`, failing after `timeout` if given.
+    /// This task's part in the next collective of `group`, failing after `timeout` if given. Its
+    /// messages go over `connections`, those of the runtime that will drive it.
     ///
     /// Takes the collective's sequence number: check whatever the call can refuse on its own
     /// before, since a call that took a number and then sent nothing leaves this task out of step
@@ -49,6 +51,7 @@ impl Collectives {
     pub fn begin(
         &self,
         exchange: &Arc<Exchange>,
+        connections: &Arc<Peers>,
         group: Group,
         timeout: Option<Duration>,
     ) -> Collective {
@@ -60,6 +63,7 @@ impl Collectives {
         };
         Collective {
             exchange: Arc::clone(exchange),
+            connections: Arc::clone(connections),
             prefix: format!("/distsrv/collective/[{group}]/{sequence}"),
             group,
             timeout,
@@ -116,6 +120,7 @@ impl std::fmt::Display for Group {
 /// One collective call, as this task takes part in it.
 pub struct Collective {
     exchange: Arc<Exchange>,
+    connections: Arc<Peers>,
     group: Group,
     prefix: String,
     timeout: Option<Duration>,
@@ -273,7 +278,7 @@ impl Collective {
 
     /// Runs `work` until it ends, the timeout passes, or a member is found unreachable.
     async fn guarded<T>(&self, what: &str, work: impl Future<Output = Result<T>>) -> Result<T> {
-        let peers = self.exchange.peers();
+        let peers = &self.connections;
         let watched = self
             .others()
             .map(|rank| Box::pin(peers.unreachable(&self.group.members[rank])));
@@ -310,13 +315,17 @@ impl Collective {
     async fn send(&self, rank: usize, step: &str, meta: TensorMeta, data: Bytes) -> Result<()> {
         let to = self.group.members[rank].clone();
         let name = format!("{}/{step}", self.prefix);
-        self.exchange.send(to, name, meta, data)?.await
+        self.exchange
+            .send_via(&self.connections, to, name, meta, data)?
+            .await
     }
 
     async fn recv(&self, rank: usize, step: &str) -> Result<Tensor> {
         let source = self.group.members[rank].clone();
         let name = format!("{}/{step}", self.prefix);
-        self.exchange.recv(source, name, None).await
+        self.exchange
+            .recv_via(&self.connections, source, name, None)
+            .await
     }
 
     /// Sends `data` to every other member and receives theirs: every member's, in rank order.

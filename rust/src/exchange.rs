@@ -138,6 +138,18 @@ impl Exchange {
         name: String,
         timeout: Option<Duration>,
     ) -> Result<Tensor> {
+        self.recv_via(&self.peers, source, name, timeout).await
+    }
+
+    /// Like [`Exchange::recv`], watching the source over `connections`: those of the runtime
+    /// that drives the receive.
+    pub async fn recv_via(
+        &self,
+        connections: &Peers,
+        source: TaskId,
+        name: String,
+        timeout: Option<Duration>,
+    ) -> Result<Tensor> {
         self.peers.cluster().require(&source)?;
         let key = TensorKey { source, name };
         let take = self.inbox.take(key.clone());
@@ -150,7 +162,7 @@ impl Exchange {
             // which makes a new timer each round, is not polled on a runtime shutting down.
             biased;
             received = timed => received,
-            lost = self.peers.unreachable(&key.source) => Err(lost.context(format!("recv of {key}"))),
+            lost = connections.unreachable(&key.source) => Err(lost.context(format!("recv of {key}"))),
         }
     }
 

@@ -27,7 +27,9 @@ fn all_reduce(
     let calls = servers.iter().enumerate().map(|(rank, server)| {
         let task = server.task();
         let group = Group::new(&task.exchange, None).unwrap();
-        let collective = task.collectives.begin(&task.exchange, group, None);
+        let collective = task
+            .collectives
+            .begin(&task.exchange, &task.peers, group, None);
         let (meta, data) = make(rank);
         collective.all_reduce(op, meta, data)
     });

@@ -399,13 +399,15 @@ impl NativeServer {
         timeout: Option<f64>,
     ) -> PyResult<()> {
         let server = self.server()?;
-        let runtime = server.runtime().into_py()?;
+        let runtime = server.caller_runtime().into_py()?;
         let task = server.task();
         let group = collective_group(task, group)?;
-        let run = task
-            .collectives
-            .begin(&task.exchange, group, seconds(timeout)?);
-        wait_interruptibly(py, &runtime, run.barrier())?.into_py()
+        let run =
+            task.collectives
+                .begin(&task.exchange, &task.caller_peers, group, seconds(timeout)?);
+        let done = drive_interruptibly(py, &runtime, run.barrier());
+        py.detach(|| drop(runtime));
+        done?.into_py()
     }
 
     /// Applies `op` ("read", "create", "assign", "assign_add", "sgd_step") to variable `name`
@@ -624,7 +626,7 @@ impl NativeServer {
         Fut: Future<Output = Result<Tensor>> + Send,
     {
         let server = self.server()?;
-        let runtime = server.runtime().into_py()?;
+        let runtime = server.caller_runtime().into_py()?;
         let (held, given) = match given {
             Some(array) => {
                 let (meta, held, bytes) = array_in(array)?;
@@ -635,10 +637,11 @@ impl NativeServer {
         let task = server.task();
         let group = collective_group(task, group)?;
         check(&group, given.as_ref().map(|(meta, _)| meta)).into_py()?;
-        let collective = task
-            .collectives
-            .begin(&task.exchange, group, seconds(timeout)?);
-        let done = wait_interruptibly(py, &runtime, run(collective, given));
+        let collective =
+            task.collectives
+                .begin(&task.exchange, &task.caller_peers, group, seconds(timeout)?);
+        let done = drive_interruptibly(py, &runtime, run(collective, given));
+        py.detach(|| drop(runtime));
         if let Some(held) = held {
             held.release(py);
         }
