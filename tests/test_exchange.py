@@ -120,6 +120,33 @@ def test_unknown_tasks_are_refused_before_sending(local_server: distsrv.Server) 
         local_server.recv("x", source=["localhost", 0])  # type: ignore[arg-type]
 
 
+def test_tasks_are_named_or_paired_everywhere(local_server: distsrv.Server) -> None:
+    local_server.send("t", np.ones(2), to=("localhost", np.int64(0)))
+    assert local_server.recv("t", source="/job:localhost/task:0").shape == (2,)
+    with pytest.raises(TypeError, match="a task is"):
+        local_server.send("t", np.ones(2), to=("localhost", True))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="a task is"):
+        local_server.all_reduce(np.ones(2), group=[("localhost", "0")])  # type: ignore[list-item]
+
+
+def test_a_sent_array_is_lent_until_acknowledged() -> None:
+    """A C-contiguous array is read where it is, not copied: the send holds it (numpy refuses
+    to resize an array something else refers to) until the receiver has the tensor."""
+    spec = pair_cluster()
+    with (
+        distsrv.Server(spec, "worker", 0) as a,
+        distsrv.Server(spec, "worker", 1, start=False) as b,
+    ):
+        array = np.arange(1000.0)
+        sending = a.isend("lent", array, to=B)
+        with pytest.raises(ValueError, match="resize"):
+            array.resize(2000)
+        b.start()
+        sending.wait(timeout=30)
+        np.testing.assert_array_equal(b.recv("lent", source=A), np.arange(1000.0))
+        array.resize(2000)
+
+
 def test_recv_before_send_and_order_per_name(pair) -> None:
     a, b = pair
     early = b.irecv("seq", source=A)

@@ -67,8 +67,13 @@ def finish(
 
 @pytest.mark.parametrize(
     "blocking_call",
-    ["server.join()", 'server.recv("never", source=server.task)'],
-    ids=["join", "recv"],
+    [
+        "server.join()",
+        'server.recv("never", source=server.task)',
+        # A collective waits for a member that never comes (nothing listens on port 9).
+        'distsrv.Server({"w": ["127.0.0.1:0", "127.0.0.1:9"]}, "w", 0).all_reduce([1.0])',
+    ],
+    ids=["join", "recv", "all_reduce"],
 )
 def test_ctrl_c_interrupts_a_blocked_call_promptly(blocking_call: str) -> None:
     child = start_child(
