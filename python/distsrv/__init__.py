@@ -5,7 +5,9 @@ Servers find each other, move numpy arrays between them by name over gRPC, reduc
 (collectives), host parameter-server variables, and call each other's handlers.
 """
 
-from distsrv import errors, handlers
+# tensors up front: the native layer reads its dtype tables at the first send or receive, and
+# importing them (ml_dtypes among them) there would stall that first exchange for most of a second.
+from distsrv import errors, handlers, tensors
 from distsrv._native import __version__
 from distsrv.cluster import ClusterSpec
 from distsrv.config import ServerConfig
@@ -31,4 +33,5 @@ __all__ = [
     "__version__",
     "errors",
     "handlers",
+    "tensors",
 ]
