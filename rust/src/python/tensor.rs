@@ -102,6 +102,11 @@ impl HeldBuffer {
         Ok((held, Bytes::from_owner(lease)))
     }
 
+    /// The held array's shape, as its exporter gave it.
+    fn shape(&self) -> Vec<u64> {
+        self.buffer.as_ref().map(Export::shape).unwrap_or_default()
+    }
+
     /// Waits, without the GIL, for the lent bytes to be dropped, then releases the buffer.
     pub fn release(mut self, py: Python<'_>) {
         self.release_now(py);
@@ -190,7 +195,8 @@ impl TensorBytes {
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
 }
 
-static NDARRAY: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+/// `numpy.ndarray`, imported once.
+pub(super) static NDARRAY: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static CODES: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static DTYPES: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static TO_WIRE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
@@ -207,8 +213,7 @@ pub fn array_in(array: &Bound<'_, PyAny>) -> PyResult<(TensorMeta, HeldBuffer, B
         if let Ok(code) = codes.get_item(array.getattr(intern!(py, "dtype"))?) {
             // Refused only when not C-contiguous: then laid out anew below.
             if let Ok((held, bytes)) = HeldBuffer::hold(array) {
-                let shape = held.buffer.as_ref().map(Export::shape).unwrap_or_default();
-                let meta = TensorMeta::checked(code.extract()?, shape).map_err(to_py)?;
+                let meta = TensorMeta::checked(code.extract()?, held.shape()).map_err(to_py)?;
                 return Ok((meta, held, bytes));
             }
         }

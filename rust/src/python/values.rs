@@ -13,7 +13,7 @@ use pyo3::types::{
 };
 
 use super::errors::to_py;
-use super::tensor::{HeldBuffer, array_in, array_out};
+use super::tensor::{HeldBuffer, NDARRAY, array_in, array_out};
 use crate::codec::{self, Tensor, TensorBuf};
 use crate::errors::Error;
 use crate::proto::{self, value::Kind};
@@ -22,7 +22,6 @@ use crate::proto::{self, value::Kind};
 /// level here takes two, so anything encoded is decodable; it also ends a self-containing list.
 const MAX_DEPTH: usize = 32;
 
-static NDARRAY: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static NUMPY_SCALAR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 
 /// Where an encoded array's bytes are.
