@@ -4,10 +4,10 @@
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use distsrv::cluster::TaskId;
-use distsrv::codec::TensorMeta;
-use distsrv::config::ServerConfig;
+use distsrv::base::cluster::TaskId;
+use distsrv::base::config::ServerConfig;
 use distsrv::proto::DataType;
+use distsrv::tensor::TensorMeta;
 
 #[path = "../rust/tests/common/mod.rs"]
 mod common;
@@ -68,7 +68,10 @@ fn send_recv(c: &mut Criterion, transport: &str, shared_memory: bool) {
     c.bench_function("get_status_round_trip", |bench| {
         bench.iter(|| {
             runtime
-                .block_on(a.task().peers.status(&peer))
+                .block_on(async {
+                    let channel = a.task().peers.channel(&peer).await?;
+                    distsrv::transport::status::get_status(channel).await
+                })
                 .expect("status")
         });
     });

@@ -1,28 +1,35 @@
 //! distsrv: an in-process server for distributed training.
 //!
-//! Every task of a cluster runs one [`server::Server`]: it serves gRPC to its peers, knows the
-//! cluster ([`cluster`]), its own devices ([`devices`]) and every task's ([`registry`]), and
-//! exchanges tensors with the other tasks ([`exchange`], same-host ones through shared memory,
-//! [`shm`]), reduces them together ([`collectives`]), hosts parameter-server variables
-//! ([`variables`]), and serves and calls named operations ([`handlers`]). Stock TensorFlow can list the
-//! cluster's devices through it ([`tfcompat`]). Only [`python`] knows about Python.
+//! Every task of a cluster runs one [`node::Server`]: it serves gRPC to its peers, knows the
+//! cluster and its own devices, and exchanges tensors with the other tasks (same-host ones
+//! through shared memory), reduces them together, hosts parameter-server variables, and serves
+//! and calls named operations. Only [`python`] knows about Python.
+//!
+//! # Layers
+//!
+//! Each folder is a layer. A module imports only from its own layer and the layers listed
+//! before it, never from one after it (`make lint` checks this list, and that no two files
+//! import each other in a circle; a child module may use its parent's items):
+//!
+//! 1. `proto` — code generated from `protos/` (`proto`, `tfproto`)
+//! 2. `base` — errors, the cluster model, config, the retry loop
+//! 3. `tensor` — tensor metadata, payload buffers and their pools, shared-memory segments, reductions
+//! 4. `wire` — tensors in protobuf messages, gRPC framing, the parser of a tensor stream
+//! 5. `inbox` — arrived tensors, their reservations and hand-off to waiting receives
+//! 6. `transport` — connections to peers, the HTTP/2 push, GetStatus, the same-host link, the route choice
+//! 7. `exchange` — send and receive by name, over a transport into an inbox, in call order
+//! 8. `ops` — collectives, parameter-server variables, remote operations
+//! 9. `node` — a task's state, devices, cluster status, gRPC services, server lifecycle
+//! 10. `python` — the binding: converts types, releases the GIL, waits
 
-pub mod cluster;
-pub mod codec;
-pub mod collectives;
-pub mod config;
-pub mod devices;
-pub mod errors;
+pub mod base;
 pub mod exchange;
-pub mod handlers;
-pub mod peers;
-pub mod reduce;
-pub mod registry;
-pub mod server;
-pub mod service;
-pub mod shm;
-pub mod tfcompat;
-pub mod variables;
+pub mod inbox;
+pub mod node;
+pub mod ops;
+pub mod tensor;
+pub mod transport;
+pub mod wire;
 
 mod python;
 

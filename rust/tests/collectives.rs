@@ -2,12 +2,12 @@
 //! paths agree with a plain sum and give every task the same bytes.
 
 use bytes::Bytes;
-use distsrv::codec::{Tensor, TensorMeta};
-use distsrv::collectives::Group;
-use distsrv::errors::{Code, Result};
+use distsrv::base::errors::{Code, Result};
+use distsrv::node::server::Server;
+use distsrv::ops::collectives::Group;
 use distsrv::proto::DataType;
-use distsrv::reduce::ReduceOp;
-use distsrv::server::Server;
+use distsrv::tensor::reduce::ReduceOp;
+use distsrv::tensor::{Tensor, TensorMeta};
 
 mod common;
 

@@ -3,9 +3,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use distsrv::cluster::TaskId;
-use distsrv::errors::Code;
-use distsrv::registry;
+use distsrv::base::cluster::TaskId;
+use distsrv::base::errors::Code;
+use distsrv::node::status;
 
 mod common;
 use common::cluster;
@@ -16,7 +16,7 @@ fn every_task_answers_with_its_devices_and_incarnation() {
     let task = servers[0].task();
     let runtime = servers[0].runtime().unwrap();
     let seen = runtime
-        .block_on(registry::wait_for_cluster(
+        .block_on(status::wait_for_cluster(
             task,
             Some(Duration::from_secs(30)),
         ))
@@ -27,7 +27,7 @@ fn every_task_answers_with_its_devices_and_incarnation() {
         .collect();
     assert_eq!(seen, expected);
     let statuses = runtime
-        .block_on(registry::statuses(task, Duration::from_secs(10)))
+        .block_on(status::statuses(task, Duration::from_secs(10)))
         .unwrap();
     for ((named, status), server) in statuses.iter().zip(&servers) {
         assert_eq!(named, server.task_id());
@@ -42,7 +42,7 @@ fn a_task_that_never_starts_is_named_in_bounded_time() {
     let runtime = servers[0].runtime().unwrap();
     let began = Instant::now();
     let error = runtime
-        .block_on(registry::wait_for_cluster(
+        .block_on(status::wait_for_cluster(
             servers[0].task(),
             Some(Duration::from_millis(800)),
         ))
@@ -59,7 +59,7 @@ fn tensorflows_path_serves_the_same_devices() {
     let runtime = servers[0].runtime().unwrap();
     let address = servers[0].local_addr();
     let (health, status) = runtime
-        .block_on(registry::query(
+        .block_on(status::query(
             &format!("grpc://{address}"),
             Duration::from_secs(10),
         ))
@@ -74,7 +74,7 @@ fn tensorflows_path_serves_the_same_devices() {
             .unwrap()
     });
     let reply = runtime
-        .block_on(distsrv::tfcompat::worker_status(channel))
+        .block_on(distsrv::transport::status::tensorflow_status(channel))
         .unwrap();
     assert_eq!(reply.device_attributes, servers[0].task().devices);
 }

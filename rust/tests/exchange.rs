@@ -3,11 +3,11 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use distsrv::cluster::TaskId;
-use distsrv::codec::TensorMeta;
-use distsrv::errors::Code;
+use distsrv::base::cluster::TaskId;
+use distsrv::base::errors::Code;
+use distsrv::node::server::{Server, Status};
 use distsrv::proto::DataType;
-use distsrv::server::{Server, Status};
+use distsrv::tensor::TensorMeta;
 
 mod common;
 

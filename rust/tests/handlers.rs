@@ -3,11 +3,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use distsrv::cluster::TaskId;
-use distsrv::errors::{Code, Error, Result};
-use distsrv::handlers::Call;
+use distsrv::base::cluster::TaskId;
+use distsrv::base::errors::{Code, Error, Result};
+use distsrv::node::server::Server;
+use distsrv::ops::remote::Call;
 use distsrv::proto::{self, value::Kind};
-use distsrv::server::Server;
 
 mod common;
 

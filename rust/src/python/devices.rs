@@ -1,15 +1,14 @@
 //! Device records and task status as Python receives them: plain tuples, which
 //! `distsrv.devices` turns into its classes.
 
-use std::time::Duration;
-
 use pyo3::prelude::*;
 
-use super::errors::{IntoPyResult, to_py};
-use super::server::wait_interruptibly;
-use crate::errors::Error;
+use super::args::seconds;
+use super::errors::IntoPyResult;
+use super::wait::wait;
+use crate::node::calls;
 use crate::proto::DeviceAttributes;
-use crate::registry::{self, TaskStatus};
+use crate::transport::status::TaskStatus;
 
 /// (name, device_type, memory_limit, incarnation, physical_device_desc, bus_id)
 pub type DeviceTuple = (String, String, i64, u64, String, i32);
@@ -41,21 +40,9 @@ pub fn device_tuple(device: DeviceAttributes) -> DeviceTuple {
 /// answer within `timeout` seconds.
 #[pyfunction]
 pub fn query_status(py: Python<'_>, address: String, timeout: f64) -> PyResult<StatusTuple> {
-    let timeout = Duration::try_from_secs_f64(timeout).map_err(|_| {
-        to_py(Error::invalid_argument(format!(
-            "a timeout of {timeout} s is invalid"
-        )))
-    })?;
-    // A runtime of its own: the caller may have no server.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("distsrv-query")
-        .enable_all()
-        .build()
-        .map_err(|e| to_py(Error::internal(format!("cannot start a runtime: {e}"))))?;
-    let answered = wait_interruptibly(py, runtime.handle(), registry::query(&address, timeout));
-    py.detach(|| drop(runtime));
-    let (health, status) = answered?.into_py()?;
+    let timeout = seconds(Some(timeout))?.expect("given");
+    let querying = calls::query_status(address, timeout).into_py()?;
+    let (health, status) = wait(py, querying)?.into_py()?;
     Ok(status_tuple(health, status))
 }
 

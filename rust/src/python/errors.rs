@@ -5,7 +5,7 @@
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 
-use crate::errors::Error;
+use crate::base::errors::Error;
 
 static EXCEPTION_TYPE_FROM_CODE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static FROM_PEER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();

@@ -15,10 +15,10 @@ use pyo3::types::{PyBytes, PyCFunction, PyDict, PyType};
 use tokio::sync::oneshot;
 use tonic::metadata::{KeyAndValueRef, MetadataMap};
 
-use super::server::Blocked;
 use super::values;
-use crate::errors::{Code, Error, Result};
-use crate::handlers::{Call, Handler};
+use super::wait::Blocked;
+use crate::base::errors::{Code, Error, Result};
+use crate::ops::remote::{Call, Handler};
 use crate::proto;
 
 /// The parameter through which a handler asks for its call's context.

@@ -1,12 +1,15 @@
 //! The Python binding, `distsrv._native`: converts types, releases the GIL around Rust work, and
 //! nothing else. The Pythonic API lives in `python/distsrv/`.
 
+mod args;
 mod devices;
 mod errors;
 mod handlers;
+mod pending;
 mod server;
 mod tensor;
 mod values;
+mod wait;
 
 use pyo3::prelude::*;
 
@@ -18,14 +21,18 @@ mod native {
     use pyo3::prelude::*;
     use pyo3::types::PyBytes;
 
-    use crate::cluster::{self, Cluster, Jobs, ServerDef, TaskId};
+    use crate::base::cluster::{self, Cluster, Jobs, ServerDef, TaskId};
 
     #[pymodule_export]
     use super::devices::query_status;
     #[pymodule_export]
-    use super::server::{NativeServer, Pending, blocked_threads};
+    use super::pending::Pending;
+    #[pymodule_export]
+    use super::server::NativeServer;
     #[pymodule_export]
     use super::tensor::TensorBytes;
+    #[pymodule_export]
+    use super::wait::blocked_threads;
 
     #[pymodule_init]
     fn init(module: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -51,7 +58,7 @@ mod native {
     /// A task as (job, index), from "/job:ps/task:0" (or "/job:ps/replica:0/task:0"; ValueError
     /// if malformed) or from such a pair (TypeError for anything else).
     #[pyfunction]
-    fn parse_task(task: super::server::TaskArg) -> (String, u32) {
+    fn parse_task(task: super::args::TaskArg) -> (String, u32) {
         (task.0.job, task.0.index)
     }
 

@@ -14,8 +14,8 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyTuple, PyType};
 
 use super::errors::to_py;
-use crate::codec::{Tensor, TensorBuf, TensorMeta};
-use crate::errors::Error;
+use crate::base::errors::Error;
+use crate::tensor::{Tensor, TensorBuf, TensorMeta};
 
 /// How long a finished send may take to drop its last view of the memory (the transport lets go of
 /// frames a moment after the reply). Past it the memory is leaked rather than handed back early.

@@ -14,9 +14,10 @@ use pyo3::types::{
 
 use super::errors::to_py;
 use super::tensor::{HeldBuffer, NDARRAY, array_in, array_out};
-use crate::codec::{self, Tensor, TensorBuf};
-use crate::errors::Error;
+use crate::base::errors::Error;
 use crate::proto::{self, value::Kind};
+use crate::tensor::{Tensor, TensorBuf};
+use crate::wire;
 
 /// How deeply lists and dicts may nest. protobuf decoders stop at 100 nested messages and each
 /// level here takes two, so anything encoded is decodable; it also ends a self-containing list.
@@ -148,7 +149,7 @@ fn encode_array(array: &Bound<'_, PyAny>, arrays: &mut Arrays) -> PyResult<proto
             data
         }
     };
-    Ok(codec::tensor_proto(&meta, data))
+    Ok(wire::tensor_proto(&meta, data))
 }
 
 pub fn decode(py: Python<'_>, value: proto::Value) -> PyResult<Bound<'_, PyAny>> {
@@ -195,7 +196,7 @@ pub fn decode_entries(
 }
 
 fn decode_array(py: Python<'_>, tensor: proto::TensorProto) -> PyResult<Bound<'_, PyAny>> {
-    let (meta, data) = codec::from_tensor_proto(tensor).map_err(to_py)?;
+    let (meta, data) = wire::from_tensor_proto(tensor).map_err(to_py)?;
     let data = TensorBuf::from_slice(&data);
     array_out(py, Tensor { meta, data })
 }

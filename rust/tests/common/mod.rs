@@ -2,9 +2,9 @@
 
 use std::collections::BTreeMap;
 
-use distsrv::cluster::{Cluster, Jobs, ServerDef, TaskId};
-use distsrv::config::ServerConfig;
-use distsrv::server::Server;
+use distsrv::base::cluster::{Cluster, Jobs, ServerDef, TaskId};
+use distsrv::base::config::ServerConfig;
+use distsrv::node::server::Server;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::errors::{Error, Result};
+use crate::base::errors::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {

@@ -1,125 +1,31 @@
-//! The gRPC services a task serves, over state shared by all of them.
+//! The gRPC services a task serves: health, reflection, distsrv's Worker and TensorFlow's.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use futures::future::BoxFuture;
 use tonic::body::Body;
-use tonic::metadata::MetadataMap;
 use tonic::server::NamedService;
 use tonic::transport::server::Router;
 use tonic::{Request, Response, Status};
 use tonic_health::server::HealthReporter;
 use tower::Service;
 
-use crate::cluster::{ServerDef, TaskId};
-use crate::codec::{self, TensorKey};
-use crate::collectives::Collectives;
-use crate::config::ServerConfig;
-use crate::devices;
-use crate::errors::Error;
-use crate::exchange::{Exchange, SEND_TENSOR_PATH};
-use crate::handlers::Operations;
-use crate::peers::{self, Peers};
+use super::task::Task;
+use super::tfcompat;
+use crate::base::cluster::TaskId;
+use crate::base::errors::Error;
 use crate::proto;
 use crate::proto::worker_server::{Worker, WorkerServer};
-use crate::tfcompat;
-use crate::variables::Variables;
+use crate::tensor::TensorKey;
+use crate::transport::peers;
+use crate::transport::push::{self, SEND_TENSOR_PATH};
+use crate::wire;
 
 pub const WORKER_SERVICE_NAME: &str = "distsrv.v1.Worker";
 /// The encoded descriptors of `protos/`, for server reflection.
 const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("distsrv_descriptor");
-
-/// One task's state, shared by its services and by the calls its user makes.
-pub struct Task {
-    pub def: ServerDef,
-    pub config: ServerConfig,
-    /// New at every start, so peers can tell a restarted task from the one they knew.
-    pub incarnation: u64,
-    /// This task's devices, found once when the server is made.
-    pub devices: Vec<proto::DeviceAttributes>,
-    pub peers: Arc<Peers>,
-    /// The same peers, connected on the server's caller runtime (`Server::caller_runtime`).
-    pub caller_peers: Arc<Peers>,
-    pub exchange: Arc<Exchange>,
-    pub collectives: Collectives,
-    /// The parameter-server variables this task hosts.
-    pub variables: Variables,
-    pub operations: Operations,
-    /// One permit per call in flight (Worker's and TensorFlow's), `connection_limit` in all.
-    pub calls: Arc<tokio::sync::Semaphore>,
-}
-
-impl Task {
-    pub fn new(def: ServerDef, config: ServerConfig) -> Self {
-        let peers = Arc::new(Peers::new(def.cluster.clone(), &config));
-        let exchange = Arc::new(Exchange::new(def.task.clone(), Arc::clone(&peers), &config));
-        let operations = Operations::new(def.task.clone(), &config, Arc::clone(exchange.shm()));
-        Self {
-            caller_peers: Arc::new(Peers::new(def.cluster.clone(), &config)),
-            incarnation: rand::random::<u64>() | 1,
-            devices: devices::discover(&def.task),
-            calls: Arc::new(tokio::sync::Semaphore::new(config.connection_limit)),
-            def,
-            config,
-            peers,
-            exchange,
-            collectives: Collectives::default(),
-            variables: Variables::default(),
-            operations,
-        }
-    }
-
-    /// A place for one more call, or RESOURCE_EXHAUSTED past the in-flight call limit (instead
-    /// of queueing).
-    pub fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
-        Arc::clone(&self.calls).try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted(format!(
-                "task {} is serving its limit of {} calls (connection_limit)",
-                self.def.task, self.config.connection_limit
-            ))
-        })
-    }
-
-    /// Serves a remote operation that `caller` made through a same-host link: under the same
-    /// limit as calls over gRPC, and held to the caller's `timeout`.
-    pub async fn serve_linked_call(
-        self: Arc<Self>,
-        caller: TaskId,
-        mut request: proto::CallRequest,
-        timeout: Option<Duration>,
-    ) -> Result<proto::Value, Error> {
-        let _in_flight = self.admit()?;
-        // The link proved who calls, whatever the request says.
-        request.caller = Some(caller.to_proto());
-        let served = self.operations.serve(request, MetadataMap::new());
-        crate::errors::within(timeout, "the call did not finish", served).await
-    }
-
-    /// Keeps `permit` (the call's place under the limit) until the response body has been handed
-    /// to HTTP/2 in full: a call is in flight until its answer is out, so a stop that waits for
-    /// calls to drain does not cut off an acknowledgement.
-    pub fn until_sent(
-        response: http::Response<Body>,
-        permit: tokio::sync::OwnedSemaphorePermit,
-    ) -> http::Response<Body> {
-        use http_body_util::BodyExt;
-        response.map(|body| {
-            Body::new(body.map_frame(move |frame| {
-                let _in_flight = &permit;
-                frame
-            }))
-        })
-    }
-
-    /// Resolves once no call is in flight.
-    pub async fn calls_drained(&self) {
-        let all = u32::try_from(self.config.connection_limit).unwrap_or(u32::MAX);
-        let _ = self.calls.acquire_many(all).await;
-    }
-}
 
 /// Health, reflection, the Worker service and TensorFlow's services, ready to serve.
 pub fn router(task: &Arc<Task>) -> (HealthReporter, Router) {
@@ -174,7 +80,7 @@ impl Worker for Task {
             .source
             .as_ref()
             .ok_or_else(|| Error::invalid_argument("RecvTensor needs a source task"))
-            .and_then(crate::cluster::TaskId::from_proto)?;
+            .and_then(TaskId::from_proto)?;
         let timeout = (request.timeout_millis > 0)
             .then(|| std::time::Duration::from_millis(request.timeout_millis));
         let tensor = self
@@ -185,18 +91,10 @@ impl Worker for Task {
             source,
             name: request.name,
         };
-        let header = codec::header(&key, &tensor.meta);
+        let header = wire::header(&key, &tensor.meta);
         let payload = bytes::Bytes::from_owner(tensor.data);
-        let chunk = self.config.chunk_bytes;
-        let first = proto::TensorChunk {
-            header: Some(header),
-            data: bytes::Bytes::new(),
-        };
-        let chunks = (0..payload.len().div_ceil(chunk)).map(move |i| proto::TensorChunk {
-            header: None,
-            data: payload.slice(i * chunk..((i + 1) * chunk).min(payload.len())),
-        });
-        let stream = futures::stream::iter(std::iter::once(first).chain(chunks).map(Ok));
+        let chunks = wire::tensor_chunks(&header, payload, self.config.chunk_bytes);
+        let stream = futures::stream::iter(chunks.map(Ok));
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -204,9 +102,7 @@ impl Worker for Task {
         &self,
         request: Request<proto::ShmHandshakeRequest>,
     ) -> Result<Response<proto::ShmHandshakeResponse>, Status> {
-        Ok(Response::new(
-            self.exchange.shm().handshake(request.into_inner())?,
-        ))
+        Ok(Response::new(self.shm.handshake(request.into_inner())?))
     }
 
     async fn variable_op(
@@ -258,7 +154,7 @@ impl Service<http::Request<Body>> for WorkerRoutes {
         if request.uri().path() == SEND_TENSOR_PATH {
             let task = Arc::clone(&self.task);
             return Box::pin(async move {
-                let response = match task.exchange.receive(request.into_body()).await {
+                let response = match push::accept(&task.inbox, request.into_body()).await {
                     Ok(bytes) => acknowledge(bytes),
                     Err(error) => Status::from(error).into_http(),
                 };
@@ -275,7 +171,7 @@ impl Service<http::Request<Body>> for WorkerRoutes {
 
 /// A SendTensor reply by hand: one framed SendTensorResponse, then an OK status in the trailers.
 fn acknowledge(received_bytes: u64) -> http::Response<Body> {
-    let reply = codec::frame_message(&proto::SendTensorResponse { received_bytes });
+    let reply = wire::frame_message(&proto::SendTensorResponse { received_bytes });
     let mut trailers = http::HeaderMap::new();
     trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
     let frames = [

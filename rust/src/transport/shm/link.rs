@@ -8,7 +8,7 @@
 //! one message at a time and answers in order. A tensor is acknowledged only once it is in the
 //! receiver's inbox, as over gRPC.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -26,12 +26,14 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, BufReader, Interest, ReadBuf};
 use tokio::sync::oneshot;
 
-use super::segment::{Mapping, POOL_BYTES, POOL_SEGMENTS, Segment, SegmentPool};
-use crate::cluster::TaskId;
-use crate::codec::{self, Tensor, TensorBuf};
-use crate::errors::{Code, Error, Result};
-use crate::exchange::Exchange;
+use crate::base::cluster::TaskId;
+use crate::base::errors::{Code, Error, Result};
+use crate::inbox::{Inbox, Reservation};
 use crate::proto::{self, ShmMessage, shm_message::Kind};
+use crate::tensor::recycle::Recycler;
+use crate::tensor::segment::{Mapping, POOL_SEGMENTS, Segment, SegmentPool};
+use crate::tensor::{POOL_BYTES, Tensor, TensorBuf, TensorKey, TensorMeta};
+use crate::wire;
 
 /// Tensors up to this size travel inline on the socket: one small write beats a segment's extra
 /// round trip.
@@ -333,7 +335,7 @@ pub struct Link {
     broken: AtomicBool,
     next_id: AtomicU64,
     /// The receiver's segments this side has mapped, newest last, bounded like its pool.
-    mappings: Mutex<VecDeque<(u64, Arc<Mapping>)>>,
+    mappings: Mutex<Recycler<(u64, Arc<Mapping>)>>,
 }
 
 impl Link {
@@ -381,7 +383,9 @@ impl Link {
             waiters: Mutex::new(HashMap::new()),
             broken: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
-            mappings: Mutex::new(VecDeque::new()),
+            mappings: Mutex::new(Recycler::new(POOL_SEGMENTS, POOL_BYTES, |(_, mapping)| {
+                mapping.len()
+            })),
         }))
     }
 
@@ -449,7 +453,7 @@ impl Link {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let answer = if len <= INLINE_BYTES {
             let encoded = request.encode_to_vec();
-            self.exchange(message(id, Kind::Call(call)), &encoded)
+            self.round_trip(message(id, Kind::Call(call)), &encoded)
                 .await?
         } else {
             // Written once, into the receiver's memory; a call given up before its request is
@@ -468,7 +472,7 @@ impl Link {
             }
             mapping.encode_in(request)?;
             call.in_segment = true;
-            let call = self.exchange(message(id, Kind::Call(call)), &[]);
+            let call = self.round_trip(message(id, Kind::Call(call)), &[]);
             lent.0 = None;
             call.await?
         };
@@ -482,7 +486,7 @@ impl Link {
 
     /// Sends `request` and waits for the answer under its id; an error answer becomes `Err`.
     async fn request(&self, request: ShmMessage, payload: &[u8]) -> Result<Kind> {
-        self.exchange(request, payload)
+        self.round_trip(request, payload)
             .await?
             .message
             .kind
@@ -492,7 +496,7 @@ impl Link {
     /// Writes `request` and its payload, then waits for the answer under its id; an error answer
     /// becomes `Err`. A message cut off half-way (this future dropped, or a failed write) closes
     /// the link, whose stream can no longer be read.
-    async fn exchange(&self, request: ShmMessage, payload: &[u8]) -> Result<Answer> {
+    async fn round_trip(&self, request: ShmMessage, payload: &[u8]) -> Result<Answer> {
         let (sender, answer) = oneshot::channel();
         self.lock_waiters().insert(request.id, sender);
         let _waiting = Waiting(self, request.id);
@@ -544,7 +548,7 @@ impl Link {
     /// The sender's mapping of a granted segment, reusing an earlier one of the same segment.
     fn mapping(&self, grant: &proto::ShmGrant) -> Result<Arc<Mapping>> {
         let mut mappings = self.mappings.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, mapping)) = mappings.iter().find(|(id, _)| *id == grant.segment) {
+        if let Some((_, mapping)) = mappings.find(|(id, _)| *id == grant.segment) {
             return Ok(Arc::clone(mapping));
         }
         let mapping = Arc::new(Mapping::open_remote(
@@ -552,14 +556,11 @@ impl Link {
             grant.fd,
             grant.capacity as usize,
         )?);
-        mappings.push_back((grant.segment, Arc::clone(&mapping)));
         // As many as the receiver pools: a mapping of a segment it has since freed keeps that
         // memory alive until evicted here.
-        let mut held: usize = mappings.iter().map(|(_, mapping)| mapping.len()).sum();
-        while mappings.len() > POOL_SEGMENTS || held > POOL_BYTES {
-            let (_, evicted) = mappings.pop_front().expect("over a bound, so not empty");
-            held -= evicted.len();
-        }
+        let evicted = mappings.keep((grant.segment, Arc::clone(&mapping)));
+        drop(mappings);
+        drop(evicted);
         Ok(mapping)
     }
 
@@ -567,10 +568,12 @@ impl Link {
     pub fn close(&self) {
         self.broken.store(true, Ordering::Release);
         self.socket.shut_down();
-        self.mappings
+        let mappings = self
+            .mappings
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clear();
+            .drain();
+        drop(mappings);
     }
 
     /// The peer went away: every waiting send fails.
@@ -579,10 +582,12 @@ impl Link {
         // Dropping the waiters' senders wakes them with an error.
         let waiters = std::mem::take(&mut *self.lock_waiters());
         drop(waiters);
-        self.mappings
+        let mappings = self
+            .mappings
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clear();
+            .drain();
+        drop(mappings);
     }
 
     fn gone(&self) -> Error {
@@ -637,7 +642,7 @@ pub type CallServer = Arc<
 
 /// What a task's links are served with.
 pub struct Serving {
-    pub exchange: Arc<Exchange>,
+    pub inbox: Arc<Inbox>,
     pub pool: Arc<SegmentPool>,
     /// Tensors received through links, in all.
     pub received: Arc<AtomicU64>,
@@ -662,10 +667,10 @@ impl Serving {
 
 /// A segment lent for a tensor announced but not yet committed.
 struct Grant {
-    key: codec::TensorKey,
-    meta: codec::TensorMeta,
+    key: TensorKey,
+    meta: TensorMeta,
     data: TensorBuf,
-    reservation: crate::exchange::Reservation,
+    reservation: Reservation,
 }
 
 /// Serves a link from `source` until it ends. Whatever was lent and not committed goes back when
@@ -676,7 +681,7 @@ pub async fn serve(
     source: TaskId,
     serving: Arc<Serving>,
 ) -> Result<()> {
-    let Serving { exchange, pool, .. } = &*serving;
+    let Serving { inbox, pool, .. } = &*serving;
     socket
         .write_message(&message(0, Kind::Welcome(true)), &[])
         .await
@@ -690,7 +695,7 @@ pub async fn serve(
         let mut handoff = None;
         let answer = match request.kind {
             Some(Kind::Inline(header)) => {
-                let announced = codec::parse_header(&header);
+                let announced = wire::parse_header(&header);
                 let total = header.total_bytes as usize;
                 if total > INLINE_BYTES {
                     return Err(Error::invalid_argument("an inline tensor too large"));
@@ -702,8 +707,8 @@ pub async fn serve(
                     .map_err(|e| Error::unavailable(format!("the link broke mid-tensor: {e}")))?;
                 let delivered = announced.and_then(|(key, meta)| {
                     check_source(&key, &source)?;
-                    let reservation = exchange.reserve(&key, total as u64)?;
-                    exchange.deliver(key, Tensor { meta, data }, reservation)
+                    let reservation = inbox.reserve(&key.source, total as u64)?;
+                    inbox.deliver(key, Tensor { meta, data }, reservation)
                 });
                 match delivered {
                     Ok(delivered) => {
@@ -714,10 +719,10 @@ pub async fn serve(
                 }
             }
             Some(Kind::Alloc(header)) => {
-                let granted = codec::parse_header(&header).and_then(|(key, meta)| {
+                let granted = wire::parse_header(&header).and_then(|(key, meta)| {
                     check_source(&key, &source)?;
                     let total = header.total_bytes as usize;
-                    let reservation = exchange.reserve(&key, total as u64)?;
+                    let reservation = inbox.reserve(&key.source, total as u64)?;
                     let segment = pool.take(total)?;
                     let grant = proto::ShmGrant {
                         segment: segment.region().id(),
@@ -750,7 +755,7 @@ pub async fn serve(
                     meta: grant.meta,
                     data: grant.data,
                 };
-                match exchange.deliver(grant.key, tensor, grant.reservation) {
+                match inbox.deliver(grant.key, tensor, grant.reservation) {
                     Ok(delivered) => {
                         handoff = Some(delivered);
                         Kind::Ack(total)
@@ -868,7 +873,7 @@ fn return_error(id: u64, error: &Error) -> Kind {
 }
 
 /// A link carries tensors of the task that proved itself in the handshake, and no other's.
-fn check_source(key: &codec::TensorKey, source: &TaskId) -> Result<()> {
+fn check_source(key: &TensorKey, source: &TaskId) -> Result<()> {
     if key.source != *source {
         return Err(Error::new(
             Code::PermissionDenied,

@@ -14,10 +14,11 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::cluster::{Cluster, ServerDef, TaskId, format_address, parse_address};
-use crate::config::ServerConfig;
-use crate::errors::{Error, Result};
-use crate::service::{self, Task};
+use super::service;
+use super::task::Task;
+use crate::base::cluster::{Cluster, ServerDef, TaskId, format_address, parse_address};
+use crate::base::config::ServerConfig;
+use crate::base::errors::{Error, Result};
 
 pub const PROTOCOL: &str = "grpc";
 
@@ -207,11 +208,7 @@ impl Server {
                 .map_err(|e| Error::internal(format!("cannot serve the listener: {e}")))?;
             let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
             let (health, router) = service::router(&self.task);
-            let task = Arc::clone(&self.task);
-            let calls: crate::shm::CallServer = Arc::new(move |caller, request, timeout| {
-                Box::pin(Arc::clone(&task).serve_linked_call(caller, request, timeout))
-            });
-            crate::shm::Shm::serve(&self.task.exchange, calls);
+            self.task.serve_same_host();
             let lifecycle = Arc::clone(&self.lifecycle);
             let serve = runtime.spawn(async move {
                 let served = router
@@ -250,11 +247,8 @@ impl Server {
                     return;
                 }
                 Status::Running => {
-                    self.task.exchange.close();
                     // Sends on same-host links fail now rather than at the runtime's end.
-                    self.task.peers.disconnect();
-                    self.task.caller_peers.disconnect();
-                    self.task.operations.close();
+                    self.task.close();
                     self.lifecycle.set(&mut state, Status::Closing);
                     state.serving.take()
                 }

@@ -8,17 +8,18 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::OnceCell;
+use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::cluster::{Cluster, TaskId};
-use crate::config::ServerConfig;
-use crate::errors::{Code, Error, Result};
-use crate::proto;
-use crate::proto::worker_client::WorkerClient;
-use crate::shm::Links;
+use super::shm::Links;
+use super::status;
+use crate::base::cluster::{Cluster, TaskId};
+use crate::base::config::ServerConfig;
+use crate::base::errors::{Code, Error, Result};
+use crate::base::retry::{Backoff, with_backoff};
 
 /// HTTP/2 flow-control windows: h2's 64 KiB default stalls a fast link every few frames.
 pub const STREAM_WINDOW_BYTES: u32 = 16 << 20;
@@ -28,6 +29,22 @@ pub const MAX_FRAME_BYTES: u32 = 1 << 20;
 
 /// How often a wait on a peer checks that the peer is still there.
 const LIVENESS_CHECK: Duration = Duration::from_millis(250);
+/// Pauses between tries at connecting to a peer that is not up yet.
+const CONNECT_BACKOFF: Backoff = Backoff {
+    first: Duration::from_millis(10),
+    longest: Duration::from_millis(500),
+};
+
+/// The one way a channel to a server at `address` ("host:port") is configured.
+pub fn endpoint(address: &str, connect_timeout: Duration) -> Result<Endpoint> {
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| Error::invalid_argument(format!("bad address {address:?}: {e}")))?;
+    Ok(endpoint
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true)
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES))
+}
 
 /// A bare HTTP/2 connection to a peer's server.
 #[derive(Clone)]
@@ -73,12 +90,7 @@ impl Peers {
         let address = self.cluster.require(task)?;
         let cell = Arc::clone(self.lock().entry(task.clone()).or_default());
         cell.get_or_try_init(|| async {
-            let endpoint = Endpoint::from_shared(format!("http://{address}"))
-                .map_err(|e| Error::invalid_argument(format!("bad address {address:?}: {e}")))?
-                .connect_timeout(self.connect_timeout)
-                .tcp_nodelay(true)
-                .initial_stream_window_size(STREAM_WINDOW_BYTES)
-                .initial_connection_window_size(CONNECTION_WINDOW_BYTES);
+            let endpoint = endpoint(address, self.connect_timeout)?;
             self.retrying(task, address, || endpoint.connect()).await
         })
         .await
@@ -137,8 +149,7 @@ impl Peers {
         Ok((connection, uri))
     }
 
-    /// Tries `connect` until it succeeds or the connect timeout has passed: peers start in any
-    /// order, so a refused or unresolvable address is retried with backoff.
+    /// Tries `connect` until it succeeds or the connect timeout has passed.
     async fn retrying<T, E, F>(
         &self,
         task: &TaskId,
@@ -150,32 +161,14 @@ impl Peers {
         F: Future<Output = std::result::Result<T, E>>,
     {
         let deadline = Instant::now() + self.connect_timeout;
-        let mut backoff = Duration::from_millis(10);
-        loop {
-            match connect().await {
-                Ok(connected) => return Ok(connected),
-                Err(_) if Instant::now() + backoff < deadline => {
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(500));
-                }
-                Err(error) => {
-                    return Err(Error::unavailable(format!(
-                        "task {task} at {address} is unreachable after {:.1?}: {error}",
-                        self.connect_timeout
-                    )));
-                }
-            }
-        }
-    }
-
-    /// Asks `task` who it is; the answer says it is up, and which incarnation is running.
-    pub async fn status(&self, task: &TaskId) -> Result<proto::GetStatusResponse> {
-        let channel = self.channel(task).await?;
-        let response = WorkerClient::new(channel)
-            .get_status(proto::GetStatusRequest {})
+        with_backoff(Some(deadline), CONNECT_BACKOFF, connect)
             .await
-            .map_err(|status| Error::from(status).context(format!("GetStatus of {task}")))?;
-        Ok(response.into_inner())
+            .map_err(|error| {
+                Error::unavailable(format!(
+                    "task {task} at {address} is unreachable after {:.1?}: {error}",
+                    self.connect_timeout
+                ))
+            })
     }
 
     /// Resolves only when `task` has been unreachable for the connect timeout, checking at every
@@ -201,7 +194,10 @@ impl Peers {
                 // The runtime is stopping; its stop ends this wait.
                 std::future::pending::<()>().await;
             }
-            if let Err(error) = self.status(task).await
+            let asked = async { status::get_status(self.channel(task).await?).await };
+            if let Err(error) = asked
+                .await
+                .map_err(|e| e.context(format!("GetStatus of {task}")))
                 && error.code == Code::Unavailable
             {
                 return error;
@@ -209,7 +205,7 @@ impl Peers {
         }
     }
 
-    /// The same-host links of these connections.
+    /// The same-host links of these connections (see [`super::route`]).
     pub fn links(&self) -> &Links {
         &self.links
     }

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use crate::cluster::TaskId;
+use crate::base::cluster::TaskId;
 use crate::proto::{DeviceAttributes, DeviceLocality};
 
 /// An NVIDIA GPU as the machine reports it.

@@ -6,7 +6,7 @@ use std::net::Ipv6Addr;
 
 use prost::Message;
 
-use crate::errors::{Error, Result};
+use crate::base::errors::{Error, Result};
 use crate::proto;
 
 /// A task of the cluster, written `/job:<job>/task:<index>`.
@@ -262,7 +262,7 @@ mod tests {
         ] {
             assert_eq!(
                 parse_address(bad).unwrap_err().code,
-                crate::errors::Code::InvalidArgument,
+                crate::base::errors::Code::InvalidArgument,
                 "{bad}"
             );
         }

@@ -15,7 +15,10 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, Weak};
 
-use crate::errors::{Error, Result};
+use super::POOL_BYTES;
+use super::recycle::Recycler;
+
+use crate::base::errors::{Error, Result};
 
 /// Segments are sized in these steps, so tensors of nearly the same size share them.
 const GRANULE: usize = 1 << 20;
@@ -23,7 +26,6 @@ const GRANULE: usize = 1 << 20;
 /// of it at once (64 MiB in 4 MiB pieces is 16 segments, each way), and a pool smaller than that
 /// makes every call map fresh pages.
 pub const POOL_SEGMENTS: usize = 64;
-pub const POOL_BYTES: usize = 1 << 30;
 
 /// A read-write shared mapping of a whole memory file; unmapped when dropped.
 pub struct Mapping {
@@ -184,16 +186,26 @@ impl Region {
 }
 
 /// Idle segments of one task, and the counter that names new ones.
-#[derive(Default)]
 pub struct SegmentPool {
     state: Mutex<PoolState>,
 }
 
-#[derive(Default)]
 struct PoolState {
-    idle: Vec<Region>,
+    idle: Recycler<Region>,
     next_id: u64,
     closed: bool,
+}
+
+impl Default for SegmentPool {
+    fn default() -> Self {
+        Self {
+            state: Mutex::new(PoolState {
+                idle: Recycler::new(POOL_SEGMENTS, POOL_BYTES, Region::capacity),
+                next_id: 0,
+                closed: false,
+            }),
+        }
+    }
 }
 
 impl SegmentPool {
@@ -203,8 +215,8 @@ impl SegmentPool {
         let region = {
             let mut state = self.lock();
             let fits = |r: &Region| (capacity..=capacity + capacity / 4).contains(&r.capacity());
-            match state.idle.iter().rposition(fits) {
-                Some(index) => state.idle.swap_remove(index),
+            match state.idle.take(fits) {
+                Some(region) => region,
                 None => {
                     state.next_id += 1;
                     let id = state.next_id;
@@ -224,7 +236,7 @@ impl SegmentPool {
     pub fn close(&self) {
         let mut state = self.lock();
         state.closed = true;
-        let idle = std::mem::take(&mut state.idle);
+        let idle = state.idle.drain();
         drop(state);
         drop(idle);
     }
@@ -239,12 +251,9 @@ impl SegmentPool {
         if state.closed {
             return;
         }
-        state.idle.push(region);
-        // The newest segments are the likeliest to fit the next tensor: evict from the oldest.
-        let mut held: usize = state.idle.iter().map(Region::capacity).sum();
-        while state.idle.len() > POOL_SEGMENTS || held > POOL_BYTES {
-            held -= state.idle.remove(0).capacity();
-        }
+        let evicted = state.idle.keep(region);
+        drop(state);
+        drop(evicted);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {

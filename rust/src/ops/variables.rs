@@ -10,22 +10,84 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 
-use crate::cluster::TaskId;
-use crate::codec::{self, Tensor, TensorBuf};
-use crate::errors::{Code, Error, Result};
-use crate::peers::Peers;
+use crate::base::cluster::TaskId;
+use crate::base::config::ServerConfig;
+use crate::base::errors::{Code, Error, Result};
 use crate::proto::variable_request::Op;
 use crate::proto::worker_client::WorkerClient;
 use crate::proto::{VariableRequest, VariableResponse};
-use crate::reduce::{self, ReduceOp};
+use crate::tensor::reduce::{self, ReduceOp};
+use crate::tensor::{Tensor, TensorBuf, TensorMeta};
+use crate::transport::Peers;
+use crate::wire;
 
-/// The variables one task hosts.
-#[derive(Default)]
+/// The variables one task hosts, and its way to those of other tasks.
 pub struct Variables {
+    me: TaskId,
+    max_message_bytes: usize,
     by_name: Mutex<HashMap<String, Arc<Mutex<Tensor>>>>,
 }
 
+/// An operation on a variable: "read", "create", "assign", "assign_add" or "sgd_step".
+pub fn parse_op(name: &str) -> Result<Op> {
+    Op::from_str_name(&name.to_uppercase())
+        .ok_or_else(|| Error::invalid_argument(format!("unknown variable op {name:?}")))
+}
+
 impl Variables {
+    pub fn new(me: TaskId, config: &ServerConfig) -> Self {
+        Self {
+            me,
+            max_message_bytes: config.max_message_bytes,
+            by_name: Mutex::default(),
+        }
+    }
+
+    /// Applies `op` to variable `name` hosted on `host` (this task, or another over `peers`);
+    /// a read gives the value.
+    pub async fn call(
+        &self,
+        peers: &Peers,
+        host: &TaskId,
+        name: String,
+        op: Op,
+        value: Option<(TensorMeta, Bytes)>,
+        learning_rate: f64,
+    ) -> Result<Option<Tensor>> {
+        let request = VariableRequest {
+            name,
+            op: op as i32,
+            value: value.map(|(meta, data)| wire::tensor_proto(&meta, data)),
+            learning_rate,
+        };
+        let what = format!("{op:?} of variable {:?} on {host}", request.name);
+        if *host == self.me {
+            let done = if op == Op::Read {
+                self.read(&request.name).map(Some)
+            } else {
+                self.apply(request).map(|_| None)
+            };
+            return done.map_err(|e| e.context(what));
+        }
+        peers.cluster().require(host)?;
+        let channel = peers.channel(host).await?;
+        let response = WorkerClient::new(channel)
+            .max_decoding_message_size(self.max_message_bytes)
+            .max_encoding_message_size(self.max_message_bytes)
+            .variable_op(request)
+            .await
+            .map_err(|status| Error::from(status).context(what))?;
+        let Some(value) = response.into_inner().value else {
+            return Ok(None);
+        };
+        let (meta, data) = wire::from_tensor_proto(value)?;
+        Ok(Some(Tensor {
+            meta,
+            data: TensorBuf::from_slice(&data),
+        }))
+    }
+
+    /// Serves one VariableOp on a variable this task hosts.
     /// Applies one request to the variables hosted here.
     pub fn apply(&self, request: VariableRequest) -> Result<VariableResponse> {
         let op = Op::try_from(request.op)
@@ -34,7 +96,7 @@ impl Variables {
         if op == Op::Read {
             let value = self.read(&name)?;
             return Ok(VariableResponse {
-                value: Some(codec::tensor_proto(
+                value: Some(wire::tensor_proto(
                     &value.meta,
                     Bytes::from_owner(value.data),
                 )),
@@ -43,7 +105,7 @@ impl Variables {
         let value = request
             .value
             .ok_or_else(|| Error::invalid_argument(format!("{op:?} of {name:?} needs a value")))?;
-        let (meta, data) = codec::from_tensor_proto(value)?;
+        let (meta, data) = wire::from_tensor_proto(value)?;
         if op == Op::Create {
             let mut by_name = self.by_name.lock().unwrap_or_else(|e| e.into_inner());
             if by_name.contains_key(&name) {
@@ -106,51 +168,9 @@ fn lock(variable: &Mutex<Tensor>) -> MutexGuard<'_, Tensor> {
     variable.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Applies `request` to the variable `host` has: here, or through that task's server. A read
-/// gives the value, copied once here (into an aligned buffer) whichever task holds it.
-pub async fn call(
-    host: &TaskId,
-    request: VariableRequest,
-    local: &Variables,
-    me: &TaskId,
-    peers: &Peers,
-    max_message_bytes: usize,
-) -> Result<Option<Tensor>> {
-    let what = format!(
-        "{:?} of variable {:?} on {host}",
-        request.op(),
-        request.name
-    );
-    if host == me {
-        let done = if request.op() == Op::Read {
-            local.read(&request.name).map(Some)
-        } else {
-            local.apply(request).map(|_| None)
-        };
-        return done.map_err(|e| e.context(what));
-    }
-    peers.cluster().require(host)?;
-    let channel = peers.channel(host).await?;
-    let response = WorkerClient::new(channel)
-        .max_decoding_message_size(max_message_bytes)
-        .max_encoding_message_size(max_message_bytes)
-        .variable_op(request)
-        .await
-        .map_err(|status| Error::from(status).context(what))?;
-    let Some(value) = response.into_inner().value else {
-        return Ok(None);
-    };
-    let (meta, data) = codec::from_tensor_proto(value)?;
-    Ok(Some(Tensor {
-        meta,
-        data: TensorBuf::from_slice(&data),
-    }))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::TensorMeta;
     use crate::proto;
 
     fn request(name: &str, op: Op, values: &[f32], learning_rate: f64) -> VariableRequest {
@@ -162,7 +182,7 @@ mod tests {
         VariableRequest {
             name: name.into(),
             op: op as i32,
-            value: Some(codec::tensor_proto(&meta, data)),
+            value: Some(wire::tensor_proto(&meta, data)),
             learning_rate,
         }
     }
@@ -172,7 +192,7 @@ mod tests {
             name: name.into(),
             ..Default::default()
         })?;
-        let (_, data) = codec::from_tensor_proto(response.value.unwrap())?;
+        let (_, data) = wire::from_tensor_proto(response.value.unwrap())?;
         Ok(data
             .chunks_exact(4)
             .map(bytemuck::pod_read_unaligned)
@@ -181,7 +201,7 @@ mod tests {
 
     #[test]
     fn create_update_and_read() {
-        let variables = Variables::default();
+        let variables = Variables::new(TaskId::new("ps", 0), &ServerConfig::default());
         variables
             .apply(request("w", Op::Create, &[1.0, 2.0], 0.0))
             .unwrap();
@@ -202,7 +222,7 @@ mod tests {
 
     #[test]
     fn mismatches_and_unknown_names_are_refused() {
-        let variables = Variables::default();
+        let variables = Variables::new(TaskId::new("ps", 0), &ServerConfig::default());
         assert_eq!(read(&variables, "nope").unwrap_err().code, Code::NotFound);
         variables
             .apply(request("w", Op::Create, &[1.0], 0.0))

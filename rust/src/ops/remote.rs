@@ -13,13 +13,12 @@ use futures::future::BoxFuture;
 use tokio::sync::watch;
 use tonic::metadata::MetadataMap;
 
-use crate::cluster::TaskId;
-use crate::config::ServerConfig;
-use crate::errors::{Error, Result};
-use crate::peers::Peers;
+use crate::base::cluster::TaskId;
+use crate::base::config::ServerConfig;
+use crate::base::errors::{Error, Result};
 use crate::proto;
 use crate::proto::worker_client::WorkerClient;
-use crate::shm::Shm;
+use crate::transport::{Peers, Shm, route};
 
 /// One call of an operation, as its handler receives it.
 pub struct Call {
@@ -152,7 +151,7 @@ impl Operations {
                 kwargs: Some(proto::DictValue { entries: kwargs }),
                 caller: Some(self.me.to_proto()),
             };
-            if let Some(link) = self.shm.link(peers, &to).await {
+            if let Some(link) = route::link(&self.shm, peers, &to).await {
                 return link.call(&request, timeout).await;
             }
             let channel = peers.channel(&to).await?;

@@ -3,8 +3,7 @@
 //! protos' service names). So stock TensorFlow can list a distsrv cluster's devices:
 //! `tf.compat.v1.Session("grpc://<task>").list_devices()` creates a session with an empty graph,
 //! lists the devices, and closes the session. distsrv runs no graphs: a session is only a handle.
-//!
-//! The client side is here too: asking a stock TensorFlow server for its devices.
+//! (Asking a stock TensorFlow server for its devices is `transport::status`'s.)
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -14,17 +13,15 @@ use std::task::{Context, Poll};
 use futures::future::BoxFuture;
 use tonic::body::Body;
 use tonic::server::{Grpc, NamedService, UnaryService};
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tonic_prost::ProstCodec;
 use tower::Service;
 
-use crate::errors::{Code, Error, Result};
-use crate::registry;
-use crate::service::Task;
+use super::status;
+use super::task::Task;
+use crate::base::errors::{Code, Error, Result};
 use crate::tfproto;
-
-const GET_STATUS_PATH: &str = "/tensorflow.WorkerService/GetStatus";
+use crate::transport::status::TF_GET_STATUS_PATH;
 const CREATE_SESSION_PATH: &str = "/tensorflow.MasterService/CreateSession";
 const LIST_DEVICES_PATH: &str = "/tensorflow.MasterService/ListDevices";
 const CLOSE_SESSION_PATH: &str = "/tensorflow.MasterService/CloseSession";
@@ -60,7 +57,7 @@ impl Service<http::Request<Body>> for WorkerService {
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         match request.uri().path() {
-            GET_STATUS_PATH => unary(&self.task, request, Arc::clone(&self.task), get_status),
+            TF_GET_STATUS_PATH => unary(&self.task, request, Arc::clone(&self.task), get_status),
             _ => unimplemented(&request),
         }
     }
@@ -161,7 +158,7 @@ async fn list_devices(
         )));
     }
     let task = &master.task;
-    let statuses = registry::statuses(task, task.config.connect_timeout).await?;
+    let statuses = status::statuses(task, task.config.connect_timeout).await?;
     let remote_device = statuses
         .into_iter()
         .filter(|(other, _)| *other != task.def.task)
@@ -243,22 +240,4 @@ fn unimplemented(
 ) -> BoxFuture<'static, Result<http::Response<Body>, Infallible>> {
     let status = Status::unimplemented(format!("distsrv does not serve {}", request.uri().path()));
     Box::pin(std::future::ready(Ok(status.into_http())))
-}
-
-/// Asks the server behind `channel` for its devices as TensorFlow does, at TensorFlow's path.
-pub async fn worker_status(channel: Channel) -> Result<tfproto::GetStatusResponse> {
-    let mut client = tonic::client::Grpc::new(channel);
-    client
-        .ready()
-        .await
-        .map_err(|e| Error::unavailable(format!("the connection is not ready: {e}")))?;
-    let path = http::uri::PathAndQuery::from_static(GET_STATUS_PATH);
-    let reply = client
-        .unary(
-            Request::new(tfproto::GetStatusRequest {}),
-            path,
-            ProstCodec::default(),
-        )
-        .await?;
-    Ok(reply.into_inner())
 }

@@ -8,12 +8,9 @@
 //! (same user, the pid that was proven). From then on tensors to that peer take the [`link`]:
 //! small ones inline on the socket, large ones written once into a segment of the receiver's
 //! shared memory ([`segment`]) that becomes the received array. gRPC keeps carrying the rest.
-//!
-//! The verdict is kept per peer: a peer that refuses (shared memory off, another host, an older
-//! distsrv) gets gRPC from then on; a broken link (the peer restarted) is redialled.
+//! Which peers take the link is [`super::route`]'s choice.
 
 mod link;
-pub mod segment;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -23,16 +20,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use crate::cluster::TaskId;
-use crate::errors::{Code, Error, Result};
-use crate::exchange::Exchange;
-use crate::peers::Peers;
+use tonic::transport::Channel;
+
+use crate::base::cluster::TaskId;
+use crate::base::errors::{Code, Error, Result};
+use crate::inbox::Inbox;
 use crate::proto;
 use crate::proto::worker_client::WorkerClient;
+use crate::tensor::segment::{self, SegmentPool};
 
 pub use link::{CallServer, INLINE_BYTES, Link};
 use link::{Serving, Socket};
-pub use segment::SegmentPool;
 
 /// How long an accepted connection has to present its ticket.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -47,7 +45,7 @@ enum Route {
     Grpc,
 }
 
-/// The routes of one [`Peers`], that is of one runtime: per peer, its link or gRPC.
+/// The routes of one set of connections, that is of one runtime: per peer, its link or gRPC.
 #[derive(Default)]
 pub struct Links {
     routes: Mutex<HashMap<TaskId, Route>>,
@@ -57,7 +55,7 @@ pub struct Links {
 
 impl Links {
     /// The settled route to `to`, if any: `Some(None)` means gRPC.
-    fn known(&self, to: &TaskId) -> Option<Option<Arc<Link>>> {
+    pub fn known(&self, to: &TaskId) -> Option<Option<Arc<Link>>> {
         match self.lock().get(to)? {
             Route::Grpc => Some(None),
             Route::Shm(link) if !link.is_broken() => Some(Some(Arc::clone(link))),
@@ -65,7 +63,14 @@ impl Links {
         }
     }
 
-    fn set(&self, to: &TaskId, route: Route) {
+    /// Held while a link is dialled.
+    pub async fn dialing(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.dialing.lock().await
+    }
+
+    /// Settles the route to `to`: over `link`, or gRPC from now on (`None`).
+    pub fn settle(&self, to: &TaskId, link: Option<Arc<Link>>) {
+        let route = link.map_or(Route::Grpc, Route::Shm);
         self.lock().insert(to.clone(), route);
     }
 
@@ -150,57 +155,24 @@ impl Shm {
         }
     }
 
-    /// The link to `to` among `peers`' connections if `to` is on this host, dialling it on
-    /// first use; `None`: use gRPC. Each runtime has its own links (in its [`Peers`]), because a
-    /// link's socket answers to the runtime it was dialled on.
-    pub async fn route(&self, peers: &Peers, to: &TaskId) -> Option<Arc<Link>> {
-        let link = self.link(peers, to).await;
-        let counter = if link.is_some() {
+    /// Counts a tensor sent over a link (`true`) or over gRPC.
+    pub fn count_sent(&self, over_link: bool) {
+        let counter = if over_link {
             &self.shm_sent
         } else {
             &self.grpc_sent
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        link
     }
 
-    /// Like [`Shm::route`], for a remote operation: not counted as a tensor.
-    pub async fn link(&self, peers: &Peers, to: &TaskId) -> Option<Arc<Link>> {
-        if !self.enabled {
-            return None;
-        }
-        let links = peers.links();
-        if let Some(route) = links.known(to) {
-            return route;
-        }
-        let _dialing = links.dialing.lock().await;
-        if let Some(route) = links.known(to) {
-            return route;
-        }
-        match self.dial(peers, to).await {
-            Ok(link) => {
-                links.set(to, Route::Shm(Arc::clone(&link)));
-                Some(link)
-            }
-            // The peer is not up yet, or the connection to it broke (it restarted): gRPC waits
-            // for it, and the next send tries again.
-            Err(error)
-                if matches!(
-                    error.code,
-                    Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
-                ) =>
-            {
-                None
-            }
-            Err(_) => {
-                links.set(to, Route::Grpc);
-                None
-            }
-        }
+    /// Whether this task takes the same-host path at all.
+    pub fn enabled(&self) -> bool {
+        self.enabled
     }
 
-    /// The handshake: the peer proves it reads our token, then we connect to its socket.
-    async fn dial(&self, peers: &Peers, to: &TaskId) -> Result<Arc<Link>> {
+    /// The handshake over `channel`, a connection to `to`: the peer proves it reads our token,
+    /// then we connect to its socket.
+    pub async fn dial(&self, channel: Channel, to: &TaskId) -> Result<Arc<Link>> {
         let token: [u8; TOKEN_BYTES] = rand::random();
         let mut token_file = segment::memfd("distsrv-handshake", 0)?;
         token_file
@@ -211,7 +183,6 @@ impl Shm {
             pid: std::process::id(),
             token_fd: token_file.as_raw_fd(),
         };
-        let channel = peers.channel(to).await?;
         let answer = WorkerClient::new(channel)
             .shm_handshake(request)
             .await
@@ -291,8 +262,8 @@ impl Shm {
 
     /// Accepts links on this task's socket until the runtime stops, serving the remote
     /// operations that come on them with `calls`. Spawned once, at start.
-    pub fn serve(exchange: &Arc<Exchange>, calls: CallServer) {
-        let shm = exchange.shm();
+    pub fn serve(self: &Arc<Self>, inbox: Arc<Inbox>, calls: CallServer) {
+        let shm = Arc::clone(self);
         let Some(listener) = shm
             .listener
             .lock()
@@ -309,7 +280,7 @@ impl Shm {
             Err(_) => return,
         };
         let serving = Arc::new(Serving {
-            exchange: Arc::clone(exchange),
+            inbox,
             pool: Arc::clone(&shm.pool),
             received: Arc::clone(&shm.shm_received),
             calls_served: Arc::clone(&shm.shm_calls_served),
@@ -319,8 +290,9 @@ impl Shm {
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let serving = Arc::clone(&serving);
+                let shm = Arc::clone(&shm);
                 tokio::spawn(async move {
-                    let _ = accept(stream, serving).await;
+                    let _ = accept(&shm, stream, serving).await;
                 });
             }
         });
@@ -343,8 +315,7 @@ impl Shm {
 
 /// Admits a connection that presents a ticket from a handshake, made by the process that proved
 /// itself there, and serves it.
-async fn accept(stream: tokio::net::UnixStream, serving: Arc<Serving>) -> Result<()> {
-    let shm = serving.exchange.shm();
+async fn accept(shm: &Shm, stream: tokio::net::UnixStream, serving: Arc<Serving>) -> Result<()> {
     let credentials = stream
         .peer_cred()
         .map_err(|e| Error::unavailable(e.to_string()))?;

@@ -7,7 +7,7 @@
 use bytemuck::Pod;
 use half::{bf16, f16};
 
-use crate::errors::{Error, Result};
+use crate::base::errors::{Error, Result};
 use crate::proto::DataType;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,7 +258,7 @@ mod tests {
     }
 
     fn combined<T: Pod>(op: ReduceOp, dtype: DataType, a: &[T], b: &[T]) -> Vec<T> {
-        let mut acc = crate::codec::TensorBuf::from_slice(&bytes_of(a));
+        let mut acc = crate::tensor::TensorBuf::from_slice(&bytes_of(a));
         combine(op, dtype, acc.as_mut_slice(), &bytes_of(b));
         bytemuck::cast_slice(acc.as_slice()).to_vec()
     }
@@ -276,7 +276,7 @@ mod tests {
             max[2].is_nan() && max[3].is_nan(),
             "NaN propagates: {max:?}"
         );
-        let mut mean = crate::codec::TensorBuf::from_slice(&bytes_of(&[3.0f64, 5.0]));
+        let mut mean = crate::tensor::TensorBuf::from_slice(&bytes_of(&[3.0f64, 5.0]));
         divide(DataType::DtDouble, mean.as_mut_slice(), 2);
         assert_eq!(bytemuck::cast_slice::<u8, f64>(mean.as_slice()), [1.5, 2.5]);
     }
@@ -308,7 +308,7 @@ mod tests {
         let a = [1u32, 2, 3];
         let mut shifted = vec![0u8];
         shifted.extend(bytes_of(&[10u32, 20, 30]));
-        let mut acc = crate::codec::TensorBuf::from_slice(&bytes_of(&a));
+        let mut acc = crate::tensor::TensorBuf::from_slice(&bytes_of(&a));
         combine(
             ReduceOp::Sum,
             DataType::DtUint32,
@@ -323,7 +323,7 @@ mod tests {
 
     #[test]
     fn a_scaled_add_is_an_sgd_step() {
-        let mut weights = crate::codec::TensorBuf::from_slice(&bytes_of(&[1.0f32, 2.0]));
+        let mut weights = crate::tensor::TensorBuf::from_slice(&bytes_of(&[1.0f32, 2.0]));
         add_scaled(
             DataType::DtFloat,
             weights.as_mut_slice(),

@@ -21,13 +21,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::try_join_all;
 
-use crate::cluster::TaskId;
-use crate::codec::{Tensor, TensorBuf, TensorMeta};
-use crate::errors::{Error, Result};
+use crate::base::cluster::TaskId;
+use crate::base::errors::{Error, Result, within};
 use crate::exchange::Exchange;
-use crate::peers::Peers;
 use crate::proto::DataType;
-use crate::reduce::{self, ReduceOp};
+use crate::tensor::reduce::{self, ReduceOp};
+use crate::tensor::{Tensor, TensorBuf, TensorMeta, itemsize};
+use crate::transport::Peers;
 
 /// A reduction goes all-to-all while each task sends at most this much that way; beyond, round
 /// the ring. With two tasks both move the same bytes, and all-to-all saves the ring's steps.
@@ -297,7 +297,7 @@ impl Collective {
                 lost = lost => Err(lost),
             }
         };
-        let done = crate::errors::within(self.timeout, "not done", watched_work).await;
+        let done = within(self.timeout, "not done", watched_work).await;
         done.map_err(|e| {
             e.context(format!(
                 "{what} of {} tasks at {}",
@@ -471,7 +471,7 @@ struct Layout {
 
 impl Layout {
     fn new(meta: &TensorMeta, n: usize) -> Self {
-        let itemsize = crate::codec::itemsize(meta.dtype).expect("a checked dtype");
+        let itemsize = itemsize(meta.dtype).expect("a checked dtype");
         let elements = meta.byte_len().expect("a checked shape") as usize / itemsize;
         let bounds: Vec<usize> = (0..=n).map(|i| i * elements / n).collect();
         let largest = bounds.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);

@@ -1,0 +1,7 @@
+//! What every layer uses: errors ([`errors`]), the cluster model ([`cluster`]), a server's
+//! tunables ([`config`]), and small helpers for waiting and bounded caches.
+
+pub mod cluster;
+pub mod config;
+pub mod errors;
+pub mod retry;

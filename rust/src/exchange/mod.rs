@@ -1,0 +1,168 @@
+//! The tensor-exchange loop: tasks hand each other tensors by name.
+//!
+//! Rendezvous semantics: every tensor sent is received exactly once, in order per (source, name),
+//! and a receive may come before or after its send. Sends push: the sender streams the tensor to
+//! the receiving task's server, which answers only once it holds the whole tensor in its inbox, so
+//! an acknowledged tensor is never lost. The inbox holds at most `max_pending_bytes` of tensors
+//! nobody has received yet; a send beyond that is refused rather than buffered without bound.
+
+mod order;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::Either;
+
+use crate::base::cluster::TaskId;
+use crate::base::config::ServerConfig;
+use crate::base::errors::{Error, Result, within};
+use crate::inbox::Inbox;
+use crate::tensor::{Tensor, TensorBuf, TensorKey, TensorMeta};
+use crate::transport::{Peers, Shm, push, route};
+use crate::wire;
+use order::SendOrder;
+
+pub struct Exchange {
+    me: TaskId,
+    /// The server runtime's connections, which also know the cluster.
+    peers: Arc<Peers>,
+    chunk_bytes: usize,
+    inbox: Arc<Inbox>,
+    order: Arc<SendOrder>,
+    shm: Arc<Shm>,
+}
+
+impl Exchange {
+    /// The exchange of task `me`: it receives into `inbox`, and sends through `shm` to the peers
+    /// on this host.
+    pub fn new(
+        me: TaskId,
+        peers: Arc<Peers>,
+        inbox: Arc<Inbox>,
+        shm: Arc<Shm>,
+        config: &ServerConfig,
+    ) -> Self {
+        Self {
+            me,
+            peers,
+            chunk_bytes: config.chunk_bytes,
+            inbox,
+            order: Arc::default(),
+            shm,
+        }
+    }
+
+    /// Starts sending `payload` (row-major bytes of a `meta` tensor) to `to` under `name`, over
+    /// the server runtime's connections.
+    ///
+    /// The send's place in the order of sends to the same (task, name) is taken now, so the
+    /// returned future may run on any thread and still deliver in call order. It resolves once the
+    /// receiving server holds the whole tensor. A send to this task itself copies into the inbox
+    /// at once.
+    pub fn send(
+        &self,
+        to: TaskId,
+        name: String,
+        meta: TensorMeta,
+        payload: Bytes,
+    ) -> Result<impl Future<Output = Result<()>> + Send + use<>> {
+        self.send_via(&self.peers, to, name, meta, payload)
+    }
+
+    /// Like [`Exchange::send`], over `connections`: those of the runtime that will drive the
+    /// future (a blocking send drives its own, on the caller runtime).
+    pub fn send_via(
+        &self,
+        connections: &Arc<Peers>,
+        to: TaskId,
+        name: String,
+        meta: TensorMeta,
+        payload: Bytes,
+    ) -> Result<impl Future<Output = Result<()>> + Send + use<>> {
+        self.peers.cluster().require(&to)?;
+        if meta.byte_len() != Some(payload.len() as u64) {
+            return Err(Error::invalid_argument(format!(
+                "{} bytes given for a {:?} tensor of shape {:?}",
+                payload.len(),
+                meta.dtype,
+                meta.shape
+            )));
+        }
+        let key = TensorKey {
+            source: self.me.clone(),
+            name,
+        };
+        if to == self.me {
+            let reservation = self.inbox.reserve(&self.me, payload.len() as u64)?;
+            let tensor = Tensor {
+                meta,
+                data: TensorBuf::from_slice(&payload),
+            };
+            self.inbox.deliver(key, tensor, reservation)?;
+            return Ok(Either::Left(std::future::ready(Ok(()))));
+        }
+        let turn = self.order.take_turn(&to, &key.name);
+        let connections = Arc::clone(connections);
+        let shm = Arc::clone(&self.shm);
+        let chunk = self.chunk_bytes;
+        Ok(Either::Right(async move {
+            let _turn = turn.wait().await;
+            let total = payload.len() as u64;
+            let header = wire::header(&key, &meta);
+            let sent = match route::for_tensor(&shm, &connections, &to).await {
+                Some(link) => link.send(&header, &payload).await,
+                None => {
+                    let frames = wire::tensor_frames(&header, payload, chunk);
+                    push::push(&connections, &to, frames, total).await
+                }
+            };
+            sent.map_err(|e| e.context(format!("send of {:?} to {to}", key.name)))
+        }))
+    }
+
+    /// Receives the next tensor `name` from `source`, waiting up to `timeout` (`None`: no limit)
+    /// for it to arrive. While waiting, the source is checked now and then: if it cannot be reached
+    /// for the connect timeout, the receive fails with `Unavailable` instead of waiting forever.
+    pub async fn recv(
+        &self,
+        source: TaskId,
+        name: String,
+        timeout: Option<Duration>,
+    ) -> Result<Tensor> {
+        self.recv_via(&self.peers, source, name, timeout).await
+    }
+
+    /// Like [`Exchange::recv`], watching the source over `connections`: those of the runtime
+    /// that drives the receive.
+    pub async fn recv_via(
+        &self,
+        connections: &Peers,
+        source: TaskId,
+        name: String,
+        timeout: Option<Duration>,
+    ) -> Result<Tensor> {
+        self.peers.cluster().require(&source)?;
+        let key = TensorKey { source, name };
+        let take = self.inbox.take(key.clone());
+        let timed = within(timeout, format!("no {key}"), take);
+        if key.source == self.me {
+            return timed.await;
+        }
+        tokio::select! {
+            // The receive first: once a stop has closed the inbox it is done, and the watchdog,
+            // which makes a new timer each round, is not polled on a runtime shutting down.
+            biased;
+            received = timed => received,
+            lost = connections.unreachable(&key.source) => Err(lost.context(format!("recv of {key}"))),
+        }
+    }
+
+    pub fn me(&self) -> &TaskId {
+        &self.me
+    }
+
+    pub fn peers(&self) -> &Arc<Peers> {
+        &self.peers
+    }
+}

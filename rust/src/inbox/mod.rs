@@ -1,0 +1,313 @@
+//! Tensors that arrived at this task and the receives waiting for them, by (source, name).
+//!
+//! A transport delivers into the inbox: it reserves an arriving tensor's bytes against
+//! `max_pending_bytes` (refusing a task outside the cluster, or a tensor past the limit) before it
+//! takes the payload in, and delivers the whole tensor once it has arrived intact. A receive takes
+//! the oldest tensor under its key, or waits for the next. Nothing delivered is lost: a tensor
+//! handed to a receive that gave up meanwhile goes to the next receive, or back first in line.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::oneshot;
+
+use crate::base::cluster::{Cluster, TaskId};
+use crate::base::errors::{Error, Result};
+use crate::tensor::{Tensor, TensorKey};
+
+/// Bytes counted against the inbox's limit until dropped.
+pub struct Reservation {
+    inbox: Arc<Inbox>,
+    bytes: u64,
+}
+
+impl Reservation {
+    fn new(inbox: &Arc<Inbox>, bytes: u64) -> Result<Self> {
+        let limit = inbox.max_pending_bytes;
+        inbox
+            .pending_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |pending| {
+                pending.checked_add(bytes).filter(|total| *total <= limit)
+            })
+            .map_err(|pending| {
+                Error::resource_exhausted(format!(
+                    "the receiver holds {pending} bytes of unreceived tensors; {bytes} more would \
+                     pass its limit of {limit} (max_pending_bytes)"
+                ))
+            })?;
+        Ok(Self {
+            inbox: Arc::clone(inbox),
+            bytes,
+        })
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.inbox
+            .pending_bytes
+            .fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+/// A tensor that has arrived but not been received; its bytes count as pending until then.
+struct Arrived {
+    tensor: Tensor,
+    _reservation: Reservation,
+}
+
+#[derive(Default)]
+struct Slot {
+    arrived: VecDeque<Arrived>,
+    waiting: VecDeque<oneshot::Sender<Arrived>>,
+}
+
+struct InboxState {
+    slots: HashMap<TensorKey, Slot>,
+    closed: Option<Error>,
+}
+
+/// Tensors that arrived at this task, by (source, name), and the receives waiting for them.
+pub struct Inbox {
+    /// The tasks whose tensors are admitted.
+    cluster: Cluster,
+    state: Mutex<InboxState>,
+    /// Outside the lock, so a reservation can be dropped while it is held.
+    pending_bytes: AtomicU64,
+    max_pending_bytes: u64,
+}
+
+impl Inbox {
+    pub fn new(cluster: Cluster, max_pending_bytes: u64) -> Self {
+        Self {
+            cluster,
+            state: Mutex::new(InboxState {
+                slots: HashMap::new(),
+                closed: None,
+            }),
+            pending_bytes: AtomicU64::new(0),
+            max_pending_bytes,
+        }
+    }
+
+    /// Counts `bytes` of a tensor arriving from `source` against the limit, refusing it past the
+    /// limit or from a task outside the cluster.
+    pub fn reserve(self: &Arc<Self>, source: &TaskId, bytes: u64) -> Result<Reservation> {
+        self.cluster.require(source)?;
+        Reservation::new(self, bytes)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, InboxState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands a whole arrived tensor to the longest-waiting receive, or keeps it in arrival order.
+    /// A waiting receive gets it, and wakes, when the [`Handoff`] is dropped: keep that until the
+    /// sender has been answered, so the wake-up is not on the answer's way.
+    pub fn deliver(
+        self: &Arc<Self>,
+        key: TensorKey,
+        tensor: Tensor,
+        reservation: Reservation,
+    ) -> Result<Handoff> {
+        let mut state = self.lock();
+        if let Some(error) = &state.closed {
+            return Err(error.clone());
+        }
+        let arrived = Arrived {
+            tensor,
+            _reservation: reservation,
+        };
+        if let Some(slot) = state.slots.get_mut(&key) {
+            // Receives that gave up (timeout, Ctrl-C) are skipped.
+            while let Some(waiter) = slot.waiting.pop_front() {
+                if !waiter.is_closed() {
+                    return Ok(Handoff {
+                        inbox: Arc::clone(self),
+                        pending: Some((key, waiter, arrived)),
+                    });
+                }
+            }
+        }
+        state
+            .slots
+            .entry(key)
+            .or_default()
+            .arrived
+            .push_back(arrived);
+        Ok(Handoff {
+            inbox: Arc::clone(self),
+            pending: None,
+        })
+    }
+
+    /// Gives a tensor whose receive gave up before taking it to the next receive waiting, or
+    /// else puts it first in line: it came before any tensor now kept.
+    fn hand_on(&self, key: TensorKey, mut arrived: Arrived) {
+        let mut state = self.lock();
+        if state.closed.is_some() {
+            return;
+        }
+        let slot = state.slots.entry(key).or_default();
+        while let Some(waiter) = slot.waiting.pop_front() {
+            match waiter.send(arrived) {
+                Ok(()) => return,
+                Err(back) => arrived = back,
+            }
+        }
+        slot.arrived.push_front(arrived);
+    }
+
+    /// The next tensor under `key`, as soon as there is one.
+    pub async fn take(self: &Arc<Self>, key: TensorKey) -> Result<Tensor> {
+        let receiver = {
+            let mut state = self.lock();
+            if let Some(error) = &state.closed {
+                return Err(error.clone());
+            }
+            let slot = state.slots.entry(key.clone()).or_default();
+            if let Some(arrived) = slot.arrived.pop_front() {
+                if slot.arrived.is_empty() && slot.waiting.is_empty() {
+                    state.slots.remove(&key);
+                }
+                return Ok(arrived.tensor);
+            }
+            let (sender, receiver) = oneshot::channel();
+            slot.waiting.push_back(sender);
+            receiver
+        };
+        let mut waiting = WaitingReceive {
+            inbox: Arc::clone(self),
+            key,
+            receiver: Some(receiver),
+        };
+        let receiver = waiting.receiver.as_mut().expect("set above");
+        match receiver.await {
+            Ok(arrived) => {
+                waiting.receiver = None;
+                Ok(arrived.tensor)
+            }
+            Err(_) => Err(self
+                .lock()
+                .closed
+                .clone()
+                .unwrap_or_else(|| Error::cancelled("the receive was abandoned"))),
+        }
+    }
+
+    /// Puts back a tensor handed to a receive that gave up before taking it, first in line.
+    fn put_back(&self, key: TensorKey, arrived: Arrived) {
+        let mut state = self.lock();
+        if state.closed.is_none() {
+            state
+                .slots
+                .entry(key)
+                .or_default()
+                .arrived
+                .push_front(arrived);
+        }
+    }
+
+    /// Ends every waiting receive and refuses new tensors; unreceived tensors are dropped.
+    pub fn close(&self) {
+        let mut state = self.lock();
+        state.closed = Some(Error::cancelled("the server is stopping"));
+        // Dropping the waiters' senders wakes every waiting receive.
+        let slots = std::mem::take(&mut state.slots);
+        drop(state);
+        drop(slots);
+    }
+}
+
+/// A tensor delivered to a waiting receive, handed over (waking the receive) when dropped.
+pub struct Handoff {
+    inbox: Arc<Inbox>,
+    pending: Option<(TensorKey, oneshot::Sender<Arrived>, Arrived)>,
+}
+
+impl Drop for Handoff {
+    fn drop(&mut self) {
+        if let Some((key, waiter, arrived)) = self.pending.take()
+            && let Err(arrived) = waiter.send(arrived)
+        {
+            self.inbox.hand_on(key, arrived);
+        }
+    }
+}
+
+/// A receive in progress; if it is dropped (timeout, Ctrl-C) after a tensor was handed to it,
+/// the tensor goes back to the inbox instead of being lost.
+struct WaitingReceive {
+    inbox: Arc<Inbox>,
+    key: TensorKey,
+    receiver: Option<oneshot::Receiver<Arrived>>,
+}
+
+impl Drop for WaitingReceive {
+    fn drop(&mut self) {
+        if let Some(mut receiver) = self.receiver.take() {
+            receiver.close();
+            if let Ok(arrived) = receiver.try_recv() {
+                self.inbox.put_back(self.key.clone(), arrived);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::DataType;
+    use crate::tensor::{TensorBuf, TensorMeta};
+
+    fn tensor(byte: u8) -> Tensor {
+        Tensor {
+            meta: TensorMeta {
+                dtype: DataType::DtUint8,
+                shape: vec![1],
+            },
+            data: TensorBuf::from_slice(&[byte]),
+        }
+    }
+
+    fn inbox_and_key() -> (Arc<Inbox>, TensorKey) {
+        let key = TensorKey {
+            source: TaskId::new("worker", 0),
+            name: "t".to_owned(),
+        };
+        let cluster = Cluster::new([("worker".into(), [(0, "127.0.0.1:1".into())].into())].into());
+        (Arc::new(Inbox::new(cluster.unwrap(), 1 << 20)), key)
+    }
+
+    fn arrive(inbox: &Arc<Inbox>, key: &TensorKey, byte: u8) -> Handoff {
+        let reservation = inbox.reserve(&key.source, 1).unwrap();
+        inbox
+            .deliver(key.clone(), tensor(byte), reservation)
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_waiting_receive_gets_its_tensor_when_the_handoff_ends() {
+        let (inbox, key) = inbox_and_key();
+        let mut waiting = Box::pin(inbox.take(key.clone()));
+        assert!(futures::poll!(&mut waiting).is_pending());
+        let handoff = arrive(&inbox, &key, 1);
+        assert!(futures::poll!(&mut waiting).is_pending());
+        drop(handoff);
+        assert_eq!(waiting.await.unwrap().data.as_slice(), [1]);
+    }
+
+    #[tokio::test]
+    async fn a_tensor_whose_receive_gave_up_meanwhile_goes_to_the_next_in_order() {
+        let (inbox, key) = inbox_and_key();
+        let mut gave_up = Box::pin(inbox.take(key.clone()));
+        assert!(futures::poll!(&mut gave_up).is_pending());
+        let first = arrive(&inbox, &key, 1);
+        drop(gave_up);
+        drop(arrive(&inbox, &key, 2));
+        drop(first);
+        assert_eq!(inbox.take(key.clone()).await.unwrap().data.as_slice(), [1]);
+        assert_eq!(inbox.take(key).await.unwrap().data.as_slice(), [2]);
+    }
+}

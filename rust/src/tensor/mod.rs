@@ -1,0 +1,14 @@
+//! Tensors in memory: what a tensor is ([`meta`]), its payload buffers ([`buf`]), shared-memory
+//! segments a same-host peer writes into ([`segment`]), and element-wise reductions ([`reduce`]).
+
+pub mod buf;
+pub mod meta;
+pub mod recycle;
+pub mod reduce;
+pub mod segment;
+
+pub use buf::TensorBuf;
+pub use meta::{Tensor, TensorKey, TensorMeta, itemsize};
+
+/// The most memory a pool of idle buffers (heap or shared) keeps for reuse.
+pub const POOL_BYTES: usize = 1 << 30;

@@ -1,0 +1,12 @@
+//! Moving bytes to peers: connections to every other task ([`peers`]), the HTTP/2 push of a
+//! tensor, both ends ([`push`]), the GetStatus client ([`status`]), the same-host fast path
+//! through shared memory ([`shm`]), and the choice between the two for each peer ([`route`]).
+
+pub mod peers;
+pub mod push;
+pub mod route;
+pub mod shm;
+pub mod status;
+
+pub use peers::Peers;
+pub use shm::{Link, Shm};

@@ -1,0 +1,103 @@
+//! The HTTP/2 push of one tensor, both ends: the sender streams the tensor's frames and waits for
+//! the acknowledgement; the receiver parses the stream as it arrives into the inbox and answers
+//! only once it holds the whole tensor, so an acknowledged tensor is never lost.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+
+use super::peers::Peers;
+use crate::base::cluster::TaskId;
+use crate::base::errors::{Code, Error, Result};
+use crate::inbox::Inbox;
+use crate::proto;
+use crate::wire::{self, ChunkParser};
+
+/// gRPC path of the tensor push, served by hand (see `node::service`) so payload bytes are
+/// copied once.
+pub const SEND_TENSOR_PATH: &str = "/distsrv.v1.Worker/SendTensor";
+
+/// A header message is a few hundred bytes; this bounds what an off-protocol peer can make the
+/// server buffer before the header is checked.
+const MAX_HEADER_BYTES: usize = 64 << 10;
+
+/// Streams the frames of one tensor to `to` and waits for its acknowledgement.
+pub async fn push(peers: &Peers, to: &TaskId, frames: Vec<Bytes>, total: u64) -> Result<()> {
+    let (connection, uri) = peers.push_connection(to, SEND_TENSOR_PATH).await?;
+    let request = http::Request::builder()
+        .method(http::Method::POST)
+        .uri(uri)
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .body(())
+        .map_err(|e| Error::internal(format!("cannot build the request: {e}")))?;
+    let mut requests = connection.requests.ready().await.map_err(broken)?;
+    let (response, mut body) = requests.send_request(request, false).map_err(broken)?;
+    // Every frame is queued before the connection next writes, so a small tensor's headers and
+    // payload leave in one write. HTTP/2 holds what flow control does not let out yet: the
+    // frames are slices of the caller's buffer, so holding them costs no memory.
+    let last = frames.len().saturating_sub(1);
+    for (index, frame) in frames.into_iter().enumerate() {
+        body.send_data(frame, index == last).map_err(broken)?;
+    }
+    let response = response.await.map_err(broken)?;
+    if let Some(status) = tonic::Status::from_header_map(response.headers())
+        && status.code() != Code::Ok
+    {
+        return Err(status.into());
+    }
+    let mut answer = response.into_body();
+    let mut reply = bytes::BytesMut::new();
+    while let Some(data) = answer.data().await {
+        let data = data.map_err(broken)?;
+        let _ = answer.flow_control().release_capacity(data.len());
+        reply.extend_from_slice(&data);
+    }
+    let trailers = answer.trailers().await.map_err(broken)?.unwrap_or_default();
+    match tonic::Status::from_header_map(&trailers) {
+        Some(status) if status.code() == Code::Ok => {}
+        Some(status) => return Err(status.into()),
+        None => return Err(Error::internal("the receiver's answer carries no status")),
+    }
+    let reply: proto::SendTensorResponse = wire::unframe_message(&reply)?;
+    if reply.received_bytes != total {
+        return Err(Error::data_loss(format!(
+            "the receiver kept {} of {total} bytes",
+            reply.received_bytes
+        )));
+    }
+    Ok(())
+}
+
+/// A push cut short by the connection or the peer.
+fn broken(error: h2::Error) -> Error {
+    Error::unavailable(match error.get_io() {
+        Some(io) => format!("the connection broke: {io}"),
+        None => error.to_string(),
+    })
+}
+
+/// Serves one pushed tensor: parses the stream as it arrives into a buffer reserved in `inbox`,
+/// delivers it, and returns the number of bytes kept. Nothing is delivered unless the whole
+/// tensor arrived intact.
+pub async fn accept(inbox: &Arc<Inbox>, mut body: tonic::body::Body) -> Result<u64> {
+    let mut parser = ChunkParser::new(MAX_HEADER_BYTES);
+    let mut reservation = None;
+    let mut admit = |announced: wire::Announced<'_>| {
+        let size = announced.meta.byte_len().unwrap_or(0);
+        reservation = Some(inbox.reserve(&announced.key.source, size)?);
+        Ok(())
+    };
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| Error::cancelled(format!("the sender went away: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            parser.feed(data, &mut admit)?;
+        }
+    }
+    let (key, tensor) = parser.finish()?;
+    let size = tensor.data.len() as u64;
+    let reservation = reservation.expect("a finished stream was admitted");
+    inbox.deliver(key, tensor, reservation)?;
+    Ok(size)
+}

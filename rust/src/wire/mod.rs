@@ -1,0 +1,14 @@
+//! How tensors look on the wire: tensors in protobuf messages ([`messages`]), gRPC framing by hand
+//! ([`framing`]), and the parser of an arriving tensor stream ([`chunks`]).
+//!
+//! The sender frames the messages by hand so payload slices go to the socket straight from the
+//! caller's memory, and the receiver ([`ChunkParser`]) copies each payload byte once, into the
+//! tensor's final buffer.
+
+pub mod chunks;
+pub mod framing;
+pub mod messages;
+
+pub use chunks::{Announced, ChunkParser};
+pub use framing::{frame_message, tensor_chunks, tensor_frames, unframe_message};
+pub use messages::{from_tensor_proto, header, parse_header, tensor_proto};
