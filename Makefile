@@ -30,12 +30,14 @@ demo: develop ## Set up and run the main job: a local cluster at work
 	distsrv demo
 
 .PHONY: lint
-lint: develop ## Formatting, clippy, ruff, mypy and the stub check
+lint: develop ## Formatting, clippy, ruff, mypy, the import contracts and the stub check
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
+	python rust/check_layers.py
 	ruff check python tests benches
 	ruff format --check python tests benches
 	mypy
+	lint-imports
 	python -m mypy.stubtest distsrv._native --allowlist .stubtest-allowlist
 
 .PHONY: test

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use distsrv::cluster::TaskId;
-use distsrv::handlers::Call;
+use distsrv::base::cluster::TaskId;
+use distsrv::ops::remote::Call;
 use distsrv::proto;
 
 #[path = "../rust/tests/common/mod.rs"]

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from distsrv.launch import run_local_cluster
+from distsrv.examples.launch import run_local_cluster
 
 
 def demo(*options: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:

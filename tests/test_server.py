@@ -26,7 +26,7 @@ import pytest
 
 import distsrv
 from distsrv import errors
-from distsrv.launch import free_ports
+from distsrv.examples.launch import free_ports
 
 HAS_PROC = os.path.isdir("/proc/self/task")
 

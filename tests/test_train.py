@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from distsrv.train import (
+from distsrv.examples.train import (
     MLP,
     ApplyGradient,
     FloatArray,

@@ -13,8 +13,9 @@ from distsrv.cluster import ClusterSpec
 from distsrv.config import ServerConfig
 from distsrv.devices import DeviceAttributes
 from distsrv.handlers import CallContext
+from distsrv.handles import CallHandle, RecvHandle, SendHandle
 from distsrv.messages import ClusterDef, JobDef, ServerDef
-from distsrv.server import CallHandle, RecvHandle, SendHandle, Server
+from distsrv.server import Server
 from distsrv.variables import Variable
 
 __all__ = [

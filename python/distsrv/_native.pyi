@@ -12,8 +12,10 @@ __all__ = [
     "TensorBytes",
     "__version__",
     "blocked_threads",
+    "check_config",
     "cluster_def_from_bytes",
     "cluster_def_to_bytes",
+    "config_defaults",
     "parse_address",
     "parse_task",
     "query_status",
@@ -28,6 +30,8 @@ BUILD_PROFILE: str
 _Task = str | tuple[str, int]
 
 def blocked_threads() -> int: ...
+def config_defaults() -> dict[str, Any]: ...
+def check_config(config: Any) -> None: ...
 def parse_address(address: str) -> tuple[str, int]: ...
 def parse_task(task: _Task) -> tuple[str, int]: ...
 def cluster_def_to_bytes(jobs: dict[str, dict[int, str]]) -> bytes: ...

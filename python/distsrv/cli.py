@@ -8,8 +8,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from distsrv.demo import add_training_arguments, worker_arguments
-from distsrv.demo import worker as demo_worker_main
+from distsrv.examples.demo import add_training_arguments, worker_arguments
+from distsrv.examples.demo import worker as demo_worker_main
 
 __all__ = ["main"]
 
@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from distsrv.launch import run_local_cluster
+        from distsrv.examples.launch import run_local_cluster
 
         if args.workers < 1:
             parser.error("--workers must be at least 1")
@@ -70,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from distsrv import ClusterSpec, Server
+    from distsrv.cluster import ClusterSpec
+    from distsrv.server import Server
 
     if args.cluster:
         with open(args.cluster) as file:

@@ -254,7 +254,7 @@ def _rebuild_remote(
     return error
 
 
-def _from_peer(code: int, message: str, task: str | None, remote_type: str | None) -> OpError:
+def from_peer(code: int, message: str, task: str | None, remote_type: str | None) -> OpError:
     """The exception for a failure a peer reported: a handler's own exception is a
     :class:`RemoteError` unless it was a distsrv error, which keeps its class."""
     if remote_type is not None and code == UNKNOWN:

@@ -2,33 +2,25 @@
 
 from __future__ import annotations
 
-import asyncio
-import atexit
-import os
-import threading
-import time
-import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType, TracebackType
 from typing import Any, Literal
 
 import numpy.typing as npt
 
-from distsrv import _native
+from distsrv import _native, shutdown
 from distsrv.cluster import ClusterLike, ClusterSpec
 from distsrv.config import ServerConfig
 from distsrv.devices import DeviceAttributes
 from distsrv.errors import InvalidArgumentError
 from distsrv.handlers import EventLoop, is_async, wants_context
+from distsrv.handles import CallHandle, RecvHandle, SendHandle
 from distsrv.messages import ServerDef
 from distsrv.variables import Variable
 
 __all__ = [
-    "CallHandle",
     "GroupLike",
-    "RecvHandle",
     "ReduceOp",
-    "SendHandle",
     "Server",
     "Status",
     "TaskLike",
@@ -109,11 +101,10 @@ class Server:
         self._spec = spec
         self._job_name = definition.job_name
         self._task_index = definition.task_index
-        self._pid = os.getpid()
         self._native.block_handlers(sorted(self._blocked_handlers))
         for name, handler in (handlers or {}).items():
             self.add_handler(name, handler)
-        _live_servers.add(self)
+        shutdown.register(self)
         if start:
             self.start()
 
@@ -443,71 +434,6 @@ class Server:
         return await self.icall(task, op, timeout=timeout, **kwargs).wait_async()
 
 
-class _Handle:
-    def __init__(self, pending: _native.Pending) -> None:
-        self._pending = pending
-
-    def done(self) -> bool:
-        """Whether the operation has finished (successfully or not)."""
-        return self._pending.done()
-
-    async def _finished(self) -> None:
-        """Waits, without a thread, until the operation finishes: its pipe becomes readable."""
-        if self._pending.done():
-            return
-        loop = asyncio.get_running_loop()
-        finished = loop.create_future()
-        fd = self._pending.fileno()
-
-        def wake() -> None:
-            if not finished.done():
-                finished.set_result(None)
-
-        loop.add_reader(fd, wake)
-        try:
-            await finished
-        finally:
-            loop.remove_reader(fd)
-
-
-class SendHandle(_Handle):
-    """A send in flight."""
-
-    def wait(self, timeout: float | None = None) -> None:
-        """Blocks until the receiver holds the tensor; re-raises the send's error."""
-        self._pending.wait(timeout)
-
-    async def wait_async(self) -> None:
-        await self._finished()
-        self._pending.wait(None)
-
-
-class RecvHandle(_Handle):
-    """A receive in flight."""
-
-    def wait(self, timeout: float | None = None) -> npt.NDArray[Any]:
-        """Blocks until the tensor is here and returns it; re-raises the receive's error."""
-        result: npt.NDArray[Any] = self._pending.wait(timeout)
-        return result
-
-    async def wait_async(self) -> npt.NDArray[Any]:
-        await self._finished()
-        result: npt.NDArray[Any] = self._pending.wait(None)
-        return result
-
-
-class CallHandle(_Handle):
-    """A remote operation's call in flight."""
-
-    def wait(self, timeout: float | None = None) -> Any:
-        """Blocks until the call has finished and returns its result; re-raises its error."""
-        return self._pending.wait(timeout)
-
-    async def wait_async(self) -> Any:
-        await self._finished()
-        return self._pending.wait(None)
-
-
 def _jobs(spec: ClusterSpec) -> dict[str, dict[int, str]]:
     return {
         job: {index: spec.task_address(job, index) for index in spec.task_indices(job)}
@@ -563,23 +489,3 @@ def _make_server_def(
 def _protobuf_name(message: Any) -> str | None:
     descriptor = getattr(message, "DESCRIPTOR", None)
     return getattr(descriptor, "full_name", None)
-
-
-# Servers still running at interpreter exit are stopped while the interpreter is still whole:
-# stopping wakes every thread blocked in a distsrv call, and those threads must be back in Python
-# before finalization begins (CPython ends late threads with an unwind that must not cross Rust
-# code). A forked child leaves its parent's servers alone.
-_live_servers: weakref.WeakSet[Server] = weakref.WeakSet()
-_exit_lock = threading.Lock()
-_EXIT_WAIT_SECONDS = 5.0
-
-
-@atexit.register
-def _stop_live_servers() -> None:
-    with _exit_lock:
-        for server in list(_live_servers):
-            if server._pid == os.getpid() and server.status in ("created", "running"):
-                server.stop(grace=0)
-        deadline = time.monotonic() + _EXIT_WAIT_SECONDS
-        while _native.blocked_threads() and time.monotonic() < deadline:
-            time.sleep(0.005)

@@ -10,7 +10,7 @@ import numpy.typing as npt
 __all__ = ["dtype_code", "supported_dtypes", "to_wire"]
 
 # TensorFlow's DataType numbers (tensorflow/core/framework/types.proto).
-_CODES: dict[np.dtype[Any], int] = {
+DTYPE_CODES: dict[np.dtype[Any], int] = {
     np.dtype(np.float32): 1,
     np.dtype(np.float64): 2,
     np.dtype(np.int32): 3,
@@ -29,24 +29,24 @@ _CODES: dict[np.dtype[Any], int] = {
 try:
     import ml_dtypes
 
-    _CODES[np.dtype(ml_dtypes.bfloat16)] = 14
+    DTYPE_CODES[np.dtype(ml_dtypes.bfloat16)] = 14
 except ImportError:  # bfloat16 is carried only where ml_dtypes provides it
     pass
-_DTYPES = {code: dtype for dtype, code in _CODES.items()}
+CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
 
 def supported_dtypes() -> tuple[np.dtype[Any], ...]:
     """The dtypes that can be sent, in TensorFlow's DataType order."""
-    return tuple(sorted(_CODES, key=_CODES.__getitem__))
+    return tuple(sorted(DTYPE_CODES, key=DTYPE_CODES.__getitem__))
 
 
 def dtype_code(dtype: npt.DTypeLike) -> int:
     """TensorFlow's DataType number of ``dtype``; TypeError for dtypes the wire cannot carry."""
-    if isinstance(dtype, np.dtype) and dtype in _CODES:  # native-endian: nothing to normalize
-        return _CODES[dtype]
+    if isinstance(dtype, np.dtype) and dtype in DTYPE_CODES:  # native-endian: nothing to normalize
+        return DTYPE_CODES[dtype]
     native = np.dtype(dtype).newbyteorder("=")
     try:
-        return _CODES[native]
+        return DTYPE_CODES[native]
     except KeyError:
         raise TypeError(
             f"cannot send arrays of dtype {np.dtype(dtype)}: supported are "
@@ -57,8 +57,8 @@ def dtype_code(dtype: npt.DTypeLike) -> int:
 def to_wire(array: npt.ArrayLike) -> tuple[int, list[int], npt.NDArray[Any]]:
     """(dtype code, shape, a C-contiguous native-endian array of it) for sending; copies only when
     the array is not such an array already. The native layer lends a C-contiguous ndarray
-    of a dtype in ``_CODES`` as it is, and comes here for everything else; it makes received
-    arrays with ``_DTYPES``."""
+    of a dtype in ``DTYPE_CODES`` as it is, and comes here for everything else; it makes received
+    arrays with ``CODE_DTYPES``."""
     array = np.asarray(array)
     code = dtype_code(array.dtype)
     if not array.dtype.isnative:

@@ -28,8 +28,7 @@ import numpy as np
 
 from distsrv.cluster import ClusterSpec
 from distsrv.errors import OpError
-from distsrv.server import Server
-from distsrv.train import (
+from distsrv.examples.train import (
     MLP,
     ApplyGradient,
     Dataset,
@@ -40,6 +39,7 @@ from distsrv.train import (
     sgd,
     train,
 )
+from distsrv.server import Server
 from distsrv.variables import Variable
 
 __all__ = ["add_training_arguments", "worker", "worker_arguments"]

@@ -66,7 +66,7 @@ class Dataset:
 def load_digits() -> Dataset:
     """The 1797 digits shipped with distsrv (scikit-learn's ``load_digits``: the UCI Optical
     Recognition of Handwritten Digits test set, CC BY 4.0), split 80/20 in a fixed order."""
-    resource = importlib.resources.files("distsrv") / "data" / "digits.npz"
+    resource = importlib.resources.files("distsrv.examples") / "data" / "digits.npz"
     with resource.open("rb") as file, np.load(file) as archive:
         images, labels = archive["images"], archive["labels"]
     # Pixels count 0..16 dark cells of a 4x4 block; scaling to [0, 1] keeps the first layer's

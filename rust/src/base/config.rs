@@ -1,5 +1,5 @@
-//! A server's tunables, with safe defaults. Python's `distsrv.ServerConfig` validates the same
-//! fields and hands them over unchanged.
+//! A server's tunables: the one place of their defaults and bounds. Python's
+//! `distsrv.ServerConfig` takes its defaults from here and is checked here.
 
 use std::time::Duration;
 
@@ -44,47 +44,75 @@ impl Default for ServerConfig {
     }
 }
 
-/// Upper bounds: gRPC frames a message length in 32 bits, and a semaphore counts the calls.
+/// Upper bounds: gRPC frames a message length in 32 bits, a semaphore counts the calls, and
+/// durations and byte counts must be representable on both sides of the binding.
 pub const MAX_MESSAGE_BYTES: usize = (1 << 31) - 1;
 pub const MAX_CONNECTION_LIMIT: usize = 1 << 20;
 pub const MAX_WORKER_THREADS: usize = 1024;
+pub const MAX_PENDING_BYTES: u64 = i64::MAX as u64;
+pub const MAX_SECONDS: f64 = 1e9;
+
+/// Every integer field with its upper bound; each must also be at least 1. The one table of
+/// them: Python's `distsrv.ServerConfig` is checked against it too.
+pub const INT_BOUNDS: [(&str, u64); 5] = [
+    ("max_message_bytes", MAX_MESSAGE_BYTES as u64),
+    ("chunk_bytes", MAX_MESSAGE_BYTES as u64),
+    ("max_pending_bytes", MAX_PENDING_BYTES),
+    ("connection_limit", MAX_CONNECTION_LIMIT as u64),
+    ("worker_threads", MAX_WORKER_THREADS as u64),
+];
+
+/// A field of seconds, which must be finite and in `[0, MAX_SECONDS]`.
+pub fn seconds(name: &str, value: f64) -> Result<Duration> {
+    if !(0.0..=MAX_SECONDS).contains(&value) {
+        return Err(Error::invalid_argument(format!(
+            "ServerConfig.{name} must be a finite number of seconds in [0, {MAX_SECONDS:e}], \
+             not {value}"
+        )));
+    }
+    Ok(Duration::from_secs_f64(value))
+}
+
+/// An integer field, which must be in `[1, bound]` (see [`INT_BOUNDS`]).
+pub fn bounded(name: &str, value: u64) -> Result<u64> {
+    let bound = INT_BOUNDS
+        .iter()
+        .find(|(field, _)| *field == name)
+        .map_or(u64::MAX, |(_, bound)| *bound);
+    if !(1..=bound).contains(&value) {
+        return Err(out_of_bounds(name, &value.to_string()));
+    }
+    Ok(value)
+}
+
+/// The error for an integer field given `value` (as Python wrote it).
+pub fn out_of_bounds(name: &str, value: &str) -> Error {
+    let bound = INT_BOUNDS
+        .iter()
+        .find(|(field, _)| *field == name)
+        .map_or(u64::MAX, |(_, bound)| *bound);
+    Error::invalid_argument(format!(
+        "ServerConfig.{name} must be an int in [1, {bound}], not {value}"
+    ))
+}
 
 impl ServerConfig {
     pub fn validate(&self) -> Result<()> {
-        let positive = [
-            ("max_message_bytes", self.max_message_bytes),
-            ("chunk_bytes", self.chunk_bytes),
-            ("connection_limit", self.connection_limit),
-            ("worker_threads", self.worker_threads),
+        seconds("connect_timeout", self.connect_timeout.as_secs_f64())?;
+        seconds("shutdown_grace", self.shutdown_grace.as_secs_f64())?;
+        let fields = [
+            ("max_message_bytes", self.max_message_bytes as u64),
+            ("chunk_bytes", self.chunk_bytes as u64),
+            ("max_pending_bytes", self.max_pending_bytes),
+            ("connection_limit", self.connection_limit as u64),
+            ("worker_threads", self.worker_threads as u64),
         ];
-        for (name, value) in positive {
-            if value == 0 {
-                return Err(Error::invalid_argument(format!("{name} must be positive")));
-            }
-        }
-        let bounded = [
-            (
-                "max_message_bytes",
-                self.max_message_bytes,
-                MAX_MESSAGE_BYTES,
-            ),
-            (
-                "connection_limit",
-                self.connection_limit,
-                MAX_CONNECTION_LIMIT,
-            ),
-            ("worker_threads", self.worker_threads, MAX_WORKER_THREADS),
-        ];
-        for (name, value, max) in bounded {
-            if value > max {
-                return Err(Error::invalid_argument(format!(
-                    "{name} must be at most {max}"
-                )));
-            }
+        for (name, value) in fields {
+            bounded(name, value)?;
         }
         if self.chunk_bytes > self.max_message_bytes {
             return Err(Error::invalid_argument(format!(
-                "chunk_bytes ({}) cannot exceed max_message_bytes ({})",
+                "ServerConfig.chunk_bytes ({}) cannot exceed max_message_bytes ({})",
                 self.chunk_bytes, self.max_message_bytes
             )));
         }

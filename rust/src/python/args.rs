@@ -4,43 +4,96 @@ use std::time::Duration;
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyString, PyTuple};
+use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyString, PyTuple};
 
 use super::errors::to_py;
 use crate::base::cluster::TaskId;
-use crate::base::config::ServerConfig;
+use crate::base::config::{self, ServerConfig};
 use crate::base::errors::Error;
 
-/// `distsrv.ServerConfig`'s fields, read by attribute name.
-#[derive(FromPyObject)]
-pub struct ConfigArgs {
-    connect_timeout: f64,
-    shutdown_grace: f64,
-    max_message_bytes: usize,
-    chunk_bytes: usize,
-    max_pending_bytes: u64,
-    connection_limit: usize,
-    worker_threads: usize,
-    shared_memory: bool,
+/// `distsrv.ServerConfig` as the core's config: its fields read by name, each checked against
+/// the core's bounds (an ill-typed field is an InvalidArgumentError naming it too).
+pub struct ConfigArgs(pub ServerConfig);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for ConfigArgs {
+    type Error = PyErr;
+
+    fn extract(config: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        let seconds = |name: &str| -> PyResult<Duration> {
+            let value = config.getattr(name)?;
+            let number = (value.is_instance_of::<PyFloat>() || value.is_instance_of::<PyInt>())
+                && !value.is_instance_of::<PyBool>();
+            let given = if number {
+                value.extract::<f64>().ok()
+            } else {
+                None
+            };
+            let given = given.unwrap_or(f64::NAN);
+            config::seconds(name, given).map_err(|e| {
+                to_py(Error::invalid_argument(
+                    e.message.replace("NaN", &repr(&value)),
+                ))
+            })
+        };
+        let int = |name: &str| -> PyResult<u64> {
+            let value = config.getattr(name)?;
+            let given = (value.is_instance_of::<PyInt>() && !value.is_instance_of::<PyBool>())
+                .then(|| value.extract::<u64>().ok())
+                .flatten();
+            match given {
+                Some(given) => config::bounded(name, given).map_err(to_py),
+                None => Err(to_py(config::out_of_bounds(name, &repr(&value)))),
+            }
+        };
+        let shared_memory = config.getattr("shared_memory")?;
+        if !shared_memory.is_instance_of::<PyBool>() {
+            return Err(to_py(Error::invalid_argument(format!(
+                "ServerConfig.shared_memory must be a bool, not {}",
+                repr(&shared_memory)
+            ))));
+        }
+        let config = ServerConfig {
+            connect_timeout: seconds("connect_timeout")?,
+            shutdown_grace: seconds("shutdown_grace")?,
+            max_message_bytes: int("max_message_bytes")? as usize,
+            chunk_bytes: int("chunk_bytes")? as usize,
+            max_pending_bytes: int("max_pending_bytes")?,
+            connection_limit: int("connection_limit")? as usize,
+            worker_threads: int("worker_threads")? as usize,
+            shared_memory: shared_memory.extract()?,
+        };
+        config.validate().map_err(to_py)?;
+        Ok(Self(config))
+    }
 }
 
-impl ConfigArgs {
-    pub fn into_config(self) -> PyResult<ServerConfig> {
-        let seconds = |name: &str, value: f64| {
-            Duration::try_from_secs_f64(value)
-                .map_err(|_| to_py(Error::invalid_argument(format!("{name} must be >= 0"))))
-        };
-        Ok(ServerConfig {
-            connect_timeout: seconds("connect_timeout", self.connect_timeout)?,
-            shutdown_grace: seconds("shutdown_grace", self.shutdown_grace)?,
-            max_message_bytes: self.max_message_bytes,
-            chunk_bytes: self.chunk_bytes,
-            max_pending_bytes: self.max_pending_bytes,
-            connection_limit: self.connection_limit,
-            worker_threads: self.worker_threads,
-            shared_memory: self.shared_memory,
-        })
-    }
+fn repr(value: &Bound<'_, PyAny>) -> String {
+    value
+        .repr()
+        .map_or_else(|_| "?".to_owned(), |text| text.to_string())
+}
+
+/// The core's default config, as `distsrv.ServerConfig`'s field defaults: times in seconds.
+#[pyfunction]
+pub fn config_defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let config = ServerConfig::default();
+    let defaults = PyDict::new(py);
+    defaults.set_item("connect_timeout", config.connect_timeout.as_secs_f64())?;
+    defaults.set_item("shutdown_grace", config.shutdown_grace.as_secs_f64())?;
+    defaults.set_item("max_message_bytes", config.max_message_bytes)?;
+    defaults.set_item("chunk_bytes", config.chunk_bytes)?;
+    defaults.set_item("max_pending_bytes", config.max_pending_bytes)?;
+    defaults.set_item("connection_limit", config.connection_limit)?;
+    defaults.set_item("worker_threads", config.worker_threads)?;
+    defaults.set_item("shared_memory", config.shared_memory)?;
+    Ok(defaults)
+}
+
+/// Checks a `distsrv.ServerConfig` against the core's bounds; InvalidArgumentError naming the
+/// first field out of them.
+#[pyfunction]
+pub fn check_config(config: ConfigArgs) {
+    let ConfigArgs(_checked) = config;
 }
 
 pub fn seconds(value: Option<f64>) -> PyResult<Option<Duration>> {

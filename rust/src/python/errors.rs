@@ -14,7 +14,7 @@ pub fn to_py(error: Error) -> PyErr {
     Python::attach(|py| {
         let build = || -> PyResult<PyErr> {
             if error.task.is_some() || error.exception_type.is_some() {
-                let from_peer = FROM_PEER.import(py, "distsrv.errors", "_from_peer")?;
+                let from_peer = FROM_PEER.import(py, "distsrv.errors", "from_peer")?;
                 let arguments = (
                     error.code as i32,
                     &error.message,

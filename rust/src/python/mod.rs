@@ -24,6 +24,8 @@ mod native {
     use crate::base::cluster::{self, Cluster, Jobs, ServerDef, TaskId};
 
     #[pymodule_export]
+    use super::args::{check_config, config_defaults};
+    #[pymodule_export]
     use super::devices::query_status;
     #[pymodule_export]
     use super::pending::Pending;

@@ -44,7 +44,7 @@ impl NativeServer {
         port: u16,
         config: ConfigArgs,
     ) -> PyResult<Self> {
-        let config = config.into_config()?;
+        let config = config.0;
         let def = ServerDef {
             cluster: Cluster::new(jobs).into_py()?,
             task: TaskId::new(job_name, task_index),

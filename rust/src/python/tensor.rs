@@ -209,7 +209,7 @@ static TO_WIRE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 pub fn array_in(array: &Bound<'_, PyAny>) -> PyResult<(TensorMeta, HeldBuffer, Bytes)> {
     let py = array.py();
     if array.is_instance(NDARRAY.import(py, "numpy", "ndarray")?)? {
-        let codes = CODES.import(py, "distsrv.tensors", "_CODES")?;
+        let codes = CODES.import(py, "distsrv.tensors", "DTYPE_CODES")?;
         if let Ok(code) = codes.get_item(array.getattr(intern!(py, "dtype"))?) {
             // Refused only when not C-contiguous: then laid out anew below.
             if let Ok((held, bytes)) = HeldBuffer::hold(array) {
@@ -230,7 +230,7 @@ pub fn array_in(array: &Bound<'_, PyAny>) -> PyResult<(TensorMeta, HeldBuffer, B
 pub fn array_out(py: Python<'_>, tensor: Tensor) -> PyResult<Bound<'_, PyAny>> {
     let code = tensor.meta.dtype as i32;
     let dtype = DTYPES
-        .import(py, "distsrv.tensors", "_DTYPES")?
+        .import(py, "distsrv.tensors", "CODE_DTYPES")?
         .get_item(code)
         .map_err(|_| {
             to_py(Error::unimplemented(format!(

@@ -7,6 +7,9 @@
 //! own thread, with no other thread woken on its side. The receiver's half ([`serve`]) handles
 //! one message at a time and answers in order. A tensor is acknowledged only once it is in the
 //! receiver's inbox, as over gRPC.
+//!
+//! Longer than most files, on purpose: both halves of one protocol, so that each message kind's
+//! two ends, and the cancel-safety rules they share, read side by side.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};

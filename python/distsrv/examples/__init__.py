@@ -1,0 +1,1 @@
+"""Examples built on the distsrv API: the ``distsrv demo`` training job, its model and launcher."""
