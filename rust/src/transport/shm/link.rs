@@ -571,12 +571,7 @@ impl Link {
     pub fn close(&self) {
         self.broken.store(true, Ordering::Release);
         self.socket.shut_down();
-        let mappings = self
-            .mappings
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain();
-        drop(mappings);
+        self.unmap_all();
     }
 
     /// The peer went away: every waiting send fails.
@@ -585,6 +580,11 @@ impl Link {
         // Dropping the waiters' senders wakes them with an error.
         let waiters = std::mem::take(&mut *self.lock_waiters());
         drop(waiters);
+        self.unmap_all();
+    }
+
+    /// Lets go of every mapping of the peer's segments (unmapped outside the lock).
+    fn unmap_all(&self) {
         let mappings = self
             .mappings
             .lock()
