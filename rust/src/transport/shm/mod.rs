@@ -11,6 +11,8 @@
 //! Which peers take the link is [`super::route`]'s choice.
 
 mod link;
+mod serve;
+mod socket;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -29,8 +31,11 @@ use crate::proto;
 use crate::proto::worker_client::WorkerClient;
 use crate::tensor::segment::{self, SegmentPool};
 
-pub use link::{CallServer, INLINE_BYTES, Link};
-use link::{Serving, Socket};
+pub use link::Link;
+pub use serve::CallServer;
+use serve::Serving;
+pub use socket::INLINE_BYTES;
+use socket::Socket;
 
 /// How long an accepted connection has to present its ticket.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -324,7 +329,7 @@ async fn accept(shm: &Shm, stream: tokio::net::UnixStream, serving: Arc<Serving>
         .and_then(Socket::new)
         .map_err(|e| Error::unavailable(e.to_string()))?;
     let mut reader = socket.reader();
-    let hello = tokio::time::timeout(HELLO_TIMEOUT, link::read_hello(&mut reader))
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, socket::read_hello(&mut reader))
         .await
         .map_err(|_| Error::deadline_exceeded("no hello on the link"))??;
     let (source, pid) = shm
@@ -339,5 +344,5 @@ async fn accept(shm: &Shm, stream: tokio::net::UnixStream, serving: Arc<Serving>
             "the link's process is not the one that shook hands",
         ));
     }
-    link::serve(socket, reader, source, Arc::clone(&serving)).await
+    serve::serve(socket, reader, source, Arc::clone(&serving)).await
 }
