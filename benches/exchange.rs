@@ -6,6 +6,7 @@ use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use distsrv::base::cluster::TaskId;
 use distsrv::base::config::ServerConfig;
+use distsrv::base::security::Security;
 use distsrv::proto::DataType;
 use distsrv::tensor::TensorMeta;
 
@@ -23,7 +24,7 @@ fn send_recv(c: &mut Criterion, transport: &str, shared_memory: bool) {
         shared_memory,
         ..ServerConfig::default()
     };
-    let mut servers = common::cluster_with(2, 2, config);
+    let mut servers = common::cluster_with(2, 2, config, Security::open());
     let b = servers.pop().expect("two servers");
     let a = servers.pop().expect("two servers");
     let runtime = a.runtime().expect("running");

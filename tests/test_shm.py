@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import distsrv_pb2
 import distsrv_pb2_grpc
@@ -274,35 +276,60 @@ def test_pending_bytes_bound_shared_memory_too() -> None:
         assert a.transport_counts()["shm_sent"] == 3
 
 
-def test_a_handshake_from_a_process_that_cannot_prove_itself_is_refused(local_server) -> None:
-    with grpc.insecure_channel(local_server.address) as channel:
+def _handshake(server: distsrv.Server, pid: int) -> Any:
+    with grpc.insecure_channel(server.address) as channel:
         stub = distsrv_pb2_grpc.WorkerStub(channel)
         request = distsrv_pb2.ShmHandshakeRequest(
-            source=distsrv_pb2.TaskId(job="localhost", index=0), pid=2**31 - 1, token_fd=3
+            source=distsrv_pb2.TaskId(job="localhost", index=0), pid=pid
         )
-        with pytest.raises(grpc.RpcError) as refused:
-            stub.ShmHandshake(request, timeout=10)
-        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        return stub.ShmHandshake(request, timeout=10)
+
+
+def _hello(socket_name: str, ticket: bytes) -> bytes:
+    """What the task answers a connection to its socket that presents `ticket`."""
+    hello = distsrv_pb2.ShmMessage(id=0, hello=ticket).SerializeToString()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect("\0" + socket_name)
+        sock.sendall(len(hello).to_bytes(4, "little") + hello)
+        return sock.recv(1024)
+
+
+def test_a_ticket_for_another_process_admits_nobody_else(local_server) -> None:
+    # The socket's credentials name this process, not the one the ticket was for.
+    answer = _handshake(local_server, pid=2**31 - 1)
+    assert _hello(answer.socket, answer.ticket) == b""  # closed without a welcome
 
 
 def test_a_connection_without_a_ticket_gets_nothing(local_server) -> None:
     # A real handshake, from this process, for the socket's name; then a forged ticket.
-    with open("/dev/null") as token, grpc.insecure_channel(local_server.address) as channel:
-        stub = distsrv_pb2_grpc.WorkerStub(channel)
-        answer = stub.ShmHandshake(
-            distsrv_pb2.ShmHandshakeRequest(
-                source=distsrv_pb2.TaskId(job="localhost", index=0),
-                pid=os.getpid(),
-                token_fd=token.fileno(),
-            ),
-            timeout=10,
-        )
-    forged = distsrv_pb2.ShmMessage(id=0, hello=b"\0" * 16).SerializeToString()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(10)
-        sock.connect("\0" + answer.socket)
-        sock.sendall(len(forged).to_bytes(4, "little") + forged)
-        assert sock.recv(1024) == b""  # closed without a welcome
+    answer = _handshake(local_server, pid=os.getpid())
+    assert _hello(answer.socket, b"\0" * 16) == b""  # closed without a welcome
+
+
+def test_the_handshake_opens_nothing_and_waits_for_nothing(local_server, tmp_path) -> None:
+    """The handshake used to open /proc/<pid>/fd/<fd> as the caller named it: a FIFO there froze
+    a runtime worker. Now it reads nothing at all: a handshake naming a process that holds a FIFO
+    open answers at once, many of them at a time, and the task keeps serving."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import os, time; os.open({str(fifo)!r}, os.O_RDWR); time.sleep(60)",
+        ]
+    )
+    try:
+        began = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: _handshake(local_server, holder.pid), range(8)))
+        assert time.monotonic() - began < 5
+        assert all(answer.ticket for answer in answers)
+        assert local_server.list_devices(timeout=5)
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
 
 
 def test_shared_memory_switch_is_validated() -> None:

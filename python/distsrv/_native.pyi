@@ -45,7 +45,7 @@ def server_def_from_bytes(data: bytes) -> tuple[dict[str, dict[int, str]], str, 
 _Device = tuple[str, str, int, int, str, int]
 
 def query_status(
-    address: str, timeout: float
+    address: str, timeout: float, security: Any = None
 ) -> tuple[str | None, str | None, int, str | None, list[_Device]]: ...
 
 @final
@@ -71,6 +71,7 @@ class Server:
         protocol: str,
         port: int,
         config: Any,
+        security: Any = None,
     ) -> Server: ...
     def start(self) -> None: ...
     def stop(self, grace: float | None = None) -> None: ...

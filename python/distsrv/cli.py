@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from distsrv.examples.demo import add_training_arguments, worker_arguments
 from distsrv.examples.demo import worker as demo_worker_main
+from distsrv.security import TOKEN_ENV, Security
 
 __all__ = ["main"]
 
@@ -35,6 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     serve.add_argument("--job", help="this task's job (default: from TF_CONFIG)")
     serve.add_argument("--task", type=int, help="this task's index (default: from TF_CONFIG)")
+    _add_token_argument(serve)
 
     status = commands.add_parser(
         "status", help="show the health and devices of running tasks (distsrv or TensorFlow)"
@@ -43,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     status.add_argument(
         "--timeout", type=float, default=5.0, help="seconds to wait for each task (default 5)"
     )
+    _add_token_argument(status)
 
     demo_worker = commands.add_parser("demo-worker", help=argparse.SUPPRESS)
     add_training_arguments(demo_worker)
@@ -59,14 +63,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--crash-worker must name a worker, 0 to {args.workers - 1}")
         jobs = {"ps": 1, "worker": args.workers} if args.ps else {"worker": args.workers}
         command = [sys.executable, "-m", "distsrv", "demo-worker", *worker_arguments(args)]
-        return run_local_cluster(jobs, command, timeout=args.timeout)
+        return run_local_cluster(jobs, command, timeout=args.timeout, security=Security.temporary())
     if args.command == "demo-worker":
         return demo_worker_main(args)
     if args.command == "serve":
         return _serve(args)
     if args.command == "status":
-        return _status(args.addresses, args.timeout)
+        return _status(args.addresses, args.timeout, _security(args))
     raise AssertionError(args.command)
+
+
+def _add_token_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--token-file",
+        help="a file holding the cluster's token (default: the DISTSRV_TOKEN variable, if set)",
+    )
+
+
+def _security(args: argparse.Namespace) -> Security | None:
+    if args.token_file:
+        return Security(token_file=args.token_file)
+    return Security() if os.environ.get(TOKEN_ENV) else None
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -81,7 +98,7 @@ def _serve(args: argparse.Namespace) -> int:
         spec, job, index = ClusterSpec.from_tf_config()
         job = args.job or job
         index = args.task if args.task is not None else index
-    server = Server(spec, job_name=job, task_index=index)
+    server = Server(spec, job_name=job, task_index=index, security=_security(args))
     print(f"distsrv: serving {server.task} at {server.target}", flush=True)
     try:
         server.join()
@@ -92,17 +109,17 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _status(addresses: list[str], timeout: float) -> int:
+def _status(addresses: list[str], timeout: float, security: Security | None) -> int:
     """Prints one row per device of each task; non-zero if any task did not answer."""
     from concurrent.futures import ThreadPoolExecutor
 
     from distsrv import _native
     from distsrv.devices import DeviceAttributes
-    from distsrv.errors import OpError
+    from distsrv.errors import OpError, UnauthenticatedError
 
     def query(address: str) -> tuple[str, Any]:
         try:
-            return address, _native.query_status(address, timeout)
+            return address, _native.query_status(address, timeout, security)
         except OpError as error:
             return address, error
 
@@ -112,6 +129,13 @@ def _status(addresses: list[str], timeout: float) -> int:
     rows = [("ADDRESS", "TASK", "HEALTH", "SERVER", "DEVICE", "MEMORY", "DESCRIPTION")]
     failures = []
     for address, answer in answers:
+        if isinstance(answer, UnauthenticatedError):
+            rows.append((address, "-", "UNAUTHENTICATED", "-", "-", "-", ""))
+            failures.append(
+                f"distsrv: {address} requires the cluster's token: pass --token-file or set "
+                f"{TOKEN_ENV}" + (" (the one given was refused)" if security else "")
+            )
+            continue
         if isinstance(answer, OpError):
             rows.append((address, "-", "UNREACHABLE", "-", "-", "-", ""))
             failures.append(f"distsrv: {address}: {answer}")

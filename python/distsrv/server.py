@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType, TracebackType
 from typing import Any, Literal
@@ -16,6 +18,7 @@ from distsrv.errors import InvalidArgumentError
 from distsrv.handlers import EventLoop, is_async, wants_context
 from distsrv.handles import CallHandle, RecvHandle, SendHandle
 from distsrv.messages import ServerDef
+from distsrv.security import Security
 from distsrv.variables import Variable
 
 __all__ = [
@@ -33,6 +36,8 @@ Status = Literal["created", "running", "closing", "closed", "failed"]
 #: the tasks listed.
 GroupLike = str | Sequence[TaskLike] | None
 ReduceOp = Literal["sum", "mean", "max", "min", "prod"]
+
+_log = logging.getLogger("distsrv")
 
 _PROTOBUF_SERVER_DEFS = ("tensorflow.ServerDef", "distsrv.v1.ServerDef")
 
@@ -68,9 +73,13 @@ class Server:
         *,
         handlers: Mapping[str, Callable[..., Any]] | None = None,
         blocked_handlers: Iterable[str] = (),
+        security: Security | None = None,
     ) -> None:
         if config is not None and not isinstance(config, ServerConfig):
             raise TypeError(f"config must be a distsrv.ServerConfig, not {type(config).__name__}")
+        if security is not None and not isinstance(security, Security):
+            raise TypeError(f"security must be a distsrv.Security, not {type(security).__name__}")
+        self._security = security
         self._config = config or ServerConfig()
         definition = _make_server_def(server_or_cluster_def, job_name, task_index, protocol)
         if definition.protocol not in ("grpc",):
@@ -97,6 +106,7 @@ class Server:
             definition.protocol,
             definition.port,
             self._config,
+            security,
         )
         self._spec = spec
         self._job_name = definition.job_name
@@ -116,6 +126,7 @@ class Server:
         *,
         handlers: Mapping[str, Callable[..., Any]] | None = None,
         blocked_handlers: Iterable[str] = (),
+        security: Security | None = None,
     ) -> Server:
         """A single-task server on a free port of 127.0.0.1, in job "localhost" as TensorFlow's."""
         return cls(
@@ -125,13 +136,22 @@ class Server:
             start=start,
             handlers=handlers,
             blocked_handlers=blocked_handlers,
+            security=security,
         )
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
         """Starts serving; does nothing if already running."""
+        starting = self.status == "created"
         self._native.start()
+        if starting and self._security is None and not _is_loopback(self.listen_address):
+            _log.warning(
+                "%s serves %s without authentication: anyone who reaches it can send, receive "
+                "and call as any task; pass security=distsrv.Security(...)",
+                self.task,
+                self.listen_address,
+            )
 
     def stop(self, grace: float | None = None) -> None:
         """Stops gracefully: in-flight calls get ``grace`` seconds (``config.shutdown_grace`` by
@@ -209,6 +229,11 @@ class Server:
     def cluster_spec(self) -> ClusterSpec:
         """The cluster, with this task's real address."""
         return ClusterSpec(self.server_def.cluster)
+
+    @property
+    def security(self) -> Security | None:
+        """What this task trusts; None: every caller."""
+        return self._security
 
     @property
     def config(self) -> ServerConfig:
@@ -432,6 +457,14 @@ class Server:
     ) -> Any:
         """Awaitable :meth:`call`."""
         return await self.icall(task, op, timeout=timeout, **kwargs).wait_async()
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _jobs(spec: ClusterSpec) -> dict[str, dict[int, str]]:

@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use distsrv::base::cluster::TaskId;
 use distsrv::base::errors::Code;
+use distsrv::base::security::Security;
 use distsrv::node::status;
+use distsrv::transport::auth::Credentials;
 
 mod common;
 use common::cluster;
@@ -62,6 +64,7 @@ fn tensorflows_path_serves_the_same_devices() {
         .block_on(status::query(
             &format!("grpc://{address}"),
             Duration::from_secs(10),
+            &Security::open(),
         ))
         .unwrap();
     assert_eq!(health.as_deref(), Some("SERVING"));
@@ -74,7 +77,9 @@ fn tensorflows_path_serves_the_same_devices() {
             .unwrap()
     });
     let reply = runtime
-        .block_on(distsrv::transport::status::tensorflow_status(channel))
+        .block_on(distsrv::transport::status::tensorflow_status(
+            Credentials::new(&Security::open()).on(channel),
+        ))
         .unwrap();
     assert_eq!(reply.device_attributes, servers[0].task().devices);
 }

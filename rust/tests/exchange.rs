@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use distsrv::base::cluster::TaskId;
+use distsrv::base::config::ServerConfig;
 use distsrv::base::errors::Code;
+use distsrv::base::security::Security;
 use distsrv::node::server::{Server, Status};
 use distsrv::proto::DataType;
 use distsrv::tensor::TensorMeta;
@@ -69,4 +71,62 @@ fn recv_times_out_and_stop_ends_waiting() {
     assert_eq!(a.status(), Status::Closed);
     // The port is free again at once.
     std::net::TcpListener::bind(("127.0.0.1", port)).expect("port released by stop");
+}
+
+#[test]
+fn a_secured_pair_exchanges_over_both_transports_and_refuses_a_task_without_the_token() {
+    for shared_memory in [true, false] {
+        let config = ServerConfig {
+            shared_memory,
+            ..ServerConfig::default()
+        };
+        let token = Security::with_token(b"a-cluster-token", true).unwrap();
+        let servers = common::cluster_with(3, 2, config.clone(), token);
+        let (a, b) = (&servers[0], &servers[1]);
+        let runtime = a.runtime().unwrap();
+        let (meta, payload) = floats(1 << 18);
+        let send = a.task().exchange.send(
+            TaskId::new("w", 1),
+            "x".into(),
+            meta.clone(),
+            payload.clone(),
+        );
+        runtime.block_on(send.unwrap()).unwrap();
+        let received = runtime.block_on(b.task().exchange.recv(
+            TaskId::new("w", 0),
+            "x".into(),
+            None,
+        ));
+        assert_eq!(received.unwrap().data.as_slice(), &payload[..]);
+
+        // Task 2 of the same cluster, with another token: everything it sends is refused.
+        let mut rogue_def = b.server_def().clone();
+        rogue_def.task = TaskId::new("w", 2);
+        rogue_def.port = 0;
+        let rogue = Server::bind(
+            rogue_def,
+            config,
+            Security::with_token(b"a-guess", true).unwrap(),
+        )
+        .unwrap();
+        rogue.start().unwrap();
+        let injected = rogue
+            .task()
+            .exchange
+            .send(
+                TaskId::new("w", 1),
+                "x".into(),
+                meta.clone(),
+                payload.clone(),
+            )
+            .unwrap();
+        let refused = rogue.runtime().unwrap().block_on(injected).unwrap_err();
+        assert_eq!(refused.code, Code::Unauthenticated, "{refused}");
+        let nothing = runtime.block_on(b.task().exchange.recv(
+            TaskId::new("w", 2),
+            "x".into(),
+            Some(Duration::from_millis(200)),
+        ));
+        assert_eq!(nothing.err().map(|e| e.code), Some(Code::DeadlineExceeded));
+    }
 }

@@ -13,6 +13,8 @@ import threading
 import time
 from collections.abc import Sequence
 
+from distsrv.security import Security
+
 __all__ = ["free_ports", "run_local_cluster"]
 
 
@@ -33,11 +35,16 @@ def _stream(prefix: str, process: subprocess.Popen[str]) -> None:
 
 
 def run_local_cluster(
-    jobs: dict[str, int], command: Sequence[str], timeout: float, host: str = "127.0.0.1"
+    jobs: dict[str, int],
+    command: Sequence[str],
+    timeout: float,
+    host: str = "127.0.0.1",
+    security: Security | None = None,
 ) -> int:
     """Starts ``command`` once per task of ``jobs`` (job name -> task count) with the cluster in
-    ``TF_CONFIG``, as Kubeflow's TFJob does. Returns 0 when every task exits 0; when one fails or
-    the timeout passes, stops the rest and returns non-zero, naming the task."""
+    ``TF_CONFIG``, as Kubeflow's TFJob does, and ``security``'s token in ``DISTSRV_TOKEN``.
+    Returns 0 when every task exits 0; when one fails or the timeout passes, stops the rest and
+    returns non-zero, naming the task."""
     tasks = [(job, index) for job, count in jobs.items() for index in range(count)]
     ports = iter(free_ports(len(tasks), host))
     cluster = {job: [f"{host}:{next(ports)}" for _ in range(count)] for job, count in jobs.items()}
@@ -47,7 +54,12 @@ def run_local_cluster(
         tf_config = json.dumps({"cluster": cluster, "task": {"type": job, "index": index}})
         process = subprocess.Popen(
             list(command),
-            env={**_environ(), "TF_CONFIG": tf_config, "PYTHONUNBUFFERED": "1"},
+            env={
+                **_environ(),
+                **(security.env() if security else {}),
+                "TF_CONFIG": tf_config,
+                "PYTHONUNBUFFERED": "1",
+            },
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -5,3 +5,4 @@ pub mod cluster;
 pub mod config;
 pub mod errors;
 pub mod retry;
+pub mod security;

@@ -20,6 +20,7 @@ use super::status;
 use super::status::{HealthAndStatus, Statuses};
 use crate::base::cluster::TaskId;
 use crate::base::errors::{Error, Result};
+use crate::base::security::Security;
 use crate::ops::collectives::{Collective, Group};
 use crate::ops::variables::parse_op;
 use crate::proto;
@@ -81,11 +82,12 @@ where
     }
 }
 
-/// The status of the server at `address`, for a caller that may have no server: on a runtime
-/// of its own. See [`status::query`].
+/// The status of the server at `address`, asked with `security`'s credentials, for a caller
+/// that may have no server: on a runtime of its own. See [`status::query`].
 pub fn query_status(
     address: String,
     timeout: Duration,
+    security: Security,
 ) -> Result<Blocking<impl Future<Output = Result<HealthAndStatus>> + Send>> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -95,7 +97,7 @@ pub fn query_status(
         .map_err(|e| Error::internal(format!("cannot start a runtime: {e}")))?;
     Ok(Blocking {
         driver: Driver::Own(runtime),
-        work: async move { status::query(&address, timeout).await },
+        work: async move { status::query(&address, timeout, &security).await },
     })
 }
 

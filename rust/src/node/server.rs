@@ -19,6 +19,7 @@ use super::task::Task;
 use crate::base::cluster::{Cluster, ServerDef, TaskId, format_address, parse_address};
 use crate::base::config::ServerConfig;
 use crate::base::errors::{Error, Result};
+use crate::base::security::Security;
 
 pub const PROTOCOL: &str = "grpc";
 
@@ -96,7 +97,7 @@ pub struct Server {
 impl Server {
     /// Binds this task's address from the cluster (port 0 picks a free port). Nothing runs until
     /// [`Server::start`].
-    pub fn bind(def: ServerDef, config: ServerConfig) -> Result<Self> {
+    pub fn bind(def: ServerDef, config: ServerConfig, security: Security) -> Result<Self> {
         config.validate()?;
         if def.protocol != PROTOCOL {
             return Err(Error::invalid_argument(format!(
@@ -118,7 +119,7 @@ impl Server {
             ..def
         };
         Ok(Self {
-            task: Arc::new(Task::new(def, config)),
+            task: Arc::new(Task::new(def, config, security)),
             local_addr,
             lifecycle: Arc::new(Lifecycle {
                 state: Mutex::new(State {

@@ -11,6 +11,7 @@ use tonic::transport::server::Router;
 use tonic::{Request, Response, Status};
 use tonic_health::server::HealthReporter;
 use tower::Service;
+use tower::layer::util::{Identity, Stack};
 
 use super::task::Task;
 use super::tfcompat;
@@ -19,6 +20,7 @@ use crate::base::errors::Error;
 use crate::proto;
 use crate::proto::worker_server::{Worker, WorkerServer};
 use crate::tensor::TensorKey;
+use crate::transport::auth::TokenCheckLayer;
 use crate::transport::peers;
 use crate::transport::push::{self, SEND_TENSOR_PATH};
 use crate::wire;
@@ -28,7 +30,7 @@ pub const WORKER_SERVICE_NAME: &str = "distsrv.v1.Worker";
 const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("distsrv_descriptor");
 
 /// Health, reflection, the Worker service and TensorFlow's services, ready to serve.
-pub fn router(task: &Arc<Task>) -> (HealthReporter, Router) {
+pub fn router(task: &Arc<Task>) -> (HealthReporter, Router<Stack<TokenCheckLayer, Identity>>) {
     let (health, health_service) = tonic_health::server::health_reporter();
     let max_message = task.config.max_message_bytes;
     let worker = WorkerServer::from_arc(Arc::clone(task))
@@ -38,6 +40,7 @@ pub fn router(task: &Arc<Task>) -> (HealthReporter, Router) {
         .initial_stream_window_size(peers::STREAM_WINDOW_BYTES)
         .initial_connection_window_size(peers::CONNECTION_WINDOW_BYTES)
         .max_frame_size(peers::MAX_FRAME_BYTES)
+        .layer(TokenCheckLayer(task.security.clone()))
         .add_service(health_service)
         .add_service(reflection().build_v1().expect("descriptors are valid"))
         .add_service(reflection().build_v1alpha().expect("descriptors are valid"))

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use tokio::time::Instant;
-use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -16,6 +15,8 @@ use super::task::Task;
 use crate::base::cluster::{TaskId, parse_address};
 use crate::base::errors::{Error, Result};
 use crate::base::retry::{Backoff, with_backoff};
+use crate::base::security::Security;
+use crate::transport::auth::{Credentials, PeerChannel};
 use crate::transport::peers::endpoint;
 use crate::transport::status::{TaskStatus, get_status};
 
@@ -134,7 +135,11 @@ async fn ask(task: &Task, other: &TaskId, limit: Duration) -> Result<TaskStatus>
 /// The status of the server at `address` (`host:port` or `grpc://host:port`), which need not be
 /// in any cluster this process knows, and its gRPC health: `None` where it has no health
 /// service (a TensorFlow server). Everything within `timeout`.
-pub async fn query(address: &str, timeout: Duration) -> Result<HealthAndStatus> {
+pub async fn query(
+    address: &str,
+    timeout: Duration,
+    security: &Security,
+) -> Result<HealthAndStatus> {
     let address = address.strip_prefix("grpc://").unwrap_or(address);
     parse_address(address)?;
     let endpoint = endpoint(address, timeout)?;
@@ -142,6 +147,7 @@ pub async fn query(address: &str, timeout: Duration) -> Result<HealthAndStatus> 
         let channel = endpoint.connect().await.map_err(|error| {
             Error::unavailable(format!("cannot reach {address}: {}", causes(&error)))
         })?;
+        let channel = Credentials::new(security).on(channel);
         let (health, status) = tokio::join!(health(channel.clone()), get_status(channel));
         Ok((health, status?))
     };
@@ -154,7 +160,7 @@ pub async fn query(address: &str, timeout: Duration) -> Result<HealthAndStatus> 
         })
 }
 
-async fn health(channel: Channel) -> Option<String> {
+async fn health(channel: PeerChannel) -> Option<String> {
     let request = HealthCheckRequest {
         service: String::new(),
     };

@@ -11,6 +11,7 @@ use super::devices;
 use crate::base::cluster::{ServerDef, TaskId};
 use crate::base::config::ServerConfig;
 use crate::base::errors::{Error, within};
+use crate::base::security::Security;
 use crate::exchange::Exchange;
 use crate::inbox::Inbox;
 use crate::ops::collectives::Collectives;
@@ -24,6 +25,8 @@ use crate::transport::{Peers, Shm};
 pub struct Task {
     pub def: ServerDef,
     pub config: ServerConfig,
+    /// Whom this task admits, and what it presents to its peers.
+    pub security: Security,
     /// New at every start, so peers can tell a restarted task from the one they knew.
     pub incarnation: u64,
     /// This task's devices, found once when the server is made.
@@ -45,9 +48,9 @@ pub struct Task {
 }
 
 impl Task {
-    pub fn new(def: ServerDef, config: ServerConfig) -> Self {
+    pub fn new(def: ServerDef, config: ServerConfig, security: Security) -> Self {
         let me = &def.task;
-        let peers = Arc::new(Peers::new(def.cluster.clone(), &config));
+        let peers = Arc::new(Peers::new(def.cluster.clone(), &config, &security));
         let inbox = Arc::new(Inbox::new(def.cluster.clone(), config.max_pending_bytes));
         let shm = Arc::new(Shm::new(
             me.clone(),
@@ -62,7 +65,7 @@ impl Task {
             &config,
         ));
         Self {
-            caller_peers: Arc::new(Peers::new(def.cluster.clone(), &config)),
+            caller_peers: Arc::new(Peers::new(def.cluster.clone(), &config, &security)),
             incarnation: rand::random::<u64>() | 1,
             devices: devices::discover(me),
             calls: Arc::new(tokio::sync::Semaphore::new(config.connection_limit)),
@@ -75,6 +78,7 @@ impl Task {
             exchange,
             def,
             config,
+            security,
         }
     }
 

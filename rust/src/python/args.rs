@@ -10,6 +10,7 @@ use super::errors::to_py;
 use crate::base::cluster::TaskId;
 use crate::base::config::{self, ServerConfig};
 use crate::base::errors::Error;
+use crate::base::security::Security;
 
 /// `distsrv.ServerConfig` as the core's config: its fields read by name, each checked against
 /// the core's bounds (an ill-typed field is an InvalidArgumentError naming it too).
@@ -64,6 +65,22 @@ impl<'a, 'py> FromPyObject<'a, 'py> for ConfigArgs {
         };
         config.validate().map_err(to_py)?;
         Ok(Self(config))
+    }
+}
+
+/// `distsrv.Security` as the core's (`None`, where a caller may leave it out: admits every
+/// caller and presents nothing).
+pub struct SecurityArgs(pub Security);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for SecurityArgs {
+    type Error = PyErr;
+
+    fn extract(security: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        let token: String = security.getattr("token")?.extract()?;
+        let open_health: bool = security.getattr("open_health")?.extract()?;
+        Security::with_token(token.as_bytes(), open_health)
+            .map(Self)
+            .map_err(to_py)
     }
 }
 

@@ -3,9 +3,10 @@
 
 use pyo3::prelude::*;
 
-use super::args::seconds;
+use super::args::{SecurityArgs, seconds};
 use super::errors::IntoPyResult;
 use super::wait::wait;
+use crate::base::security::Security;
 use crate::node::calls;
 use crate::proto::DeviceAttributes;
 use crate::transport::status::TaskStatus;
@@ -39,9 +40,16 @@ pub fn device_tuple(device: DeviceAttributes) -> DeviceTuple {
 /// None, task or None, incarnation, version or None, devices). UnavailableError if it does not
 /// answer within `timeout` seconds.
 #[pyfunction]
-pub fn query_status(py: Python<'_>, address: String, timeout: f64) -> PyResult<StatusTuple> {
+#[pyo3(signature = (address, timeout, security=None))]
+pub fn query_status(
+    py: Python<'_>,
+    address: String,
+    timeout: f64,
+    security: Option<SecurityArgs>,
+) -> PyResult<StatusTuple> {
     let timeout = seconds(Some(timeout))?.expect("given");
-    let querying = calls::query_status(address, timeout).into_py()?;
+    let security = security.map_or_else(Security::open, |security| security.0);
+    let querying = calls::query_status(address, timeout, security).into_py()?;
     let (health, status) = wait(py, querying)?.into_py()?;
     Ok(status_tuple(health, status))
 }

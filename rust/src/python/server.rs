@@ -9,7 +9,7 @@ use bytes::Bytes;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
-use super::args::{ConfigArgs, TaskArg, seconds};
+use super::args::{ConfigArgs, SecurityArgs, TaskArg, seconds};
 use super::devices::{DeviceTuple, device_tuple};
 use super::errors::{IntoPyResult, to_py};
 use super::handlers::PyHandler;
@@ -19,6 +19,7 @@ use super::values;
 use super::wait::{current_pid, in_slices, wait};
 use crate::base::cluster::{Cluster, Jobs, ServerDef, TaskId, format_address};
 use crate::base::errors::{Error, Result};
+use crate::base::security::Security;
 use crate::node::Server;
 use crate::ops::collectives::{Collective, Group};
 use crate::tensor::reduce::ReduceOp;
@@ -35,6 +36,8 @@ pub struct NativeServer {
 impl NativeServer {
     /// Binds the task's address (port 0 picks a free port); serving starts with `start()`.
     #[new]
+    #[pyo3(signature = (jobs, job_name, task_index, protocol, port, config, security=None))]
+    #[allow(clippy::too_many_arguments)] // `distsrv.Server`'s own, one by one
     fn new(
         py: Python<'_>,
         jobs: Jobs,
@@ -43,7 +46,9 @@ impl NativeServer {
         protocol: String,
         port: u16,
         config: ConfigArgs,
+        security: Option<SecurityArgs>,
     ) -> PyResult<Self> {
+        let security = security.map_or_else(Security::open, |security| security.0);
         let config = config.0;
         let def = ServerDef {
             cluster: Cluster::new(jobs).into_py()?,
@@ -51,7 +56,9 @@ impl NativeServer {
             protocol,
             port,
         };
-        let server = py.detach(|| Server::bind(def, config)).into_py()?;
+        let server = py
+            .detach(|| Server::bind(def, config, security))
+            .into_py()?;
         Ok(Self {
             server: ManuallyDrop::new(server),
             pid: current_pid(),

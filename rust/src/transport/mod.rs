@@ -2,6 +2,7 @@
 //! tensor, both ends ([`push`]), the GetStatus client ([`status`]), the same-host fast path
 //! through shared memory ([`shm`]), and the choice between the two for each peer ([`route`]).
 
+pub mod auth;
 pub mod peers;
 pub mod push;
 pub mod route;

@@ -14,12 +14,14 @@ use tokio::sync::OnceCell;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
+use super::auth::{Credentials, PeerChannel};
 use super::shm::Links;
 use super::status;
 use crate::base::cluster::{Cluster, TaskId};
 use crate::base::config::ServerConfig;
 use crate::base::errors::{Code, Error, Result};
 use crate::base::retry::{Backoff, with_backoff};
+use crate::base::security::Security;
 
 /// HTTP/2 flow-control windows: h2's 64 KiB default stalls a fast link every few frames.
 pub const STREAM_WINDOW_BYTES: u32 = 16 << 20;
@@ -57,6 +59,10 @@ pub struct PushConnection {
 pub struct Peers {
     cluster: Cluster,
     connect_timeout: Duration,
+    /// What every call to a peer presents.
+    credentials: Credentials,
+    /// The same, as a header of a push by hand.
+    security: Security,
     /// One cell per task, so calls that find no connection yet wait for one connect instead of
     /// each making its own.
     channels: Mutex<HashMap<TaskId, Arc<OnceCell<Channel>>>>,
@@ -69,10 +75,12 @@ pub struct Peers {
 }
 
 impl Peers {
-    pub fn new(cluster: Cluster, config: &ServerConfig) -> Self {
+    pub fn new(cluster: Cluster, config: &ServerConfig, security: &Security) -> Self {
         Self {
             cluster,
             connect_timeout: config.connect_timeout,
+            credentials: Credentials::new(security),
+            security: security.clone(),
             channels: Mutex::new(HashMap::new()),
             pushes: Mutex::new(HashMap::new()),
             links: Links::default(),
@@ -86,15 +94,21 @@ impl Peers {
 
     /// The connection to `task`, establishing it if needed. Peers start in any order, so a refused
     /// or unresolvable address is retried with backoff until the connect timeout has passed.
-    pub async fn channel(&self, task: &TaskId) -> Result<Channel> {
+    pub async fn channel(&self, task: &TaskId) -> Result<PeerChannel> {
         let address = self.cluster.require(task)?;
         let cell = Arc::clone(self.lock().entry(task.clone()).or_default());
-        cell.get_or_try_init(|| async {
-            let endpoint = endpoint(address, self.connect_timeout)?;
-            self.retrying(task, address, || endpoint.connect()).await
-        })
-        .await
-        .cloned()
+        let channel = cell
+            .get_or_try_init(|| async {
+                let endpoint = endpoint(address, self.connect_timeout)?;
+                self.retrying(task, address, || endpoint.connect()).await
+            })
+            .await?;
+        Ok(self.credentials.on(channel.clone()))
+    }
+
+    /// What a push by hand presents (see [`super::push`]).
+    pub fn security(&self) -> &Security {
+        &self.security
     }
 
     /// The push connection to `task` and the URI of `path` on it, connecting (again, if the last

@@ -10,6 +10,7 @@ use http_body_util::BodyExt;
 use super::peers::Peers;
 use crate::base::cluster::TaskId;
 use crate::base::errors::{Code, Error, Result};
+use crate::base::security::AUTHORIZATION;
 use crate::inbox::Inbox;
 use crate::proto;
 use crate::wire::{self, ChunkParser};
@@ -25,11 +26,15 @@ const MAX_HEADER_BYTES: usize = 64 << 10;
 /// Streams the frames of one tensor to `to` and waits for its acknowledgement.
 pub async fn push(peers: &Peers, to: &TaskId, frames: Vec<Bytes>, total: u64) -> Result<()> {
     let (connection, uri) = peers.push_connection(to, SEND_TENSOR_PATH).await?;
-    let request = http::Request::builder()
+    let mut request = http::Request::builder()
         .method(http::Method::POST)
         .uri(uri)
         .header(http::header::CONTENT_TYPE, "application/grpc")
-        .header(http::header::TE, "trailers")
+        .header(http::header::TE, "trailers");
+    if let Some(authorization) = peers.security().authorization() {
+        request = request.header(AUTHORIZATION, authorization.clone());
+    }
+    let request = request
         .body(())
         .map_err(|e| Error::internal(format!("cannot build the request: {e}")))?;
     let mut requests = connection.requests.ready().await.map_err(broken)?;

@@ -2,9 +2,9 @@
 //! where that service is missing (a stock TensorFlow server), through TensorFlow's WorkerService.
 
 use tonic::Request;
-use tonic::transport::Channel;
 use tonic_prost::ProstCodec;
 
+use super::auth::PeerChannel;
 use crate::base::cluster::TaskId;
 use crate::base::errors::{Code, Error, Result};
 use crate::proto::worker_client::WorkerClient;
@@ -27,7 +27,7 @@ pub struct TaskStatus {
 }
 
 /// Asks the server behind `channel` for its status.
-pub async fn get_status(channel: Channel) -> Result<TaskStatus> {
+pub async fn get_status(channel: PeerChannel) -> Result<TaskStatus> {
     let reply = WorkerClient::new(channel.clone())
         .get_status(proto::GetStatusRequest {})
         .await;
@@ -55,7 +55,7 @@ pub async fn get_status(channel: Channel) -> Result<TaskStatus> {
 }
 
 /// Asks the server behind `channel` for its devices as TensorFlow does, at TensorFlow's path.
-pub async fn tensorflow_status(channel: Channel) -> Result<tfproto::GetStatusResponse> {
+pub async fn tensorflow_status(channel: PeerChannel) -> Result<tfproto::GetStatusResponse> {
     let mut client = tonic::client::Grpc::new(channel);
     client
         .ready()

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use distsrv::base::cluster::{Cluster, Jobs, ServerDef, TaskId};
 use distsrv::base::config::ServerConfig;
+use distsrv::base::security::Security;
 use distsrv::node::server::Server;
 
 fn free_port() -> u16 {
@@ -14,14 +15,19 @@ fn free_port() -> u16 {
 }
 
 /// Running servers for the first `started` of `count` tasks of job "w".
-#[allow(dead_code)] // Each test crate uses one of the two.
+#[allow(dead_code)] // Each test crate uses some of them.
 pub fn cluster(count: u32, started: u32) -> Vec<Server> {
-    cluster_with(count, started, ServerConfig::default())
+    cluster_with(count, started, ServerConfig::default(), Security::open())
 }
 
-/// Like [`cluster`], with `config` for every server.
+/// Like [`cluster`], with `config` and `security` for every server.
 #[allow(dead_code)]
-pub fn cluster_with(count: u32, started: u32, config: ServerConfig) -> Vec<Server> {
+pub fn cluster_with(
+    count: u32,
+    started: u32,
+    config: ServerConfig,
+    security: Security,
+) -> Vec<Server> {
     let tasks = (0..count).map(|i| (i, format!("127.0.0.1:{}", free_port())));
     let jobs = Jobs::from([("w".to_owned(), BTreeMap::from_iter(tasks))]);
     let cluster = Cluster::new(jobs).expect("a valid cluster");
@@ -33,7 +39,7 @@ pub fn cluster_with(count: u32, started: u32, config: ServerConfig) -> Vec<Serve
                 protocol: "grpc".into(),
                 port: 0,
             };
-            let server = Server::bind(def, config.clone()).expect("bind");
+            let server = Server::bind(def, config.clone(), security.clone()).expect("bind");
             server.start().expect("start");
             server
         })

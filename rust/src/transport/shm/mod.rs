@@ -1,11 +1,14 @@
 //! The same-host fast path: tensors between tasks of one machine through shared memory.
 //!
-//! A sender proves that a peer shares its host and user with a handshake over gRPC
-//! (`ShmHandshake`): it holds a memory file with a random token open, and the peer must read the
-//! token back through `/proc/<pid>/fd/<n>`, which the kernel allows only on the same host to the
-//! same user. The peer answers with the name of its abstract unix socket and a one-time ticket;
-//! the sender connects, presents the ticket, and the peer checks the connection's credentials
-//! (same user, the pid that was proven). From then on tensors to that peer take the [`link`]:
+//! A sender asks a peer over gRPC (`ShmHandshake`, under the cluster's credentials like every
+//! call) for the name of its abstract unix socket and a one-time ticket for the sender's process.
+//! The sender connects and presents the ticket. Only a process on the same host (and network
+//! namespace) can reach an abstract socket, and each side reads the other's credentials from the
+//! socket itself (SO_PEERCRED): the peer admits only the process the ticket was for, of its own
+//! user, and the sender only the process that answered, of its own user. Nothing a caller names
+//! is ever opened. What the link trusts, then: a peer of the same user on the same host that
+//! holds the cluster's token (a process of the same user could read this one's memory anyway).
+//! From then on tensors to that peer take the [`link`]:
 //! small ones inline on the socket, large ones written once into a segment of the receiver's
 //! shared memory ([`segment`]) that becomes the received array. gRPC keeps carrying the rest.
 //! Which peers take the link is [`super::route`]'s choice.
@@ -15,21 +18,18 @@ mod serve;
 mod socket;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::linux::net::SocketAddrExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tonic::transport::Channel;
-
+use super::auth::PeerChannel;
 use crate::base::cluster::TaskId;
 use crate::base::errors::{Code, Error, Result};
 use crate::inbox::Inbox;
 use crate::proto;
 use crate::proto::worker_client::WorkerClient;
-use crate::tensor::segment::{self, SegmentPool};
+use crate::tensor::segment::SegmentPool;
 
 pub use link::Link;
 pub use serve::CallServer;
@@ -41,7 +41,6 @@ use socket::Socket;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Tickets handed out and not yet presented, at most (a misbehaving peer cannot grow the table).
 const MAX_TICKETS: usize = 1024;
-const TOKEN_BYTES: usize = 32;
 
 /// How tensors reach one peer.
 #[derive(Clone)]
@@ -175,30 +174,18 @@ impl Shm {
         self.enabled
     }
 
-    /// The handshake over `channel`, a connection to `to`: the peer proves it reads our token,
-    /// then we connect to its socket.
-    pub async fn dial(&self, channel: Channel, to: &TaskId) -> Result<Arc<Link>> {
-        let token: [u8; TOKEN_BYTES] = rand::random();
-        let mut token_file = segment::memfd("distsrv-handshake", 0)?;
-        token_file
-            .write_all(&token)
-            .map_err(|e| Error::internal(format!("cannot write the handshake token: {e}")))?;
+    /// The handshake over `channel`, a connection to `to`: the peer names its socket and a
+    /// ticket, then we connect to the socket, which only works on the same host.
+    pub async fn dial(&self, channel: PeerChannel, to: &TaskId) -> Result<Arc<Link>> {
         let request = proto::ShmHandshakeRequest {
             source: Some(self.me.to_proto()),
             pid: std::process::id(),
-            token_fd: token_file.as_raw_fd(),
         };
         let answer = WorkerClient::new(channel)
             .shm_handshake(request)
             .await
             .map_err(Error::from)?
             .into_inner();
-        drop(token_file);
-        if answer.token != token {
-            return Err(Error::failed_precondition(format!(
-                "{to} read another token: not on this host"
-            )));
-        }
         let address = std::os::unix::net::SocketAddr::from_abstract_name(answer.socket.as_bytes())
             .map_err(|e| Error::failed_precondition(e.to_string()))?;
         let stream = std::os::unix::net::UnixStream::connect_addr(&address)
@@ -230,7 +217,8 @@ impl Shm {
         .await
     }
 
-    /// Serves a peer's handshake: reads its token and hands out a ticket to this task's socket.
+    /// Serves a peer's handshake: hands out a ticket to this task's socket for the process the
+    /// peer names. Opens nothing and waits for nothing: the socket's credentials prove the rest.
     pub fn handshake(
         &self,
         request: proto::ShmHandshakeRequest,
@@ -246,11 +234,6 @@ impl Shm {
             .as_ref()
             .ok_or_else(|| Error::invalid_argument("the handshake names no source task"))
             .and_then(TaskId::from_proto)?;
-        let path = format!("/proc/{}/fd/{}", request.pid, request.token_fd);
-        let mut token = Vec::with_capacity(TOKEN_BYTES);
-        std::fs::File::open(&path)
-            .and_then(|file| file.take(TOKEN_BYTES as u64).read_to_end(&mut token))
-            .map_err(|e| Error::new(Code::PermissionDenied, format!("cannot read {path}: {e}")))?;
         let ticket = rand::random::<[u8; 16]>().to_vec();
         let mut tickets = self.lock_tickets();
         if tickets.len() >= MAX_TICKETS {
@@ -258,7 +241,6 @@ impl Shm {
         }
         tickets.insert(ticket.clone(), (source, request.pid));
         Ok(proto::ShmHandshakeResponse {
-            token,
             socket: self.socket_name.clone(),
             ticket,
             pid: std::process::id(),
