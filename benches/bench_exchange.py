@@ -79,8 +79,11 @@ class Distsrv:
     def __init__(self, ports: list[int], rank: int) -> None:
         spec = distsrv.ClusterSpec({"bench": [f"{HOST}:{p}" for p in ports]})
         config = distsrv.ServerConfig(shared_memory=self.shared_memory)
-        self.server = distsrv.Server(spec, "bench", rank, config=config)
+        self.server = distsrv.Server(spec, "bench", rank, config=config, security=self.security())
         self.other = ("bench", 1 - rank)
+
+    def security(self) -> distsrv.Security | None:
+        return None
 
     def send(self, array: np.ndarray) -> None:
         self.server.send("t", array, to=self.other)
@@ -100,6 +103,16 @@ class DistsrvGrpc(Distsrv):
 
     name = "distsrv gRPC"
     shared_memory = False
+
+
+class DistsrvTls(DistsrvGrpc):
+    """distsrv over loopback gRPC with TLS (rustls) and the cluster token, both ends made by
+    `Security.temporary()` in the sender and handed to the receiver through its environment."""
+
+    name = "distsrv TLS"
+
+    def security(self) -> distsrv.Security | None:
+        return distsrv.Security.from_env()
 
 
 class Memcpy:
@@ -229,6 +242,7 @@ class Gloo:
 PEERS: dict[str, Callable[[list[int], int], Any]] = {
     "distsrv": Distsrv,
     "distsrv-grpc": DistsrvGrpc,
+    "distsrv-tls": DistsrvTls,
     "memcpy": Memcpy,
     "tcp": RawTcp,
     "grpcio": Grpcio,
@@ -269,11 +283,18 @@ def receiver(peer: str, ports: list[int], sizes: list[int], quick: bool, once: b
     print(json.dumps(report), flush=True)
 
 
+# Security made for a TLS run, kept alive (its files with it) for the rest of the benchmark.
+_TEMPORARY: list[distsrv.Security] = []
+
+
 def sender(peer: str, sizes: list[int], quick: bool) -> dict[int, list[float]] | str:
     """Runs ``peer`` against a receiver child; per size, the seconds of each measured transfer."""
     ports = free_ports(2)
     if peer == "memcpy":
         return _timed(Memcpy(ports, 0), sizes, quick)
+    if peer == "distsrv-tls":
+        _TEMPORARY.append(distsrv.Security.temporary())
+        os.environ.update(_TEMPORARY[-1].env())
     child = subprocess.Popen(
         [
             sys.executable,

@@ -271,4 +271,141 @@ def test_security_takes_a_token_a_file_or_the_environment(tmp_path, monkeypatch)
     temporary = distsrv.Security.temporary()
     assert len(temporary.token) >= 32
     assert temporary.token not in repr(temporary)
-    assert temporary.env() == {"DISTSRV_TOKEN": temporary.token}
+    assert temporary.env()["DISTSRV_TOKEN"] == temporary.token
+    assert distsrv.Security("a-token").env() == {"DISTSRV_TOKEN": "a-token"}
+
+
+# -- TLS -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_secured() -> Iterator[tuple[distsrv.Server, distsrv.Security]]:
+    security = distsrv.Security.temporary()
+    server = distsrv.Server.create_local_server(security=security)
+    yield server, security
+    server.stop(grace=0)
+
+
+def _tls_channel(
+    address: str, security: distsrv.Security, metadata: list[tuple[str, str]]
+) -> grpc.Channel:
+    assert security.tls_pem is not None
+    ca, cert, key = security.tls_pem
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=cert
+    )
+    return grpc.intercept_channel(grpc.secure_channel(address, credentials), _Metadata(metadata))
+
+
+def test_a_stock_tls_client_with_the_token_is_answered_and_without_it_refused(
+    tls_secured: tuple[distsrv.Server, distsrv.Security],
+) -> None:
+    server, security = tls_secured
+    assert security.token is not None
+    with _tls_channel(server.address, security, _bearer(security.token)) as channel:
+        status = distsrv_pb2_grpc.WorkerStub(channel).GetStatus(
+            distsrv_pb2.GetStatusRequest(), timeout=10
+        )
+        assert status.task.job == "localhost"
+    refused = 0
+    methods = [
+        "/distsrv.v1.Worker/GetStatus",
+        "/distsrv.v1.Worker/SendTensor",
+        "/distsrv.v1.Worker/VariableOp",
+        *TENSORFLOW_METHODS,
+    ]
+    with _tls_channel(server.address, security, []) as channel:
+        for method in methods:
+            assert _call(channel, method) == grpc.StatusCode.UNAUTHENTICATED, method
+            refused += 1
+    assert refused == len(methods)
+
+
+def test_a_plaintext_client_or_a_certificate_of_another_ca_gets_nothing(
+    tls_secured: tuple[distsrv.Server, distsrv.Security],
+) -> None:
+    server, security = tls_secured
+    assert security.token is not None
+    # Plaintext, as TensorFlow's own clients speak: refused at the connection.
+    with _channel(server.address, _bearer(security.token)) as channel:
+        for method in ("/distsrv.v1.Worker/GetStatus", *TENSORFLOW_METHODS):
+            assert _call(channel, method) == grpc.StatusCode.UNAVAILABLE, method
+    # The right token, but a certificate (and CA) of another cluster.
+    stranger = distsrv.Security.temporary()
+    assert stranger.tls_pem is not None
+    other_ca, other_cert, other_key = stranger.tls_pem
+    own_ca = security.tls_pem[0] if security.tls_pem else b""
+    for root, cert, key in ((own_ca, other_cert, other_key), (other_ca, other_cert, other_key)):
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=root, private_key=key, certificate_chain=cert
+        )
+        with grpc.intercept_channel(
+            grpc.secure_channel(server.address, credentials), _Metadata(_bearer(security.token))
+        ) as channel:
+            assert _call(channel, "/distsrv.v1.Worker/GetStatus") == grpc.StatusCode.UNAVAILABLE
+    # The server kept serving its own cluster.
+    with _tls_channel(server.address, security, _bearer(security.token)) as channel:
+        assert _call(channel, HEALTH_CHECK) == grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize("shared_memory", [True, False])
+def test_a_tls_cluster_works_as_before(shared_memory: bool) -> None:
+    security = distsrv.Security.temporary()
+    config = distsrv.ServerConfig(shared_memory=shared_memory)
+    ports = free_ports(3)
+    cluster = distsrv.ClusterSpec({"worker": [f"127.0.0.1:{port}" for port in ports]})
+    servers = [
+        distsrv.Server(cluster, "worker", index, config=config, security=security)
+        for index in range(3)
+    ]
+    try:
+        a, b, _ = servers
+        b.add_handler("double", lambda x: 2 * x)
+        big = np.arange(1 << 20, dtype=np.float32)
+        a.send("x", big, to=("worker", 1))
+        assert np.array_equal(b.recv("x", source=("worker", 0), timeout=10), big)
+        assert a.call(("worker", 1), "double", x=21, timeout=10) == 42
+        variable = a.create_variable("w", np.zeros(2, np.float32), on=("worker", 2))
+        b.variable("w", on=("worker", 2)).assign_add(np.ones(2, np.float32))
+        assert variable.read().tolist() == [1, 1]
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            sums = pool.map(
+                lambda server: server.all_reduce(np.full(3, server.task_index, np.float32)),
+                servers,
+            )
+            assert [s.tolist() for s in sums] == [[3, 3, 3]] * 3
+        counts = a.transport_counts()
+        assert (counts["shm_sent"] > 0) == shared_memory
+        assert a.list_devices(timeout=10)
+    finally:
+        for server in servers:
+            server.stop(grace=0)
+
+
+def test_security_reads_tls_files_and_refuses_half_of_them(tmp_path) -> None:
+    temporary = distsrv.Security.temporary()
+    environ = temporary.env()
+    assert set(environ) == {
+        "DISTSRV_TOKEN",
+        "DISTSRV_TLS_CA",
+        "DISTSRV_TLS_CERT",
+        "DISTSRV_TLS_KEY",
+    }
+    files = distsrv.Security(
+        tls_ca_file=environ["DISTSRV_TLS_CA"],
+        tls_cert=environ["DISTSRV_TLS_CERT"],
+        tls_key=environ["DISTSRV_TLS_KEY"],
+        require_encryption=True,
+    )
+    assert files.token is None
+    assert files.tls_pem == temporary.tls_pem
+    with pytest.raises(errors.InvalidArgumentError, match="all of"):
+        distsrv.Security(tls_ca_file=environ["DISTSRV_TLS_CA"])
+    with pytest.raises(errors.InvalidArgumentError, match="require_encryption"):
+        distsrv.Security("a-token", require_encryption=True)
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate")
+    with pytest.raises(errors.InvalidArgumentError, match="TLS"):
+        distsrv.Server.create_local_server(
+            security=distsrv.Security(tls_ca_file=garbage, tls_cert=garbage, tls_key=garbage)
+        )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -76,14 +75,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _add_token_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token-file",
-        help="a file holding the cluster's token (default: the DISTSRV_TOKEN variable, if set)",
+        help="a file holding the cluster's token (default: $DISTSRV_TOKEN and $DISTSRV_TLS_*)",
     )
 
 
 def _security(args: argparse.Namespace) -> Security | None:
     if args.token_file:
         return Security(token_file=args.token_file)
-    return Security() if os.environ.get(TOKEN_ENV) else None
+    return Security.from_env()
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -75,12 +75,21 @@ fn recv_times_out_and_stop_ends_waiting() {
 
 #[test]
 fn a_secured_pair_exchanges_over_both_transports_and_refuses_a_task_without_the_token() {
-    for shared_memory in [true, false] {
+    let tls = distsrv::transport::tls::temporary(&["127.0.0.1".to_owned()]).unwrap();
+    for (shared_memory, with_tls) in [(true, false), (false, false), (true, true), (false, true)] {
         let config = ServerConfig {
             shared_memory,
             ..ServerConfig::default()
         };
-        let token = Security::with_token(b"a-cluster-token", true).unwrap();
+        let secured = |token: &[u8]| {
+            let security = Security::with_token(token, true).unwrap();
+            if with_tls {
+                security.with_tls(tls.clone())
+            } else {
+                security
+            }
+        };
+        let token = secured(b"a-cluster-token");
         let servers = common::cluster_with(3, 2, config.clone(), token);
         let (a, b) = (&servers[0], &servers[1]);
         let runtime = a.runtime().unwrap();
@@ -103,12 +112,7 @@ fn a_secured_pair_exchanges_over_both_transports_and_refuses_a_task_without_the_
         let mut rogue_def = b.server_def().clone();
         rogue_def.task = TaskId::new("w", 2);
         rogue_def.port = 0;
-        let rogue = Server::bind(
-            rogue_def,
-            config,
-            Security::with_token(b"a-guess", true).unwrap(),
-        )
-        .unwrap();
+        let rogue = Server::bind(rogue_def, config, secured(b"a-guess")).unwrap();
         rogue.start().unwrap();
         let injected = rogue
             .task()

@@ -39,7 +39,7 @@ from distsrv.examples.train import (
     sgd,
     train,
 )
-from distsrv.security import TOKEN_ENV, Security
+from distsrv.security import Security
 from distsrv.server import Server
 from distsrv.variables import Variable
 
@@ -100,9 +100,8 @@ def worker(args: argparse.Namespace) -> int:
     spec, job, index = ClusterSpec.from_tf_config()
     if job is None or index is None:
         raise SystemExit("TF_CONFIG must name this task (its 'task' key)")
-    # The launcher hands every task the cluster's token (`distsrv demo` makes a fresh one).
-    security = Security() if os.environ.get(TOKEN_ENV) else None
-    with Server(spec, job_name=job, task_index=index, security=security) as server:
+    # The launcher hands every task the cluster's token and TLS (`distsrv demo` makes them).
+    with Server(spec, job_name=job, task_index=index, security=Security.from_env()) as server:
         print(f"serving {server.task} at {server.target} (pid {os.getpid()})", flush=True)
         try:
             server.wait_for_cluster(timeout=STARTUP_TIMEOUT)

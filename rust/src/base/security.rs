@@ -1,5 +1,7 @@
 //! What a task trusts: a cluster token that every call to it must carry, as gRPC metadata
-//! `authorization: Bearer <token>`. Without a token a task admits every caller, as before.
+//! `authorization: Bearer <token>`, and TLS: the task's certificate and key, and the CA every
+//! peer's certificate must chain to (mutual: a caller shows its certificate too). Without either
+//! a task admits every caller over plaintext, as before.
 
 use std::sync::Arc;
 
@@ -11,10 +13,29 @@ use super::errors::{Error, Result};
 /// The metadata key of the token.
 pub const AUTHORIZATION: &str = "authorization";
 
+/// A task's TLS material, PEM-encoded.
+#[derive(Clone)]
+pub struct TlsPem {
+    /// The CA (one or more certificates) that peers' certificates must chain to.
+    pub ca: Vec<u8>,
+    /// This task's certificate chain, shown to peers both as server and as client.
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+}
+
+impl std::fmt::Debug for TlsPem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.write_str("TlsPem { .. }")
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Security {
     /// `Bearer <token>`, as a caller sends it.
     authorization: Option<Arc<HeaderValue>>,
+    /// Every connection, both ways, is TLS with these.
+    pub tls: Option<Arc<TlsPem>>,
     /// Health checks are answered without the token (probes and load balancers ask them).
     pub open_health: bool,
 }
@@ -24,8 +45,23 @@ impl Security {
     pub fn open() -> Self {
         Self {
             authorization: None,
+            tls: None,
             open_health: true,
         }
+    }
+
+    /// No token, health as `open_health` says (with TLS, certificates alone authenticate).
+    pub fn without_token(open_health: bool) -> Self {
+        Self {
+            open_health,
+            ..Self::open()
+        }
+    }
+
+    /// Every connection is TLS with `tls` (mutual), besides any token.
+    pub fn with_tls(mut self, tls: TlsPem) -> Self {
+        self.tls = Some(Arc::new(tls));
+        self
     }
 
     /// Calls must carry `token`: visible ASCII, as an HTTP/2 header value can hold it.
@@ -42,6 +78,7 @@ impl Security {
         value.set_sensitive(true);
         Ok(Self {
             authorization: Some(Arc::new(value)),
+            tls: None,
             open_health,
         })
     }

@@ -119,7 +119,7 @@ impl Server {
             ..def
         };
         Ok(Self {
-            task: Arc::new(Task::new(def, config, security)),
+            task: Arc::new(Task::new(def, config, security)?),
             local_addr,
             lifecycle: Arc::new(Lifecycle {
                 state: Mutex::new(State {
@@ -208,7 +208,7 @@ impl Server {
             let listener = tokio::net::TcpListener::from_std(listener)
                 .map_err(|e| Error::internal(format!("cannot serve the listener: {e}")))?;
             let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-            let (health, router) = service::router(&self.task);
+            let (health, router) = service::router(&self.task)?;
             self.task.serve_same_host();
             let lifecycle = Arc::clone(&self.lifecycle);
             let serve = runtime.spawn(async move {

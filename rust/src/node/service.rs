@@ -16,7 +16,7 @@ use tower::layer::util::{Identity, Stack};
 use super::task::Task;
 use super::tfcompat;
 use crate::base::cluster::TaskId;
-use crate::base::errors::Error;
+use crate::base::errors::{Error, Result};
 use crate::proto;
 use crate::proto::worker_server::{Worker, WorkerServer};
 use crate::tensor::TensorKey;
@@ -30,13 +30,21 @@ pub const WORKER_SERVICE_NAME: &str = "distsrv.v1.Worker";
 const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("distsrv_descriptor");
 
 /// Health, reflection, the Worker service and TensorFlow's services, ready to serve.
-pub fn router(task: &Arc<Task>) -> (HealthReporter, Router<Stack<TokenCheckLayer, Identity>>) {
+pub fn router(
+    task: &Arc<Task>,
+) -> Result<(HealthReporter, Router<Stack<TokenCheckLayer, Identity>>)> {
     let (health, health_service) = tonic_health::server::health_reporter();
     let max_message = task.config.max_message_bytes;
     let worker = WorkerServer::from_arc(Arc::clone(task))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
-    let router = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &task.tls {
+        builder = builder
+            .tls_config(tls.server())
+            .map_err(|e| Error::invalid_argument(format!("unusable TLS settings: {e}")))?;
+    }
+    let router = builder
         .initial_stream_window_size(peers::STREAM_WINDOW_BYTES)
         .initial_connection_window_size(peers::CONNECTION_WINDOW_BYTES)
         .max_frame_size(peers::MAX_FRAME_BYTES)
@@ -50,7 +58,7 @@ pub fn router(task: &Arc<Task>) -> (HealthReporter, Router<Stack<TokenCheckLayer
         })
         .add_service(tfcompat::WorkerService::new(task))
         .add_service(tfcompat::MasterService::new(task));
-    (health, router)
+    Ok((health, router))
 }
 
 /// Reflection over our protos and the health service, so generic gRPC tools can list them.

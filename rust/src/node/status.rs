@@ -19,6 +19,7 @@ use crate::base::security::Security;
 use crate::transport::auth::{Credentials, PeerChannel};
 use crate::transport::peers::endpoint;
 use crate::transport::status::{TaskStatus, get_status};
+use crate::transport::tls::Tls;
 
 /// Every task's status, in cluster order.
 pub type Statuses = Vec<(TaskId, TaskStatus)>;
@@ -142,7 +143,8 @@ pub async fn query(
 ) -> Result<HealthAndStatus> {
     let address = address.strip_prefix("grpc://").unwrap_or(address);
     parse_address(address)?;
-    let endpoint = endpoint(address, timeout)?;
+    let tls = security.tls.clone().map(Tls::new).transpose()?;
+    let endpoint = endpoint(address, timeout, tls.as_ref())?;
     let asked = async {
         let channel = endpoint.connect().await.map_err(|error| {
             Error::unavailable(format!("cannot reach {address}: {}", causes(&error)))

@@ -10,7 +10,7 @@ use tonic::metadata::MetadataMap;
 use super::devices;
 use crate::base::cluster::{ServerDef, TaskId};
 use crate::base::config::ServerConfig;
-use crate::base::errors::{Error, within};
+use crate::base::errors::{Error, Result, within};
 use crate::base::security::Security;
 use crate::exchange::Exchange;
 use crate::inbox::Inbox;
@@ -19,6 +19,7 @@ use crate::ops::remote::Operations;
 use crate::ops::variables::Variables;
 use crate::proto;
 use crate::transport::shm::CallServer;
+use crate::transport::tls::Tls;
 use crate::transport::{Peers, Shm};
 
 /// One task's state, shared by its services and by the calls its user makes.
@@ -27,6 +28,8 @@ pub struct Task {
     pub config: ServerConfig,
     /// Whom this task admits, and what it presents to its peers.
     pub security: Security,
+    /// `security`'s TLS, ready for use.
+    pub tls: Option<Tls>,
     /// New at every start, so peers can tell a restarted task from the one they knew.
     pub incarnation: u64,
     /// This task's devices, found once when the server is made.
@@ -48,9 +51,16 @@ pub struct Task {
 }
 
 impl Task {
-    pub fn new(def: ServerDef, config: ServerConfig, security: Security) -> Self {
+    /// The task `def` names; fails only on unusable TLS material.
+    pub fn new(def: ServerDef, config: ServerConfig, security: Security) -> Result<Self> {
+        let tls = security.tls.clone().map(Tls::new).transpose()?;
         let me = &def.task;
-        let peers = Arc::new(Peers::new(def.cluster.clone(), &config, &security));
+        let peers = Arc::new(Peers::new(
+            def.cluster.clone(),
+            &config,
+            &security,
+            tls.clone(),
+        ));
         let inbox = Arc::new(Inbox::new(def.cluster.clone(), config.max_pending_bytes));
         let shm = Arc::new(Shm::new(
             me.clone(),
@@ -64,8 +74,13 @@ impl Task {
             Arc::clone(&shm),
             &config,
         ));
-        Self {
-            caller_peers: Arc::new(Peers::new(def.cluster.clone(), &config, &security)),
+        Ok(Self {
+            caller_peers: Arc::new(Peers::new(
+                def.cluster.clone(),
+                &config,
+                &security,
+                tls.clone(),
+            )),
             incarnation: rand::random::<u64>() | 1,
             devices: devices::discover(me),
             calls: Arc::new(tokio::sync::Semaphore::new(config.connection_limit)),
@@ -79,7 +94,8 @@ impl Task {
             def,
             config,
             security,
-        }
+            tls,
+        })
     }
 
     /// Serves the same-host links of peers on this host: their tensors into the inbox, their

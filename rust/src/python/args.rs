@@ -10,7 +10,7 @@ use super::errors::to_py;
 use crate::base::cluster::TaskId;
 use crate::base::config::{self, ServerConfig};
 use crate::base::errors::Error;
-use crate::base::security::Security;
+use crate::base::security::{Security, TlsPem};
 
 /// `distsrv.ServerConfig` as the core's config: its fields read by name, each checked against
 /// the core's bounds (an ill-typed field is an InvalidArgumentError naming it too).
@@ -76,11 +76,17 @@ impl<'a, 'py> FromPyObject<'a, 'py> for SecurityArgs {
     type Error = PyErr;
 
     fn extract(security: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
-        let token: String = security.getattr("token")?.extract()?;
+        let token: Option<String> = security.getattr("token")?.extract()?;
         let open_health: bool = security.getattr("open_health")?.extract()?;
-        Security::with_token(token.as_bytes(), open_health)
-            .map(Self)
-            .map_err(to_py)
+        let tls: Option<(Vec<u8>, Vec<u8>, Vec<u8>)> = security.getattr("tls_pem")?.extract()?;
+        let mut core = match token {
+            Some(token) => Security::with_token(token.as_bytes(), open_health).map_err(to_py)?,
+            None => Security::without_token(open_health),
+        };
+        if let Some((ca, cert, key)) = tls {
+            core = core.with_tls(TlsPem { ca, cert, key });
+        }
+        Ok(Self(core))
     }
 }
 
@@ -151,4 +157,11 @@ impl<'a, 'py> FromPyObject<'a, 'py> for TaskArg {
             task.repr()?
         )))
     }
+}
+
+/// A fresh CA and a certificate of it for `hosts`, as PEM: (CA, certificate, key).
+#[pyfunction]
+pub fn temporary_tls(hosts: Vec<String>) -> PyResult<(Vec<u8>, Vec<u8>, Vec<u8>)> {
+    let pem = crate::transport::tls::temporary(&hosts).map_err(to_py)?;
+    Ok((pem.ca, pem.cert, pem.key))
 }

@@ -24,7 +24,7 @@ mod native {
     use crate::base::cluster::{self, Cluster, Jobs, ServerDef, TaskId};
 
     #[pymodule_export]
-    use super::args::{check_config, config_defaults};
+    use super::args::{check_config, config_defaults, temporary_tls};
     #[pymodule_export]
     use super::devices::query_status;
     #[pymodule_export]

@@ -8,6 +8,7 @@ pub mod push;
 pub mod route;
 pub mod shm;
 pub mod status;
+pub mod tls;
 
 pub use peers::Peers;
 pub use shm::{Link, Shm};

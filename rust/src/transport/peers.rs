@@ -17,7 +17,8 @@ use tonic::transport::{Channel, Endpoint};
 use super::auth::{Credentials, PeerChannel};
 use super::shm::Links;
 use super::status;
-use crate::base::cluster::{Cluster, TaskId};
+use super::tls::Tls;
+use crate::base::cluster::{Cluster, TaskId, parse_address};
 use crate::base::config::ServerConfig;
 use crate::base::errors::{Code, Error, Result};
 use crate::base::retry::{Backoff, with_backoff};
@@ -37,15 +38,43 @@ const CONNECT_BACKOFF: Backoff = Backoff {
     longest: Duration::from_millis(500),
 };
 
-/// The one way a channel to a server at `address` ("host:port") is configured.
-pub fn endpoint(address: &str, connect_timeout: Duration) -> Result<Endpoint> {
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+/// The one way a channel to a server at `address` ("host:port") is configured: over `tls`
+/// where given.
+pub fn endpoint(address: &str, connect_timeout: Duration, tls: Option<&Tls>) -> Result<Endpoint> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
         .map_err(|e| Error::invalid_argument(format!("bad address {address:?}: {e}")))?;
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls.client())
+            .map_err(|e| Error::invalid_argument(format!("unusable TLS settings: {e}")))?;
+    }
     Ok(endpoint
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES))
+}
+
+/// An HTTP/2 connection over `io` (TCP, or TLS over TCP), driven by a task of its own.
+async fn http2<IO>(io: IO) -> std::io::Result<PushConnection>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (requests, driver) = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES)
+        .handshake(io)
+        .await
+        .map_err(std::io::Error::other)?;
+    let closed = Arc::new(AtomicBool::new(false));
+    let ended = Arc::clone(&closed);
+    tokio::spawn(async move {
+        let _ = driver.await;
+        ended.store(true, Ordering::Release);
+    });
+    Ok(PushConnection { requests, closed })
 }
 
 /// A bare HTTP/2 connection to a peer's server.
@@ -63,6 +92,8 @@ pub struct Peers {
     credentials: Credentials,
     /// The same, as a header of a push by hand.
     security: Security,
+    /// Every connection is TLS with this, where given.
+    tls: Option<Tls>,
     /// One cell per task, so calls that find no connection yet wait for one connect instead of
     /// each making its own.
     channels: Mutex<HashMap<TaskId, Arc<OnceCell<Channel>>>>,
@@ -75,8 +106,14 @@ pub struct Peers {
 }
 
 impl Peers {
-    pub fn new(cluster: Cluster, config: &ServerConfig, security: &Security) -> Self {
+    pub fn new(
+        cluster: Cluster,
+        config: &ServerConfig,
+        security: &Security,
+        tls: Option<Tls>,
+    ) -> Self {
         Self {
+            tls,
             cluster,
             connect_timeout: config.connect_timeout,
             credentials: Credentials::new(security),
@@ -99,7 +136,7 @@ impl Peers {
         let cell = Arc::clone(self.lock().entry(task.clone()).or_default());
         let channel = cell
             .get_or_try_init(|| async {
-                let endpoint = endpoint(address, self.connect_timeout)?;
+                let endpoint = endpoint(address, self.connect_timeout, self.tls.as_ref())?;
                 self.retrying(task, address, || endpoint.connect()).await
             })
             .await?;
@@ -119,7 +156,8 @@ impl Peers {
         path: &str,
     ) -> Result<(PushConnection, http::Uri)> {
         let address = self.cluster.require(task)?;
-        let uri = format!("http://{address}{path}")
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let uri = format!("{scheme}://{address}{path}")
             .parse()
             .map_err(|e| Error::invalid_argument(format!("bad address {address:?}: {e}")))?;
         let cached = self
@@ -134,20 +172,13 @@ impl Peers {
         let connect = || async {
             let stream = tokio::net::TcpStream::connect(address).await?;
             stream.set_nodelay(true)?;
-            let (requests, driver) = h2::client::Builder::new()
-                .initial_window_size(STREAM_WINDOW_BYTES)
-                .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-                .max_frame_size(MAX_FRAME_BYTES)
-                .handshake(stream)
-                .await
-                .map_err(std::io::Error::other)?;
-            let closed = Arc::new(AtomicBool::new(false));
-            let ended = Arc::clone(&closed);
-            tokio::spawn(async move {
-                let _ = driver.await;
-                ended.store(true, Ordering::Release);
-            });
-            Ok::<_, std::io::Error>(PushConnection { requests, closed })
+            match &self.tls {
+                Some(tls) => {
+                    let (host, _) = parse_address(address).map_err(std::io::Error::other)?;
+                    http2(tls.connect(&host, stream).await?).await
+                }
+                None => http2(stream).await,
+            }
         };
         let connection =
             tokio::time::timeout(self.connect_timeout, self.retrying(task, address, connect))
