@@ -40,7 +40,14 @@ impl Tls {
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| bad("certificate", &e))?;
         let key = PrivateKeyDer::from_pem_slice(&pem.key).map_err(|e| bad("key", &e))?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        // AES-128-GCM first: with AES instructions it moves a third more bytes per second than
+        // AES-256, and a tensor's bytes are most of what TLS carries. (A server follows the
+        // client's order.)
+        let mut provider = rustls::crypto::ring::default_provider();
+        provider
+            .cipher_suites
+            .sort_by_key(|suite| suite.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+        let provider = Arc::new(provider);
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| bad("configuration", &e))?
