@@ -5,6 +5,7 @@ the address but not the token can change nothing."""
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
 import subprocess
 import sys
@@ -409,3 +410,77 @@ def test_security_reads_tls_files_and_refuses_half_of_them(tmp_path) -> None:
         distsrv.Server.create_local_server(
             security=distsrv.Security(tls_ca_file=garbage, tls_cert=garbage, tls_key=garbage)
         )
+
+
+def test_a_task_certificate_speaks_only_for_its_task() -> None:
+    names = [f"/job:worker/task:{index}" for index in range(2)]
+    securities = distsrv.Security.temporary_for_tasks(names)
+    ports = free_ports(2)
+    cluster = distsrv.ClusterSpec({"worker": [f"127.0.0.1:{port}" for port in ports]})
+    servers = [
+        distsrv.Server(cluster, "worker", index, security=securities[name])
+        for index, name in enumerate(names)
+    ]
+    a, b = servers
+    try:
+        b.add_handler(
+            "whoami",
+            lambda context: str(context.caller),
+        )
+        # Between the two tasks, each under its own certificate, everything works as before.
+        a.send("x", np.ones(2, np.float32), to=("worker", 1))
+        assert b.recv("x", source=("worker", 0), timeout=10).tolist() == [1, 1]
+        assert a.call(("worker", 1), "whoami", timeout=10) == "/job:worker/task:0"
+        # A stock client with task 0's certificate and the token cannot speak for task 1.
+        token = securities[names[0]].token
+        assert token is not None
+        with _tls_channel(b.address, securities[names[0]], _bearer(token)) as channel:
+            stub = distsrv_pb2_grpc.WorkerStub(channel)
+            for source, expected in ((1, grpc.StatusCode.PERMISSION_DENIED), (0, None)):
+                header = distsrv_pb2.TensorHeader(
+                    name="forged",
+                    source=distsrv_pb2.TaskId(job="worker", index=source),
+                    dtype=distsrv_pb2.DT_UINT8,
+                    shape=distsrv_pb2.TensorShapeProto(
+                        dim=[distsrv_pb2.TensorShapeProto.Dim(size=1)]
+                    ),
+                    total_bytes=1,
+                )
+                chunks = iter(
+                    [distsrv_pb2.TensorChunk(header=header), distsrv_pb2.TensorChunk(data=b"\x07")]
+                )
+                try:
+                    stub.SendTensor(chunks, timeout=10)
+                    code = None
+                except grpc.RpcError as error:
+                    code = error.code()
+                assert code == expected, source
+            forged = distsrv_pb2.CallRequest(
+                op="whoami", caller=distsrv_pb2.TaskId(job="worker", index=1)
+            )
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Call(forged, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(errors.DeadlineExceededError):
+            b.recv("forged", source=("worker", 1), timeout=0.5)
+        assert b.recv("forged", source=("worker", 0), timeout=10).tolist() == [7]
+    finally:
+        for server in servers:
+            server.stop(grace=0)
+
+
+def test_an_open_task_beyond_loopback_says_it_is_unauthenticated(caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="distsrv")
+    with distsrv.Server.create_local_server():
+        pass
+    assert not caplog.records, "loopback alone: nothing to say"
+    # Bound on every interface for a moment; nothing connects to it.
+    with distsrv.Server({"worker": ["0.0.0.0:0"]}) as server:
+        pass
+    [record] = caplog.records
+    assert "without authentication" in record.getMessage()
+    assert server.task in record.getMessage()
+    caplog.clear()
+    with distsrv.Server({"worker": ["0.0.0.0:0"]}, security=distsrv.Security("a-token")):
+        pass
+    assert not caplog.records

@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--crash-worker must name a worker, 0 to {args.workers - 1}")
         jobs = {"ps": 1, "worker": args.workers} if args.ps else {"worker": args.workers}
         command = [sys.executable, "-m", "distsrv", "demo-worker", *worker_arguments(args)]
-        return run_local_cluster(jobs, command, timeout=args.timeout, security=Security.temporary())
+        return run_local_cluster(jobs, command, timeout=args.timeout, secure=True)
     if args.command == "demo-worker":
         return demo_worker_main(args)
     if args.command == "serve":

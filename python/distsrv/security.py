@@ -7,6 +7,7 @@ import secrets
 import shutil
 import tempfile
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
 
 from distsrv import _native
@@ -20,6 +21,7 @@ TOKEN_ENV = "DISTSRV_TOKEN"
 TLS_ENV = {"ca": "DISTSRV_TLS_CA", "cert": "DISTSRV_TLS_CERT", "key": "DISTSRV_TLS_KEY"}
 
 PathLike = str | os.PathLike[str]
+_LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 class Security:
@@ -89,20 +91,36 @@ class Security:
         self._open_health = open_health
 
     @classmethod
-    def temporary(cls, hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")) -> Security:
+    def temporary(cls, hosts: Sequence[str] = _LOCAL_HOSTS) -> Security:
         """A fresh random token and a fresh CA with one certificate of it for ``hosts``, for a
         local cluster whose tasks all share them: hand them to each task with ``env()``. The
         files live in a private temporary folder while this object does."""
-        directory = tempfile.mkdtemp(prefix="distsrv-tls-")  # private: mode 0700
-        paths = [Path(directory) / name for name in ("ca.pem", "cert.pem", "key.pem")]
-        for path, pem in zip(paths, _native.temporary_tls(list(hosts)), strict=True):
-            path.touch(mode=0o600)
-            path.write_bytes(pem)
-        security = cls(
-            secrets.token_urlsafe(32), tls_ca_file=paths[0], tls_cert=paths[1], tls_key=paths[2]
-        )
-        weakref.finalize(security, shutil.rmtree, directory, ignore_errors=True)
-        return security
+        return cls._issue(hosts, [None])[0]
+
+    @classmethod
+    def temporary_for_tasks(
+        cls, tasks: Sequence[str], hosts: Sequence[str] = _LOCAL_HOSTS
+    ) -> dict[str, Security]:
+        """Like :meth:`temporary`, with a certificate per task (``"/job:worker/task:0"``), each
+        bound to its task: a peer that authenticates with it may send tensors, call and shake
+        hands only as that task (``PermissionDeniedError`` otherwise). All share one token and
+        CA."""
+        return dict(zip(tasks, cls._issue(hosts, list(tasks)), strict=True))
+
+    @classmethod
+    def _issue(cls, hosts: Sequence[str], tasks: list[str | None]) -> list[Security]:
+        token = secrets.token_urlsafe(32)
+        issued = []
+        for pems in _native.temporary_tls(list(hosts), list(tasks)):
+            directory = tempfile.mkdtemp(prefix="distsrv-tls-")  # private: mode 0700
+            paths = [Path(directory) / name for name in ("ca.pem", "cert.pem", "key.pem")]
+            for path, pem in zip(paths, pems, strict=True):
+                path.touch(mode=0o600)
+                path.write_bytes(pem)
+            security = cls(token, tls_ca_file=paths[0], tls_cert=paths[1], tls_key=paths[2])
+            weakref.finalize(security, shutil.rmtree, directory, ignore_errors=True)
+            issued.append(security)
+        return issued
 
     @classmethod
     def from_env(cls) -> Security | None:

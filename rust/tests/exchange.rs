@@ -75,7 +75,8 @@ fn recv_times_out_and_stop_ends_waiting() {
 
 #[test]
 fn a_secured_pair_exchanges_over_both_transports_and_refuses_a_task_without_the_token() {
-    let tls = distsrv::transport::tls::temporary(&["127.0.0.1".to_owned()]).unwrap();
+    let tls =
+        distsrv::transport::tls::temporary(&["127.0.0.1".to_owned()], &[None]).unwrap()[0].clone();
     for (shared_memory, with_tls) in [(true, false), (false, false), (true, true), (false, true)] {
         let config = ServerConfig {
             shared_memory,

@@ -39,13 +39,16 @@ def run_local_cluster(
     command: Sequence[str],
     timeout: float,
     host: str = "127.0.0.1",
-    security: Security | None = None,
+    secure: bool = False,
 ) -> int:
     """Starts ``command`` once per task of ``jobs`` (job name -> task count) with the cluster in
-    ``TF_CONFIG``, as Kubeflow's TFJob does, and ``security``'s token in ``DISTSRV_TOKEN``.
-    Returns 0 when every task exits 0; when one fails or the timeout passes, stops the rest and
-    returns non-zero, naming the task."""
+    ``TF_CONFIG``, as Kubeflow's TFJob does; with ``secure``, each task's own temporary
+    security (a shared token and CA, a certificate bound to the task) in ``DISTSRV_TOKEN`` and
+    ``DISTSRV_TLS_*``. Returns 0 when every task exits 0; when one fails or the timeout passes,
+    stops the rest and returns non-zero, naming the task."""
     tasks = [(job, index) for job, count in jobs.items() for index in range(count)]
+    names = [f"/job:{job}/task:{index}" for job, index in tasks]
+    securities = Security.temporary_for_tasks(names, hosts=(host,)) if secure else {}
     ports = iter(free_ports(len(tasks), host))
     cluster = {job: [f"{host}:{next(ports)}" for _ in range(count)] for job, count in jobs.items()}
     processes: dict[tuple[str, int], subprocess.Popen[str]] = {}
@@ -56,7 +59,7 @@ def run_local_cluster(
             list(command),
             env={
                 **_environ(),
-                **(security.env() if security else {}),
+                **(securities[f"/job:{job}/task:{index}"].env() if secure else {}),
                 "TF_CONFIG": tf_config,
                 "PYTHONUNBUFFERED": "1",
             },

@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 use futures::future::BoxFuture;
 use tonic::body::Body;
 use tonic::server::NamedService;
-use tonic::transport::server::Router;
+use tonic::transport::server::{Router, TcpConnectInfo, TlsConnectInfo};
 use tonic::{Request, Response, Status};
 use tonic_health::server::HealthReporter;
 use tower::Service;
@@ -23,6 +23,7 @@ use crate::tensor::TensorKey;
 use crate::transport::auth::TokenCheckLayer;
 use crate::transport::peers;
 use crate::transport::push::{self, SEND_TENSOR_PATH};
+use crate::transport::tls::{certified_task, check_identity};
 use crate::wire;
 
 pub const WORKER_SERVICE_NAME: &str = "distsrv.v1.Worker";
@@ -113,7 +114,12 @@ impl Worker for Task {
         &self,
         request: Request<proto::ShmHandshakeRequest>,
     ) -> Result<Response<proto::ShmHandshakeResponse>, Status> {
-        Ok(Response::new(self.shm.handshake(request.into_inner())?))
+        let peer = certified_task(request.peer_certs().as_deref());
+        let request = request.into_inner();
+        if let Some(source) = &request.source {
+            check_identity(peer.as_ref(), &TaskId::from_proto(source)?, "shake hands")?;
+        }
+        Ok(Response::new(self.shm.handshake(request)?))
     }
 
     async fn variable_op(
@@ -127,7 +133,15 @@ impl Worker for Task {
         &self,
         request: Request<proto::CallRequest>,
     ) -> Result<Response<proto::CallResponse>, Status> {
-        let (metadata, _, request) = request.into_parts();
+        let peer = certified_task(request.peer_certs().as_deref());
+        let (metadata, _, mut request) = request.into_parts();
+        if let Some(peer) = peer {
+            // The certificate proves who calls, whatever the request says.
+            if let Some(caller) = &request.caller {
+                check_identity(Some(&peer), &TaskId::from_proto(caller)?, "call")?;
+            }
+            request.caller = Some(peer.to_proto());
+        }
         let result = self.operations.serve(request, metadata).await?;
         Ok(Response::new(proto::CallResponse {
             result: Some(result),
@@ -164,8 +178,13 @@ impl Service<http::Request<Body>> for WorkerRoutes {
         };
         if request.uri().path() == SEND_TENSOR_PATH {
             let task = Arc::clone(&self.task);
+            let peer = request
+                .extensions()
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|info| certified_task(info.peer_certs().as_deref()));
             return Box::pin(async move {
-                let response = match push::accept(&task.inbox, request.into_body()).await {
+                let accepted = push::accept(&task.inbox, request.into_body(), peer.as_ref());
+                let response = match accepted.await {
                     Ok(bytes) => acknowledge(bytes),
                     Err(error) => Status::from(error).into_http(),
                 };

@@ -78,7 +78,7 @@ impl<'a, 'py> FromPyObject<'a, 'py> for SecurityArgs {
     fn extract(security: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
         let token: Option<String> = security.getattr("token")?.extract()?;
         let open_health: bool = security.getattr("open_health")?.extract()?;
-        let tls: Option<(Vec<u8>, Vec<u8>, Vec<u8>)> = security.getattr("tls_pem")?.extract()?;
+        let tls: Option<PemTriple> = security.getattr("tls_pem")?.extract()?;
         let mut core = match token {
             Some(token) => Security::with_token(token.as_bytes(), open_health).map_err(to_py)?,
             None => Security::without_token(open_health),
@@ -159,9 +159,17 @@ impl<'a, 'py> FromPyObject<'a, 'py> for TaskArg {
     }
 }
 
-/// A fresh CA and a certificate of it for `hosts`, as PEM: (CA, certificate, key).
+/// TLS material as Python holds it: (CA, certificate, key), PEM-encoded.
+type PemTriple = (Vec<u8>, Vec<u8>, Vec<u8>);
+
+/// A fresh CA and, per entry of `tasks`, a certificate of it for `hosts`, bound to that task
+/// (a task's name) or to none (None): each as PEM (CA, certificate, key).
 #[pyfunction]
-pub fn temporary_tls(hosts: Vec<String>) -> PyResult<(Vec<u8>, Vec<u8>, Vec<u8>)> {
-    let pem = crate::transport::tls::temporary(&hosts).map_err(to_py)?;
-    Ok((pem.ca, pem.cert, pem.key))
+pub fn temporary_tls(hosts: Vec<String>, tasks: Vec<Option<TaskArg>>) -> PyResult<Vec<PemTriple>> {
+    let tasks: Vec<Option<TaskId>> = tasks.into_iter().map(|task| task.map(|t| t.0)).collect();
+    let issued = crate::transport::tls::temporary(&hosts, &tasks).map_err(to_py)?;
+    Ok(issued
+        .into_iter()
+        .map(|pem| (pem.ca, pem.cert, pem.key))
+        .collect())
 }

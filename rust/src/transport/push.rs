@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 
 use super::peers::Peers;
+use super::tls::check_identity;
 use crate::base::cluster::TaskId;
 use crate::base::errors::{Code, Error, Result};
 use crate::base::security::AUTHORIZATION;
@@ -85,11 +86,17 @@ fn broken(error: h2::Error) -> Error {
 
 /// Serves one pushed tensor: parses the stream as it arrives into a buffer reserved in `inbox`,
 /// delivers it, and returns the number of bytes kept. Nothing is delivered unless the whole
-/// tensor arrived intact.
-pub async fn accept(inbox: &Arc<Inbox>, mut body: tonic::body::Body) -> Result<u64> {
+/// tensor arrived intact, nor a tensor whose source is not `certified`, the task the sender's
+/// certificate names (where it names one).
+pub async fn accept(
+    inbox: &Arc<Inbox>,
+    mut body: tonic::body::Body,
+    certified: Option<&TaskId>,
+) -> Result<u64> {
     let mut parser = ChunkParser::new(MAX_HEADER_BYTES);
     let mut reservation = None;
     let mut admit = |announced: wire::Announced<'_>| {
+        check_identity(certified, &announced.key.source, "send")?;
         let size = announced.meta.byte_len().unwrap_or(0);
         reservation = Some(inbox.reserve(&announced.key.source, size)?);
         Ok(())

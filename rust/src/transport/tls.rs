@@ -12,6 +12,7 @@ use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
+use crate::base::cluster::TaskId;
 use crate::base::errors::{Error, Result};
 use crate::base::security::TlsPem;
 
@@ -88,12 +89,54 @@ impl Tls {
     }
 }
 
-/// A fresh CA and one certificate of it for `hosts` (names or IP addresses), which every task
-/// of a local cluster shares: [`Security`](crate::base::security::Security)'s temporary TLS.
-pub fn temporary(hosts: &[String]) -> Result<TlsPem> {
+/// The URI (a SPIFFE ID) by which a certificate names the one task it belongs to.
+fn task_uri(task: &TaskId) -> String {
+    format!("spiffe://distsrv/job/{}/task/{}", task.job, task.index)
+}
+
+/// The task a certificate (DER) names, if it names one (see [`temporary`]).
+pub fn task_of_certificate(der: &[u8]) -> Option<TaskId> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let names = cert.subject_alternative_name().ok()??;
+    names
+        .value
+        .general_names
+        .iter()
+        .find_map(|name| match name {
+            GeneralName::URI(uri) => {
+                let rest = uri.strip_prefix("spiffe://distsrv/job/")?;
+                let (job, index) = rest.split_once("/task/")?;
+                Some(TaskId::new(job, index.parse().ok()?))
+            }
+            _ => None,
+        })
+}
+
+/// The task the certificate of a TLS connection names: the authenticated peer, when its
+/// certificate is bound to a task.
+pub fn certified_task(certs: Option<&Vec<CertificateDer<'static>>>) -> Option<TaskId> {
+    task_of_certificate(certs?.first()?.as_ref())
+}
+
+/// Refuses `claimed` (a tensor's source, a call's caller, a handshake's task) unless the
+/// connection's certificate names it, or names no task at all.
+pub fn check_identity(certified: Option<&TaskId>, claimed: &TaskId, what: &str) -> Result<()> {
+    match certified {
+        Some(peer) if peer != claimed => Err(Error::permission_denied(format!(
+            "{peer} (by its certificate) cannot {what} as {claimed}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// A fresh CA, and one certificate of it for `hosts` (names or IP addresses) per entry of
+/// `tasks`: bound to that task where one is named, else any task's. For a local cluster;
+/// [`Security`](crate::base::security::Security)'s temporary TLS.
+pub fn temporary(hosts: &[String], tasks: &[Option<TaskId>]) -> Result<Vec<TlsPem>> {
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyPair, KeyUsagePurpose,
+        KeyPair, KeyUsagePurpose, SanType,
     };
     let failed = |e: rcgen::Error| Error::internal(format!("cannot make a certificate: {e}"));
     let ca_key = KeyPair::generate().map_err(failed)?;
@@ -103,21 +146,54 @@ pub fn temporary(hosts: &[String]) -> Result<TlsPem> {
         .distinguished_name
         .push(DnType::CommonName, "distsrv temporary CA");
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca = ca_params.self_signed(&ca_key).map_err(failed)?;
+    let ca = ca_params.self_signed(&ca_key).map_err(failed)?.pem();
     let issuer = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate().map_err(failed)?;
-    let mut params = CertificateParams::new(hosts.to_vec()).map_err(failed)?;
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "distsrv task");
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let cert = params.signed_by(&key, &issuer).map_err(failed)?;
-    Ok(TlsPem {
-        ca: ca.pem().into_bytes(),
-        cert: cert.pem().into_bytes(),
-        key: key.serialize_pem().into_bytes(),
-    })
+    let mut issued = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        let key = KeyPair::generate().map_err(failed)?;
+        let mut params = CertificateParams::new(hosts.to_vec()).map_err(failed)?;
+        let name = task
+            .as_ref()
+            .map_or("distsrv task".to_owned(), TaskId::to_string);
+        params.distinguished_name.push(DnType::CommonName, name);
+        if let Some(task) = task {
+            let uri = task_uri(task).try_into().map_err(failed)?;
+            params.subject_alt_names.push(SanType::URI(uri));
+        }
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params.signed_by(&key, &issuer).map_err(failed)?;
+        issued.push(TlsPem {
+            ca: ca.clone().into_bytes(),
+            cert: cert.pem().into_bytes(),
+            key: key.serialize_pem().into_bytes(),
+        });
+    }
+    Ok(issued)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_task_certificate_names_its_task_and_a_cluster_one_none() {
+        let worker = TaskId::new("worker", 3);
+        let issued = temporary(&["localhost".into()], &[Some(worker.clone()), None]).unwrap();
+        let der = |pem: &[u8]| CertificateDer::from_pem_slice(pem).unwrap();
+        assert_eq!(
+            task_of_certificate(&der(&issued[0].cert)),
+            Some(worker.clone())
+        );
+        assert_eq!(task_of_certificate(&der(&issued[1].cert)), None);
+        assert_eq!(issued[0].ca, issued[1].ca);
+        assert!(check_identity(Some(&worker), &worker, "send").is_ok());
+        assert!(check_identity(None, &worker, "send").is_ok());
+        let other = TaskId::new("worker", 1);
+        let refused = check_identity(Some(&worker), &other, "send").unwrap_err();
+        assert_eq!(refused.code, crate::base::errors::Code::PermissionDenied);
+        Tls::new(Arc::new(issued[0].clone())).unwrap();
+    }
 }
