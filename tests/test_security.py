@@ -170,19 +170,30 @@ def test_a_stock_client_with_the_token_sends_a_tensor_that_a_recv_gets(
     assert secured.recv("t", source=("localhost", 0), timeout=10).tolist() == [1, 2, 3]
 
 
-def _three(security: distsrv.Security | None) -> list[distsrv.Server]:
+def _three(
+    security: distsrv.Security | None, config: distsrv.ServerConfig | None = None
+) -> list[distsrv.Server]:
     ports = free_ports(3)
     cluster = distsrv.ClusterSpec({"worker": [f"127.0.0.1:{port}" for port in ports]})
-    return [distsrv.Server(cluster, "worker", index, security=security) for index in range(3)]
+    return [
+        distsrv.Server(cluster, "worker", index, config=config, security=security)
+        for index in range(3)
+    ]
 
 
-def test_a_cluster_that_shares_the_token_works_as_before() -> None:
-    servers = _three(distsrv.Security.temporary())
+@pytest.mark.parametrize(
+    ("kind", "shared_memory"),
+    [("token", True), ("token and TLS", True), ("token and TLS", False)],
+)
+def test_a_secured_cluster_works_as_before(kind: str, shared_memory: bool) -> None:
+    security = distsrv.Security(TOKEN) if kind == "token" else distsrv.Security.temporary()
+    servers = _three(security, distsrv.ServerConfig(shared_memory=shared_memory))
     try:
         a, b, _ = servers
         b.add_handler("double", lambda x: 2 * x)
-        a.send("x", np.arange(4, dtype=np.float32), to=("worker", 1))
-        assert b.recv("x", source=("worker", 0), timeout=10).tolist() == [0, 1, 2, 3]
+        big = np.arange(1 << 20, dtype=np.float32)
+        a.send("x", big, to=("worker", 1))
+        assert np.array_equal(b.recv("x", source=("worker", 0), timeout=10), big)
         assert a.call(("worker", 1), "double", x=21, timeout=10) == 42
         variable = a.create_variable("w", np.zeros(2, np.float32), on=("worker", 2))
         b.variable("w", on=("worker", 2)).assign_add(np.ones(2, np.float32))
@@ -193,6 +204,8 @@ def test_a_cluster_that_shares_the_token_works_as_before() -> None:
                 servers,
             )
             assert [s.tolist() for s in sums] == [[3, 3, 3]] * 3
+        assert (a.transport_counts()["shm_sent"] > 0) == shared_memory
+        assert len(a.list_devices(timeout=10)) >= 3
     finally:
         for server in servers:
             server.stop(grace=0)
@@ -347,40 +360,6 @@ def test_a_plaintext_client_or_a_certificate_of_another_ca_gets_nothing(
     # The server kept serving its own cluster.
     with _tls_channel(server.address, security, _bearer(security.token)) as channel:
         assert _call(channel, HEALTH_CHECK) == grpc.StatusCode.OK
-
-
-@pytest.mark.parametrize("shared_memory", [True, False])
-def test_a_tls_cluster_works_as_before(shared_memory: bool) -> None:
-    security = distsrv.Security.temporary()
-    config = distsrv.ServerConfig(shared_memory=shared_memory)
-    ports = free_ports(3)
-    cluster = distsrv.ClusterSpec({"worker": [f"127.0.0.1:{port}" for port in ports]})
-    servers = [
-        distsrv.Server(cluster, "worker", index, config=config, security=security)
-        for index in range(3)
-    ]
-    try:
-        a, b, _ = servers
-        b.add_handler("double", lambda x: 2 * x)
-        big = np.arange(1 << 20, dtype=np.float32)
-        a.send("x", big, to=("worker", 1))
-        assert np.array_equal(b.recv("x", source=("worker", 0), timeout=10), big)
-        assert a.call(("worker", 1), "double", x=21, timeout=10) == 42
-        variable = a.create_variable("w", np.zeros(2, np.float32), on=("worker", 2))
-        b.variable("w", on=("worker", 2)).assign_add(np.ones(2, np.float32))
-        assert variable.read().tolist() == [1, 1]
-        with concurrent.futures.ThreadPoolExecutor(3) as pool:
-            sums = pool.map(
-                lambda server: server.all_reduce(np.full(3, server.task_index, np.float32)),
-                servers,
-            )
-            assert [s.tolist() for s in sums] == [[3, 3, 3]] * 3
-        counts = a.transport_counts()
-        assert (counts["shm_sent"] > 0) == shared_memory
-        assert a.list_devices(timeout=10)
-    finally:
-        for server in servers:
-            server.stop(grace=0)
 
 
 def test_security_reads_tls_files_and_refuses_half_of_them(tmp_path) -> None:
