@@ -30,6 +30,8 @@ pub const CONNECTION_WINDOW_BYTES: u32 = 64 << 20;
 /// Largest HTTP/2 frame a server accepts (and so a client sends); bigger frames mean fewer per-frame costs for tensor payloads.
 pub const MAX_FRAME_BYTES: u32 = 1 << 20;
 
+/// Bytes a push over TLS gathers before it encrypts: a small tensor and its frames in one record.
+const TLS_WRITE_BUFFER: usize = 64 << 10;
 /// How often a wait on a peer checks that the peer is still there.
 const LIVENESS_CHECK: Duration = Duration::from_millis(250);
 /// Pauses between tries at connecting to a peer that is not up yet.
@@ -175,7 +177,14 @@ impl Peers {
             match &self.tls {
                 Some(tls) => {
                     let (host, _) = parse_address(address).map_err(std::io::Error::other)?;
-                    http2(tls.connect(&host, stream).await?).await
+                    // TLS writes are not vectored: without a buffer, each slice h2 hands over
+                    // (frame heads, a small tensor's payload) would be a record and a write.
+                    let tls_stream = tls.connect(&host, stream).await?;
+                    http2(tokio::io::BufWriter::with_capacity(
+                        TLS_WRITE_BUFFER,
+                        tls_stream,
+                    ))
+                    .await
                 }
                 None => http2(stream).await,
             }
