@@ -30,7 +30,7 @@ impl std::fmt::Debug for TlsPem {
     }
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Security {
     /// `Bearer <token>`, as a caller sends it.
     authorization: Option<Arc<HeaderValue>>,

@@ -44,10 +44,20 @@ pub async fn push(peers: &Peers, to: &TaskId, frames: Vec<Bytes>, total: u64) ->
     // payload leave in one write. HTTP/2 holds what flow control does not let out yet: the
     // frames are slices of the caller's buffer, so holding them costs no memory.
     let last = frames.len().saturating_sub(1);
+    let mut cut_short = None;
     for (index, frame) in frames.into_iter().enumerate() {
-        body.send_data(frame, index == last).map_err(broken)?;
+        if let Err(error) = body.send_data(frame, index == last) {
+            cut_short = Some(broken(error));
+            break;
+        }
     }
-    let response = response.await.map_err(broken)?;
+    // A receiver that refuses the tensor (say, its caller is not authenticated) answers and
+    // ends the stream before taking it all: its answer says why, better than the cut stream.
+    let response = match (response.await, cut_short) {
+        (Ok(response), _) => response,
+        (Err(error), None) => return Err(broken(error)),
+        (Err(_), Some(cut_short)) => return Err(cut_short),
+    };
     if let Some(status) = tonic::Status::from_header_map(response.headers())
         && status.code() != Code::Ok
     {
