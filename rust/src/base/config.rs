@@ -75,11 +75,7 @@ pub fn seconds(name: &str, value: f64) -> Result<Duration> {
 
 /// An integer field, which must be in `[1, bound]` (see [`INT_BOUNDS`]).
 pub fn bounded(name: &str, value: u64) -> Result<u64> {
-    let bound = INT_BOUNDS
-        .iter()
-        .find(|(field, _)| *field == name)
-        .map_or(u64::MAX, |(_, bound)| *bound);
-    if !(1..=bound).contains(&value) {
+    if !(1..=bound_of(name)).contains(&value) {
         return Err(out_of_bounds(name, &value.to_string()));
     }
     Ok(value)
@@ -87,13 +83,17 @@ pub fn bounded(name: &str, value: u64) -> Result<u64> {
 
 /// The error for an integer field given `value` (as Python wrote it).
 pub fn out_of_bounds(name: &str, value: &str) -> Error {
-    let bound = INT_BOUNDS
+    Error::invalid_argument(format!(
+        "ServerConfig.{name} must be an int in [1, {}], not {value}",
+        bound_of(name)
+    ))
+}
+
+fn bound_of(name: &str) -> u64 {
+    INT_BOUNDS
         .iter()
         .find(|(field, _)| *field == name)
-        .map_or(u64::MAX, |(_, bound)| *bound);
-    Error::invalid_argument(format!(
-        "ServerConfig.{name} must be an int in [1, {bound}], not {value}"
-    ))
+        .map_or(u64::MAX, |(_, bound)| *bound)
 }
 
 impl ServerConfig {

@@ -83,11 +83,6 @@ impl Security {
         })
     }
 
-    /// Whether calls must carry a token.
-    pub fn requires_token(&self) -> bool {
-        self.authorization.is_some()
-    }
-
     /// What a caller sends, if anything.
     pub fn authorization(&self) -> Option<&HeaderValue> {
         self.authorization.as_deref()
