@@ -15,6 +15,7 @@ from distsrv.devices import DeviceAttributes
 from distsrv.handlers import CallContext
 from distsrv.handles import CallHandle, RecvHandle, SendHandle
 from distsrv.messages import ClusterDef, JobDef, ServerDef
+from distsrv.peers import PeerEvent
 from distsrv.security import Security
 from distsrv.server import Server
 from distsrv.variables import Variable
@@ -26,6 +27,7 @@ __all__ = [
     "ClusterSpec",
     "DeviceAttributes",
     "JobDef",
+    "PeerEvent",
     "RecvHandle",
     "Security",
     "SendHandle",

@@ -22,6 +22,10 @@ class ServerConfig:
     #: How long to keep trying to reach a peer (it may still be starting) before a call fails
     #: with ``UnavailableError``; also how long a waiting ``recv`` tolerates an unreachable source.
     connect_timeout: float = _DEFAULTS["connect_timeout"]
+    #: How long a peer that was up may stay silent (frozen, cut off, gone without a word) before
+    #: every call waiting on it raises ``UnavailableError`` naming it. Peers are asked for a
+    #: heartbeat several times within it.
+    peer_timeout: float = _DEFAULTS["peer_timeout"]
     #: How long ``stop()`` lets in-flight calls finish before cutting them off.
     shutdown_grace: float = _DEFAULTS["shutdown_grace"]
     #: Largest single gRPC message accepted. Tensors travel in chunks, so this bounds a chunk,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType, TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy.typing as npt
 
@@ -18,6 +18,7 @@ from distsrv.errors import InvalidArgumentError
 from distsrv.handlers import EventLoop, is_async, wants_context
 from distsrv.handles import CallHandle, RecvHandle, SendHandle
 from distsrv.messages import ServerDef
+from distsrv.peers import PeerEvent, PeerState
 from distsrv.security import Security
 from distsrv.variables import Variable
 
@@ -280,17 +281,35 @@ class Server:
         ``DeadlineExceededError`` names the tasks that never answered."""
         return self._native.wait_for_cluster(timeout)
 
+    def watch_peers(self, timeout: float | None = None) -> Iterator[PeerEvent]:
+        """The other tasks' comings and goings, as heartbeats find them: first the state of each
+        task already heard from, then every change (``up``, ``restarted``, ``lost``) as it
+        happens. Ends when no event comes for ``timeout`` seconds (never, by default) or the
+        server stops. Each call watches anew; a reader too slow for a burst misses its oldest
+        events."""
+        events = self._native.watch_peers()
+        while (event := events.next(timeout)) is not None:
+            task, state, incarnation, reason = event
+            yield PeerEvent(task, cast(PeerState, state), incarnation, reason)
+
     # -- tensor exchange ----------------------------------------------------------------------
 
-    def send(self, name: str, array: npt.ArrayLike, to: TaskLike) -> None:
+    def send(
+        self, name: str, array: npt.ArrayLike, to: TaskLike, *, timeout: float | None = None
+    ) -> None:
         """Sends ``array`` to task ``to`` under ``name``; returns once that task's server holds
-        all of it (from then on it cannot be lost). Sending to oneself works too."""
-        self._native.send(to, name, array)
+        all of it (from then on it cannot be lost). Sending to oneself works too.
+
+        ``DeadlineExceededError`` past ``timeout`` seconds; with none, waits as long as ``to``
+        is up: a peer lost meanwhile raises ``UnavailableError`` within ``config.peer_timeout``,
+        one restarted ``AbortedError``."""
+        self._native.send(to, name, array, timeout)
 
     def recv(self, name: str, source: TaskLike, timeout: float | None = None) -> npt.NDArray[Any]:
         """The next tensor ``name`` sent by task ``source``, waiting up to ``timeout`` seconds
-        (``DeadlineExceededError`` past it). An unreachable source raises ``UnavailableError``
-        within ``config.connect_timeout``."""
+        (``DeadlineExceededError`` past it). A source that is not up raises ``UnavailableError``
+        unless it comes up within ``config.connect_timeout``; one lost while waited on raises it
+        within ``config.peer_timeout``, one restarted ``AbortedError``."""
         return self._native.recv(source, name, timeout)
 
     def isend(self, name: str, array: npt.ArrayLike, to: TaskLike) -> SendHandle:
@@ -319,8 +338,8 @@ class Server:
     # the tasks listed. Every member must call the group's collectives in the same order, with
     # the same op (which is not checked across members). A rank is a member's position in
     # (job, index) order. Members that disagree on dtype or shape all raise InvalidArgumentError;
-    # a member that cannot be reached for ``config.connect_timeout`` makes the others raise
-    # UnavailableError; ``timeout`` bounds the whole call.
+    # a member lost mid-collective (gone, frozen, cut off) makes the others raise UnavailableError
+    # within ``config.peer_timeout``, one restarted AbortedError; ``timeout`` bounds the whole call.
 
     def all_reduce(
         self,
@@ -370,11 +389,13 @@ class Server:
 
     # -- parameter-server variables -----------------------------------------------------------
 
-    def create_variable(self, name: str, initial: npt.ArrayLike, on: TaskLike) -> Variable:
+    def create_variable(
+        self, name: str, initial: npt.ArrayLike, on: TaskLike, *, timeout: float | None = None
+    ) -> Variable:
         """Creates variable ``name`` on task ``on`` (typically a "ps" task) with value
         ``initial``; ``AlreadyExistsError`` if that task already has one by this name."""
         host = _native.parse_task(on)
-        self._native.variable_op(host, name, "create", initial)
+        self._native.variable_op(host, name, "create", initial, timeout=timeout)
         return Variable(self._native, name, host)
 
     def variable(self, name: str, on: TaskLike) -> Variable:

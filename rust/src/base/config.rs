@@ -9,6 +9,9 @@ use crate::base::errors::{Error, Result};
 pub struct ServerConfig {
     /// How long to keep trying to reach a peer before a call fails with `Unavailable`.
     pub connect_timeout: Duration,
+    /// How long a peer that was up may stay silent (no answer to its heartbeat: frozen, cut
+    /// off, gone) before every wait on it fails with `Unavailable`.
+    pub peer_timeout: Duration,
     /// How long `stop()` lets in-flight calls finish before cutting them off.
     pub shutdown_grace: Duration,
     /// Largest single gRPC message accepted (tensors are chunked, so this bounds a chunk).
@@ -31,6 +34,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             connect_timeout: Duration::from_secs(10),
+            peer_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(5),
             max_message_bytes: 64 << 20,
             chunk_bytes: 1 << 20,
@@ -51,6 +55,8 @@ pub const MAX_CONNECTION_LIMIT: usize = 1 << 20;
 pub const MAX_WORKER_THREADS: usize = 1024;
 pub const MAX_PENDING_BYTES: u64 = i64::MAX as u64;
 pub const MAX_SECONDS: f64 = 1e9;
+/// Shorter, and a heartbeat's round trip over a loaded host could count as silence.
+pub const MIN_PEER_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// Every integer field with its upper bound; each must also be at least 1. The one table of
 /// them: Python's `distsrv.ServerConfig` is checked against it too.
@@ -100,6 +106,15 @@ impl ServerConfig {
     pub fn validate(&self) -> Result<()> {
         seconds("connect_timeout", self.connect_timeout.as_secs_f64())?;
         seconds("shutdown_grace", self.shutdown_grace.as_secs_f64())?;
+        seconds("peer_timeout", self.peer_timeout.as_secs_f64())?;
+        if self.peer_timeout < MIN_PEER_TIMEOUT {
+            return Err(Error::invalid_argument(format!(
+                "ServerConfig.peer_timeout must be at least {:.2} s: a heartbeat takes a round \
+                 trip, not {:.3} s",
+                MIN_PEER_TIMEOUT.as_secs_f64(),
+                self.peer_timeout.as_secs_f64()
+            )));
+        }
         let fields = [
             ("max_message_bytes", self.max_message_bytes as u64),
             ("chunk_bytes", self.chunk_bytes as u64),

@@ -5,6 +5,9 @@
 //! the receiving task's server, which answers only once it holds the whole tensor in its inbox, so
 //! an acknowledged tensor is never lost. The inbox holds at most `max_pending_bytes` of tensors
 //! nobody has received yet; a send beyond that is refused rather than buffered without bound.
+//!
+//! Every send and receive watches its peer (see [`crate::transport::liveness`]): one that is
+//! lost or restarted ends the wait on it, so nothing waits forever on a silent peer.
 
 mod order;
 
@@ -16,10 +19,10 @@ use futures::future::Either;
 
 use crate::base::cluster::TaskId;
 use crate::base::config::ServerConfig;
-use crate::base::errors::{Error, Result, within};
+use crate::base::errors::{Code, Error, Result, within};
 use crate::inbox::Inbox;
 use crate::tensor::{Tensor, TensorBuf, TensorKey, TensorMeta};
-use crate::transport::{Peers, Shm, push, route};
+use crate::transport::{Liveness, Peers, Shm, push, route};
 use crate::wire;
 use order::SendOrder;
 
@@ -27,6 +30,7 @@ pub struct Exchange {
     me: TaskId,
     /// The server runtime's connections, which also know the cluster.
     peers: Arc<Peers>,
+    liveness: Arc<Liveness>,
     chunk_bytes: usize,
     inbox: Arc<Inbox>,
     order: Arc<SendOrder>,
@@ -34,11 +38,12 @@ pub struct Exchange {
 }
 
 impl Exchange {
-    /// The exchange of task `me`: it receives into `inbox`, and sends through `shm` to the peers
-    /// on this host.
+    /// The exchange of task `me`: it receives into `inbox`, sends through `shm` to the peers on
+    /// this host, and learns from `liveness` which peers are gone.
     pub fn new(
         me: TaskId,
         peers: Arc<Peers>,
+        liveness: Arc<Liveness>,
         inbox: Arc<Inbox>,
         shm: Arc<Shm>,
         config: &ServerConfig,
@@ -46,6 +51,7 @@ impl Exchange {
         Self {
             me,
             peers,
+            liveness,
             chunk_bytes: config.chunk_bytes,
             inbox,
             order: Arc::default(),
@@ -104,40 +110,31 @@ impl Exchange {
         }
         let turn = self.order.take_turn(&to, &key.name);
         let connections = Arc::clone(connections);
+        let liveness = Arc::clone(&self.liveness);
         let shm = Arc::clone(&self.shm);
         let chunk = self.chunk_bytes;
         Ok(Either::Right(async move {
-            let _turn = turn.wait().await;
-            let total = payload.len() as u64;
-            let header = wire::header(&key, &meta);
-            let sent = match route::for_tensor(&shm, &connections, &to).await {
-                Some(link) => link.send(&header, &payload).await,
-                None => {
-                    let frames = wire::tensor_frames(&header, payload, chunk);
-                    push::push(&connections, &to, frames, total).await
+            let sending = async {
+                let _turn = turn.wait().await;
+                let total = payload.len() as u64;
+                let header = wire::header(&key, &meta);
+                match route::for_tensor(&shm, &connections, &to).await {
+                    Some(link) => link.send(&header, &payload).await,
+                    None => {
+                        let frames = wire::tensor_frames(&header, payload, chunk);
+                        push::push(&connections, &to, frames, total).await
+                    }
                 }
             };
+            let sent = liveness.guard(&to, sending).await;
             sent.map_err(|e| e.context(format!("send of {:?} to {to}", key.name)))
         }))
     }
 
     /// Receives the next tensor `name` from `source`, waiting up to `timeout` (`None`: no limit)
-    /// for it to arrive. While waiting, the source is checked now and then: if it cannot be reached
-    /// for the connect timeout, the receive fails with `Unavailable` instead of waiting forever.
+    /// for it to arrive, unless the source is lost or restarted first (see [`Liveness::lost`]).
     pub async fn recv(
         &self,
-        source: TaskId,
-        name: String,
-        timeout: Option<Duration>,
-    ) -> Result<Tensor> {
-        self.recv_via(&self.peers, source, name, timeout).await
-    }
-
-    /// Like [`Exchange::recv`], watching the source over `connections`: those of the runtime
-    /// that drives the receive.
-    pub async fn recv_via(
-        &self,
-        connections: &Peers,
         source: TaskId,
         name: String,
         timeout: Option<Duration>,
@@ -149,13 +146,22 @@ impl Exchange {
         if key.source == self.me {
             return timed.await;
         }
-        tokio::select! {
-            // The receive first: once a stop has closed the inbox it is done, and the watchdog,
-            // which makes a new timer each round, is not polled on a runtime shutting down.
-            biased;
-            received = timed => received,
-            lost = connections.unreachable(&key.source) => Err(lost.context(format!("recv of {key}"))),
-        }
+        let received = self.liveness.guard(&key.source, timed).await;
+        received.map_err(|e| match e.code {
+            Code::Unavailable | Code::Aborted => e.context(format!("recv of {key}")),
+            _ => e,
+        })
+    }
+
+    /// Drops the tensors under names that start with `prefix`, those here and those to come:
+    /// the pieces of a collective that failed.
+    pub fn abandon(&self, prefix: &str) {
+        self.inbox.abandon(prefix);
+    }
+
+    /// Which peers are up (see [`Liveness`]).
+    pub fn liveness(&self) -> &Arc<Liveness> {
+        &self.liveness
     }
 
     pub fn me(&self) -> &TaskId {

@@ -65,8 +65,14 @@ struct Slot {
 
 struct InboxState {
     slots: HashMap<TensorKey, Slot>,
+    /// Name prefixes whose tensors are dropped on arrival (see [`Inbox::abandon`]), the newest
+    /// [`ABANDONED_KEPT`].
+    abandoned: VecDeque<String>,
     closed: Option<Error>,
 }
+
+/// Abandoned prefixes remembered: a late piece of an older one stays until the server stops.
+const ABANDONED_KEPT: usize = 64;
 
 /// Tensors that arrived at this task, by (source, name), and the receives waiting for them.
 pub struct Inbox {
@@ -84,6 +90,7 @@ impl Inbox {
             cluster,
             state: Mutex::new(InboxState {
                 slots: HashMap::new(),
+                abandoned: VecDeque::new(),
                 closed: None,
             }),
             pending_bytes: AtomicU64::new(0),
@@ -119,6 +126,16 @@ impl Inbox {
             tensor,
             _reservation: reservation,
         };
+        if state
+            .abandoned
+            .iter()
+            .any(|p| key.name.starts_with(p.as_str()))
+        {
+            return Ok(Handoff {
+                inbox: Arc::clone(self),
+                pending: None,
+            });
+        }
         if let Some(slot) = state.slots.get_mut(&key) {
             // Receives that gave up (timeout, Ctrl-C) are skipped.
             while let Some(waiter) = slot.waiting.pop_front() {
@@ -207,6 +224,27 @@ impl Inbox {
                 .arrived
                 .push_front(arrived);
         }
+    }
+
+    /// Drops every tensor whose name starts with `prefix`, and those that arrive later (of the
+    /// last [`ABANDONED_KEPT`] prefixes): what is left of an operation that failed. Receives
+    /// waiting under the prefix keep waiting.
+    pub fn abandon(&self, prefix: &str) {
+        let mut state = self.lock();
+        let mut dropped = Vec::new();
+        state.slots.retain(|key, slot| {
+            if !key.name.starts_with(prefix) {
+                return true;
+            }
+            dropped.extend(slot.arrived.drain(..));
+            !slot.waiting.is_empty()
+        });
+        if state.abandoned.len() == ABANDONED_KEPT {
+            state.abandoned.pop_front();
+        }
+        state.abandoned.push_back(prefix.to_owned());
+        drop(state);
+        drop(dropped);
     }
 
     /// Ends every waiting receive and refuses new tensors; unreceived tensors are dropped.

@@ -18,8 +18,9 @@ use tokio::task::JoinHandle;
 use super::server::Server;
 use super::status;
 use super::status::{HealthAndStatus, Statuses};
+use super::task::Task;
 use crate::base::cluster::TaskId;
-use crate::base::errors::{Error, Result};
+use crate::base::errors::{Error, Result, within};
 use crate::base::security::Security;
 use crate::ops::collectives::{Collective, Group};
 use crate::ops::variables::parse_op;
@@ -101,6 +102,19 @@ pub fn query_status(
     })
 }
 
+/// `work` on `peer`, ended early if `peer` is lost or restarted (a call on this task itself
+/// runs as it is).
+async fn watched<T>(
+    task: &Task,
+    peer: &TaskId,
+    work: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    if *peer == task.def.task {
+        return work.await;
+    }
+    task.liveness.guard(peer, work).await
+}
+
 impl Server {
     fn on_caller(&self) -> Result<Driver> {
         Ok(Driver::Caller(self.caller_runtime()?))
@@ -117,19 +131,23 @@ impl Server {
         })
     }
 
-    /// Sends `payload` to `to` under `name`; done once the receiving server holds all of it.
+    /// Sends `payload` to `to` under `name`; done once the receiving server holds all of it,
+    /// or DEADLINE_EXCEEDED past `timeout` (`None`: while `to` is up).
     pub fn send(
         &self,
         to: TaskId,
         name: String,
         meta: TensorMeta,
         payload: Bytes,
+        timeout: Option<Duration>,
     ) -> Result<Blocking<impl Future<Output = Result<()>> + Send + use<>>> {
         let driver = self.on_caller()?;
         let task = self.task();
-        let work = task
+        let what = format!("send of {name:?} to {to} not done");
+        let sending = task
             .exchange
             .send_via(&task.caller_peers, to, name, meta, payload)?;
+        let work = within(timeout, what, sending);
         Ok(Blocking { driver, work })
     }
 
@@ -193,7 +211,8 @@ impl Server {
     }
 
     /// Applies `op` ("read", "create", "assign", "assign_add", "sgd_step") to variable `name`
-    /// hosted on `host`; a read gives the value.
+    /// hosted on `host`; a read gives the value. Fails with DEADLINE_EXCEEDED past `timeout`
+    /// (`None`: while `host` is up).
     pub fn variable(
         &self,
         host: TaskId,
@@ -201,14 +220,17 @@ impl Server {
         op: &str,
         value: Option<(TensorMeta, Bytes)>,
         learning_rate: f64,
+        timeout: Option<Duration>,
     ) -> Result<Blocking<impl Future<Output = Result<Option<Tensor>>> + Send + '_>> {
         let op = parse_op(op)?;
         let driver = self.on_runtime()?;
         let task = self.task();
+        let what = format!("{op:?} of variable {name:?} on {host} not done");
         let work = async move {
-            task.variables
-                .call(&task.peers, &host, name, op, value, learning_rate)
-                .await
+            let applied = task
+                .variables
+                .call(&task.peers, &host, name, op, value, learning_rate);
+            within(timeout, what, watched(task, &host, applied)).await
         };
         Ok(Blocking { driver, work })
     }
@@ -233,6 +255,11 @@ impl Server {
         Ok(Blocking { driver, work })
     }
 
+    /// The other tasks' comings and goings from now on, and the runtime to wait for them on.
+    pub fn watch_peers(&self) -> Result<(Handle, status::PeerWatch)> {
+        Ok((self.runtime()?, status::PeerWatch::new(self.task())))
+    }
+
     /// Runs operation `op` on task `to` with `kwargs`; its result.
     pub fn call(
         &self,
@@ -243,9 +270,12 @@ impl Server {
     ) -> Result<Blocking<impl Future<Output = Result<proto::Value>> + Send + '_>> {
         let driver = self.on_caller()?;
         let task = self.task();
-        let work = task
-            .operations
-            .call(&task.caller_peers, to, op, kwargs, timeout);
+        let work = async move {
+            let called = task
+                .operations
+                .call(&task.caller_peers, to.clone(), op, kwargs, timeout);
+            watched(task, &to, called).await
+        };
         Ok(Blocking { driver, work })
     }
 
@@ -259,9 +289,10 @@ impl Server {
     ) -> Result<Background<impl Future<Output = Result<proto::Value>> + Send + use<>>> {
         let task = Arc::clone(self.task());
         self.background(async move {
-            task.operations
-                .call(&task.peers, to, op, kwargs, timeout)
-                .await
+            let called = task
+                .operations
+                .call(&task.peers, to.clone(), op, kwargs, timeout);
+            watched(&task, &to, called).await
         })
     }
 }

@@ -210,6 +210,7 @@ impl Server {
             let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
             let (health, router) = service::router(&self.task)?;
             self.task.serve_same_host();
+            self.task.liveness.run_on(runtime.handle().clone());
             let lifecycle = Arc::clone(&self.lifecycle);
             let serve = runtime.spawn(async move {
                 let served = router

@@ -49,6 +49,10 @@ pub fn router(
         .initial_stream_window_size(peers::STREAM_WINDOW_BYTES)
         .initial_connection_window_size(peers::CONNECTION_WINDOW_BYTES)
         .max_frame_size(peers::MAX_FRAME_BYTES)
+        // A caller that stops answering pings is cut off, so its calls end and free their slots.
+        .http2_keepalive_interval(Some(task.config.peer_timeout))
+        .http2_keepalive_timeout(Some(task.config.peer_timeout))
+        .tcp_keepalive(Some(task.config.peer_timeout))
         .layer(TokenCheckLayer(task.security.clone()))
         .add_service(health_service)
         .add_service(reflection().build_v1().expect("descriptors are valid"))

@@ -2,10 +2,11 @@
 //! holds up no other, and a task can be waited for until it answers. A task may also be a stock
 //! TensorFlow server, asked at TensorFlow's path, so a mixed cluster can be inspected.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use futures::future::join_all;
+use tokio::sync::broadcast;
 use tokio::time::Instant;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -17,6 +18,7 @@ use crate::base::errors::{Error, Result};
 use crate::base::retry::{Backoff, with_backoff};
 use crate::base::security::Security;
 use crate::transport::auth::{Credentials, PeerChannel};
+use crate::transport::liveness::{PeerEvent, Presence};
 use crate::transport::peers::endpoint;
 use crate::transport::status::{TaskStatus, get_status};
 use crate::transport::tls::Tls;
@@ -130,6 +132,47 @@ async fn ask(task: &Task, other: &TaskId, limit: Duration) -> Result<TaskStatus>
             "the server at its address is {named}, of another cluster"
         ))),
         _ => Ok(status),
+    }
+}
+
+/// The other tasks' comings and goings, as the heartbeats find them, starting with how each
+/// is now (see [`crate::transport::liveness`]).
+pub struct PeerWatch {
+    now: VecDeque<PeerEvent>,
+    events: Option<broadcast::Receiver<PeerEvent>>,
+}
+
+impl PeerWatch {
+    /// Starts watching every other task of `task`'s cluster.
+    pub fn new(task: &Task) -> Self {
+        let events = task.liveness.events();
+        let now = task.liveness.watch_all(&task.def.task);
+        let now = now
+            .into_iter()
+            .filter(|(_, presence)| *presence != Presence::Unknown)
+            .map(|(task, presence)| PeerEvent {
+                task,
+                presence,
+                previous: None,
+            })
+            .collect();
+        Self { now, events }
+    }
+
+    /// The next change; `None` once the server has stopped. Events a slow reader missed are
+    /// skipped.
+    pub async fn next(&mut self) -> Option<PeerEvent> {
+        if let Some(event) = self.now.pop_front() {
+            return Some(event);
+        }
+        let events = self.events.as_mut()?;
+        loop {
+            match events.recv().await {
+                Ok(event) => return Some(event),
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
     }
 }
 

@@ -20,7 +20,7 @@ use crate::ops::variables::Variables;
 use crate::proto;
 use crate::transport::shm::CallServer;
 use crate::transport::tls::Tls;
-use crate::transport::{Peers, Shm};
+use crate::transport::{Liveness, Peers, Shm};
 
 /// One task's state, shared by its services and by the calls its user makes.
 pub struct Task {
@@ -35,6 +35,8 @@ pub struct Task {
     /// This task's devices, found once when the server is made.
     pub devices: Vec<proto::DeviceAttributes>,
     pub peers: Arc<Peers>,
+    /// Which peers are up, found by heartbeats over `peers`.
+    pub liveness: Arc<Liveness>,
     /// The same peers, connected on the server's caller runtime (`Server::caller_runtime`).
     pub caller_peers: Arc<Peers>,
     /// Where tensors sent to this task arrive, by any transport.
@@ -42,7 +44,7 @@ pub struct Task {
     /// The same-host fast path, as sender and as receiver.
     pub shm: Arc<Shm>,
     pub exchange: Arc<Exchange>,
-    pub collectives: Collectives,
+    pub collectives: Arc<Collectives>,
     /// The parameter-server variables this task hosts.
     pub variables: Variables,
     pub operations: Operations,
@@ -55,6 +57,7 @@ impl Task {
     pub fn new(def: ServerDef, config: ServerConfig, security: Security) -> Result<Self> {
         let tls = security.tls.clone().map(Tls::new).transpose()?;
         let me = &def.task;
+        let incarnation = rand::random::<u64>() | 1;
         let peers = Arc::new(Peers::new(
             def.cluster.clone(),
             &config,
@@ -67,9 +70,11 @@ impl Task {
             config.shared_memory,
             config.max_message_bytes,
         ));
+        let liveness = Arc::new(Liveness::new(Arc::clone(&peers), &config));
         let exchange = Arc::new(Exchange::new(
             me.clone(),
             Arc::clone(&peers),
+            Arc::clone(&liveness),
             Arc::clone(&inbox),
             Arc::clone(&shm),
             &config,
@@ -81,13 +86,14 @@ impl Task {
                 &security,
                 tls.clone(),
             )),
-            incarnation: rand::random::<u64>() | 1,
+            incarnation,
             devices: devices::discover(me),
             calls: Arc::new(tokio::sync::Semaphore::new(config.connection_limit)),
             operations: Operations::new(me.clone(), &config, Arc::clone(&shm)),
             variables: Variables::new(me.clone(), &config),
-            collectives: Collectives::default(),
+            collectives: Arc::new(Collectives::new(incarnation)),
             peers,
+            liveness,
             inbox,
             shm,
             exchange,
@@ -111,6 +117,7 @@ impl Task {
     /// Ends the task's traffic: every waiting receive and call, sends on same-host links, and
     /// serving of the links; unreceived tensors are dropped and idle shared memory freed.
     pub fn close(&self) {
+        self.liveness.close();
         self.inbox.close();
         self.shm.close();
         self.peers.disconnect();

@@ -10,12 +10,17 @@
 //! Each element of a result is computed by exactly one task (or, all-to-all, by every task in the
 //! same order), so results are bitwise identical everywhere. Members that disagree on dtype or
 //! shape all fail with `InvalidArgument`, since every member sees every member's description
-//! before reducing. A member unreachable for the connect timeout fails the collective with
-//! `Unavailable` on every member still waiting.
+//! before reducing. A member lost mid-collective fails it with `Unavailable` on every member
+//! still waiting, within the peer timeout, and the collective's pieces that reached this task
+//! are dropped, now and on arrival.
+//!
+//! Sequence numbers count per group *and* per incarnation of its members: a member that
+//! restarts counts from one again, and so do the others once they see it back, so the group
+//! works again as soon as all its members are up.
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -35,40 +40,64 @@ const ALL_TO_ALL_BYTES: usize = 2 << 20;
 /// Ring messages carry at most this much of a segment.
 const PIECE_BYTES: usize = 4 << 20;
 
-/// Per group, how many collectives this task has begun: the next one's sequence number.
-#[derive(Default)]
+/// Per group and incarnations of its members, how many collectives this task has begun.
 pub struct Collectives {
-    sequences: Mutex<HashMap<Vec<TaskId>, u64>>,
+    /// This task's incarnation, its part of every group's.
+    incarnation: u64,
+    sequences: Mutex<HashMap<(Vec<TaskId>, u64), u64>>,
 }
 
 impl Collectives {
+    pub fn new(incarnation: u64) -> Self {
+        Self {
+            incarnation,
+            sequences: Mutex::default(),
+        }
+    }
+
     /// This task's part in the next collective of `group`, failing after `timeout` if given. Its
     /// messages go over `connections`, those of the runtime that will drive it.
     ///
-    /// Takes the collective's sequence number: check whatever the call can refuse on its own
-    /// before, since a call that took a number and then sent nothing leaves this task out of step
-    /// with the rest of the group.
+    /// The collective takes its sequence number once every member is up: check whatever the
+    /// call can refuse on its own before running it, since a collective that took a number and
+    /// then sent nothing leaves this task out of step with the rest of the group.
     pub fn begin(
-        &self,
+        self: &Arc<Self>,
         exchange: &Arc<Exchange>,
         connections: &Arc<Peers>,
         group: Group,
         timeout: Option<Duration>,
     ) -> Collective {
-        let sequence = {
-            let mut sequences = self.sequences.lock().unwrap_or_else(|e| e.into_inner());
-            let next = sequences.entry(group.members.clone()).or_default();
-            *next += 1;
-            *next
-        };
         Collective {
+            collectives: Arc::clone(self),
             exchange: Arc::clone(exchange),
             connections: Arc::clone(connections),
-            prefix: format!("/distsrv/collective/[{group}]/{sequence}"),
+            prefix: OnceLock::new(),
             group,
             timeout,
         }
     }
+
+    /// The next sequence number of `group` with its members' `incarnations`.
+    fn next(&self, group: &Group, incarnations: u64) -> u64 {
+        let mut sequences = self.sequences.lock().unwrap_or_else(|e| e.into_inner());
+        let next = sequences
+            .entry((group.members.clone(), incarnations))
+            .or_default();
+        *next += 1;
+        *next
+    }
+}
+
+/// The incarnations of a group's members, in rank order, as one number (FNV-1a): the same on
+/// every member that sees the same incarnations, and new when any member restarts.
+fn fingerprint(incarnations: &[u64]) -> u64 {
+    incarnations
+        .iter()
+        .flat_map(|incarnation| incarnation.to_le_bytes())
+        .fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
 }
 
 /// The tasks of a collective, including this one.
@@ -119,10 +148,12 @@ impl std::fmt::Display for Group {
 
 /// One collective call, as this task takes part in it.
 pub struct Collective {
+    collectives: Arc<Collectives>,
     exchange: Arc<Exchange>,
     connections: Arc<Peers>,
     group: Group,
-    prefix: String,
+    /// What every message of this collective is named under, set once every member is up.
+    prefix: OnceLock<String>,
     timeout: Option<Duration>,
 }
 
@@ -276,12 +307,17 @@ impl Collective {
         self.guarded("barrier", work).await
     }
 
-    /// Runs `work` until it ends, the timeout passes, or a member is found unreachable.
+    /// Runs `work` once every member is up, until it ends, the timeout passes, or a member is
+    /// lost; a failed collective's pieces are dropped.
     async fn guarded<T>(&self, what: &str, work: impl Future<Output = Result<T>>) -> Result<T> {
-        let peers = &self.connections;
+        let work = async {
+            self.name_messages().await?;
+            work.await
+        };
+        let liveness = self.exchange.liveness();
         let watched = self
             .others()
-            .map(|rank| Box::pin(peers.unreachable(&self.group.members[rank])));
+            .map(|rank| Box::pin(liveness.lost(&self.group.members[rank])));
         let lost = async {
             let watched: Vec<_> = watched.collect();
             if watched.is_empty() {
@@ -298,6 +334,11 @@ impl Collective {
             }
         };
         let done = within(self.timeout, "not done", watched_work).await;
+        if done.is_err()
+            && let Some(prefix) = self.prefix.get()
+        {
+            self.exchange.abandon(prefix);
+        }
         done.map_err(|e| {
             e.context(format!(
                 "{what} of {} tasks at {}",
@@ -307,6 +348,33 @@ impl Collective {
         })
     }
 
+    /// Waits until every member is up, then takes this collective's sequence number among
+    /// those incarnations of the members.
+    async fn name_messages(&self) -> Result<()> {
+        let liveness = self.exchange.liveness();
+        let others = self.others().map(|rank| {
+            let member = &self.group.members[rank];
+            async move { Ok::<_, Error>((rank, liveness.incarnation(member).await?)) }
+        });
+        let mut incarnations = vec![self.collectives.incarnation; self.group.members.len()];
+        for (rank, incarnation) in try_join_all(others).await? {
+            incarnations[rank] = incarnation;
+        }
+        let fingerprint = fingerprint(&incarnations);
+        let sequence = self.collectives.next(&self.group, fingerprint);
+        let group = &self.group;
+        let _ = self.prefix.set(format!(
+            "/distsrv/collective/[{group}]/{fingerprint:016x}/{sequence}"
+        ));
+        Ok(())
+    }
+
+    /// The name of this collective's message of `step`.
+    fn message(&self, step: &str) -> String {
+        let prefix = self.prefix.get().map_or("", String::as_str);
+        format!("{prefix}/{step}")
+    }
+
     fn others(&self) -> impl Iterator<Item = usize> + use<> {
         let me = self.group.rank;
         (0..self.group.members.len()).filter(move |rank| *rank != me)
@@ -314,7 +382,7 @@ impl Collective {
 
     async fn send(&self, rank: usize, step: &str, meta: TensorMeta, data: Bytes) -> Result<()> {
         let to = self.group.members[rank].clone();
-        let name = format!("{}/{step}", self.prefix);
+        let name = self.message(step);
         self.exchange
             .send_via(&self.connections, to, name, meta, data)?
             .await
@@ -322,10 +390,8 @@ impl Collective {
 
     async fn recv(&self, rank: usize, step: &str) -> Result<Tensor> {
         let source = self.group.members[rank].clone();
-        let name = format!("{}/{step}", self.prefix);
-        self.exchange
-            .recv_via(&self.connections, source, name, None)
-            .await
+        let name = self.message(step);
+        self.exchange.recv(source, name, None).await
     }
 
     /// Sends `data` to every other member and receives theirs: every member's, in rank order.

@@ -55,6 +55,7 @@ impl<'a, 'py> FromPyObject<'a, 'py> for ConfigArgs {
         }
         let config = ServerConfig {
             connect_timeout: seconds("connect_timeout")?,
+            peer_timeout: seconds("peer_timeout")?,
             shutdown_grace: seconds("shutdown_grace")?,
             max_message_bytes: int("max_message_bytes")? as usize,
             chunk_bytes: int("chunk_bytes")? as usize,
@@ -102,6 +103,7 @@ pub fn config_defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let config = ServerConfig::default();
     let defaults = PyDict::new(py);
     defaults.set_item("connect_timeout", config.connect_timeout.as_secs_f64())?;
+    defaults.set_item("peer_timeout", config.peer_timeout.as_secs_f64())?;
     defaults.set_item("shutdown_grace", config.shutdown_grace.as_secs_f64())?;
     defaults.set_item("max_message_bytes", config.max_message_bytes)?;
     defaults.set_item("chunk_bytes", config.chunk_bytes)?;

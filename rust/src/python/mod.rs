@@ -5,6 +5,7 @@ mod args;
 mod devices;
 mod errors;
 mod handlers;
+mod peers;
 mod pending;
 mod server;
 mod tensor;
@@ -27,6 +28,8 @@ mod native {
     use super::args::{check_config, config_defaults, temporary_tls};
     #[pymodule_export]
     use super::devices::query_status;
+    #[pymodule_export]
+    use super::peers::PeerEvents;
     #[pymodule_export]
     use super::pending::Pending;
     #[pymodule_export]

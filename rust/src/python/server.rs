@@ -13,6 +13,7 @@ use super::args::{ConfigArgs, SecurityArgs, TaskArg, seconds};
 use super::devices::{DeviceTuple, device_tuple};
 use super::errors::{IntoPyResult, to_py};
 use super::handlers::PyHandler;
+use super::peers::PeerEvents;
 use super::pending::{Completed, OnDrop, Pending, completion_pipe};
 use super::tensor::{array_in, array_out};
 use super::values;
@@ -126,16 +127,19 @@ impl NativeServer {
     }
 
     /// Sends `array` to task `to`; returns once the receiving server holds all of it.
+    #[pyo3(signature = (to, name, array, timeout=None))]
     fn send(
         &self,
         py: Python<'_>,
         to: TaskArg,
         name: String,
         array: &Bound<'_, PyAny>,
+        timeout: Option<f64>,
     ) -> PyResult<()> {
         let server = self.server()?;
+        let timeout = seconds(timeout)?;
         let (meta, held, payload) = array_in(array)?;
-        let sending = server.send(to.0, name, meta, payload).into_py()?;
+        let sending = server.send(to.0, name, meta, payload, timeout).into_py()?;
         let sent = wait(py, sending);
         held.release(py);
         sent?.into_py()
@@ -283,7 +287,8 @@ impl NativeServer {
 
     /// Applies `op` ("read", "create", "assign", "assign_add", "sgd_step") to variable `name`
     /// hosted on `host`; a read gives the value.
-    #[pyo3(signature = (host, name, op, value=None, learning_rate=0.0))]
+    #[pyo3(signature = (host, name, op, value=None, learning_rate=0.0, timeout=None))]
+    #[allow(clippy::too_many_arguments)] // one per argument of the Python call
     fn variable_op<'py>(
         &self,
         py: Python<'py>,
@@ -292,8 +297,10 @@ impl NativeServer {
         op: &str,
         value: Option<Bound<'_, PyAny>>,
         learning_rate: f64,
+        timeout: Option<f64>,
     ) -> PyResult<Option<Bound<'py, PyAny>>> {
         let server = self.server()?;
+        let timeout = seconds(timeout)?;
         let (held, value) = match value {
             Some(array) => {
                 let (meta, held, bytes) = array_in(&array)?;
@@ -301,7 +308,7 @@ impl NativeServer {
             }
             None => (None, None),
         };
-        let applying = server.variable(host.0, name, op, value, learning_rate);
+        let applying = server.variable(host.0, name, op, value, learning_rate, timeout);
         let response = match applying.into_py() {
             Ok(applying) => wait(py, applying),
             Err(error) => Err(error),
@@ -332,6 +339,12 @@ impl NativeServer {
     fn local_devices(&self) -> PyResult<Vec<DeviceTuple>> {
         let devices = self.server()?.task().devices.clone();
         Ok(devices.into_iter().map(device_tuple).collect())
+    }
+
+    /// The other tasks' comings and goings, starting with how each is now.
+    fn watch_peers(&self) -> PyResult<PeerEvents> {
+        let (runtime, watch) = self.server()?.watch_peers().into_py()?;
+        Ok(PeerEvents::new(runtime, watch))
     }
 
     /// Every task's devices in cluster order, all tasks asked at once, each for up to `timeout`

@@ -111,9 +111,23 @@ where
     F: Future + Send,
     F::Output: Send,
 {
+    Ok(wait_until(py, runtime, None, future)?.expect("no deadline"))
+}
+
+/// Like [`wait_interruptibly`], giving up at `deadline` (`None`: never): `None` then.
+pub fn wait_until<F>(
+    py: Python<'_>,
+    runtime: &Handle,
+    deadline: Option<Instant>,
+    future: F,
+) -> PyResult<Option<F::Output>>
+where
+    F: Future + Send,
+    F::Output: Send,
+{
     let mut future = std::pin::pin!(future);
     let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
-    let polled = in_slices(py, None, |length| {
+    in_slices(py, deadline, |length| {
         let _entered = runtime.enter();
         let mut context = Context::from_waker(&waker);
         let check_signals_at = Instant::now() + length;
@@ -127,8 +141,7 @@ where
             }
             std::thread::park_timeout(left);
         }
-    })?;
-    Ok(polled.expect("no deadline"))
+    })
 }
 
 /// Drives `future` on a current-thread runtime (the server's caller runtime), which this thread

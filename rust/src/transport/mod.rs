@@ -1,8 +1,10 @@
 //! Moving bytes to peers: connections to every other task ([`peers`]), the HTTP/2 push of a
-//! tensor, both ends ([`push`]), the GetStatus client ([`status`]), the same-host fast path
+//! tensor, both ends ([`push`]), the GetStatus client ([`status`]), each peer's heartbeat
+//! ([`liveness`]), the same-host fast path
 //! through shared memory ([`shm`]), and the choice between the two for each peer ([`route`]).
 
 pub mod auth;
+pub mod liveness;
 pub mod peers;
 pub mod push;
 pub mod route;
@@ -10,5 +12,6 @@ pub mod shm;
 pub mod status;
 pub mod tls;
 
+pub use liveness::Liveness;
 pub use peers::Peers;
 pub use shm::{Link, Shm};

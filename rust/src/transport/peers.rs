@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::OnceCell;
@@ -16,11 +16,10 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::auth::{Credentials, PeerChannel};
 use super::shm::Links;
-use super::status;
 use super::tls::Tls;
 use crate::base::cluster::{Cluster, TaskId, parse_address};
 use crate::base::config::ServerConfig;
-use crate::base::errors::{Code, Error, Result};
+use crate::base::errors::{Error, Result};
 use crate::base::retry::{Backoff, with_backoff};
 use crate::base::security::Security;
 
@@ -32,8 +31,6 @@ pub const MAX_FRAME_BYTES: u32 = 1 << 20;
 
 /// Bytes a push over TLS gathers before it encrypts: a small tensor and its frames in one record.
 const TLS_WRITE_BUFFER: usize = 64 << 10;
-/// How often a wait on a peer checks that the peer is still there.
-const LIVENESS_CHECK: Duration = Duration::from_millis(250);
 /// Pauses between tries at connecting to a peer that is not up yet.
 const CONNECT_BACKOFF: Backoff = Backoff {
     first: Duration::from_millis(10),
@@ -58,12 +55,13 @@ pub fn endpoint(address: &str, connect_timeout: Duration, tls: Option<&Tls>) -> 
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES))
 }
 
-/// An HTTP/2 connection over `io` (TCP, or TLS over TCP), driven by a task of its own.
-async fn http2<IO>(io: IO) -> std::io::Result<PushConnection>
+/// An HTTP/2 connection over `io` (TCP, or TLS over TCP), driven by a task of its own, which
+/// pings the peer every `peer_timeout` and closes the connection if an answer takes longer.
+async fn http2<IO>(io: IO, peer_timeout: Duration) -> std::io::Result<PushConnection>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (requests, driver) = h2::client::Builder::new()
+    let (requests, mut driver) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
@@ -72,8 +70,24 @@ where
         .map_err(std::io::Error::other)?;
     let closed = Arc::new(AtomicBool::new(false));
     let ended = Arc::clone(&closed);
+    let mut pings = driver.ping_pong();
     tokio::spawn(async move {
-        let _ = driver.await;
+        let keepalive = async {
+            let Some(pings) = pings.as_mut() else {
+                return std::future::pending().await;
+            };
+            loop {
+                tokio::time::sleep(peer_timeout).await;
+                let answered = tokio::time::timeout(peer_timeout, pings.ping(h2::Ping::opaque()));
+                if !matches!(answered.await, Ok(Ok(_))) {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            _ = &mut driver => {}
+            () = keepalive => {}
+        }
         ended.store(true, Ordering::Release);
     });
     Ok(PushConnection { requests, closed })
@@ -102,9 +116,8 @@ pub struct Peers {
     pushes: Mutex<HashMap<TaskId, PushConnection>>,
     /// Same-host links to the peers that share this host (see `shm`).
     links: Links,
-    /// Ticks every [`LIVENESS_CHECK`] for the waits that watch a peer. One shared timer, not one
-    /// per wait: a wait's own timer would wake the runtime to register it, at every receive.
-    liveness_ticks: OnceLock<tokio::sync::watch::Receiver<()>>,
+    /// A connection silent this long (no answer to an HTTP/2 ping) is closed, failing its calls.
+    peer_timeout: Duration,
 }
 
 impl Peers {
@@ -123,7 +136,7 @@ impl Peers {
             channels: Mutex::new(HashMap::new()),
             pushes: Mutex::new(HashMap::new()),
             links: Links::default(),
-            liveness_ticks: OnceLock::new(),
+            peer_timeout: config.peer_timeout,
         }
     }
 
@@ -134,12 +147,21 @@ impl Peers {
     /// The connection to `task`, establishing it if needed. Peers start in any order, so a refused
     /// or unresolvable address is retried with backoff until the connect timeout has passed.
     pub async fn channel(&self, task: &TaskId) -> Result<PeerChannel> {
+        self.channel_within(task, self.connect_timeout).await
+    }
+
+    /// Like [`Peers::channel`], trying to connect for `limit` at most (a heartbeat's ask).
+    pub async fn channel_within(&self, task: &TaskId, limit: Duration) -> Result<PeerChannel> {
         let address = self.cluster.require(task)?;
         let cell = Arc::clone(self.lock().entry(task.clone()).or_default());
         let channel = cell
             .get_or_try_init(|| async {
-                let endpoint = endpoint(address, self.connect_timeout, self.tls.as_ref())?;
-                self.retrying(task, address, || endpoint.connect()).await
+                let endpoint = endpoint(address, self.connect_timeout, self.tls.as_ref())?
+                    .http2_keep_alive_interval(self.peer_timeout)
+                    .keep_alive_timeout(self.peer_timeout)
+                    .tcp_keepalive(Some(self.peer_timeout));
+                self.retrying(task, address, limit, || endpoint.connect())
+                    .await
             })
             .await?;
         Ok(self.credentials.on(channel.clone()))
@@ -180,83 +202,49 @@ impl Peers {
                     // TLS writes are not vectored: without a buffer, each slice h2 hands over
                     // (frame heads, a small tensor's payload) would be a record and a write.
                     let tls_stream = tls.connect(&host, stream).await?;
-                    http2(tokio::io::BufWriter::with_capacity(
-                        TLS_WRITE_BUFFER,
-                        tls_stream,
-                    ))
-                    .await
+                    let buffered =
+                        tokio::io::BufWriter::with_capacity(TLS_WRITE_BUFFER, tls_stream);
+                    http2(buffered, self.peer_timeout).await
                 }
-                None => http2(stream).await,
+                None => http2(stream, self.peer_timeout).await,
             }
         };
-        let connection =
-            tokio::time::timeout(self.connect_timeout, self.retrying(task, address, connect))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(Error::unavailable(format!(
-                        "task {task} at {address} is unreachable after {:.1?}",
-                        self.connect_timeout
-                    )))
-                })?;
+        let connection = tokio::time::timeout(
+            self.connect_timeout,
+            self.retrying(task, address, self.connect_timeout, connect),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::unavailable(format!(
+                "task {task} at {address} is unreachable after {:.1?}",
+                self.connect_timeout
+            )))
+        })?;
         let mut pushes = self.pushes.lock().unwrap_or_else(|e| e.into_inner());
         pushes.insert(task.clone(), connection.clone());
         Ok((connection, uri))
     }
 
-    /// Tries `connect` until it succeeds or the connect timeout has passed.
+    /// Tries `connect` until it succeeds or `limit` has passed.
     async fn retrying<T, E, F>(
         &self,
         task: &TaskId,
         address: &str,
+        limit: Duration,
         connect: impl Fn() -> F,
     ) -> Result<T>
     where
         E: std::fmt::Display,
         F: Future<Output = std::result::Result<T, E>>,
     {
-        let deadline = Instant::now() + self.connect_timeout;
+        let deadline = Instant::now() + limit;
         with_backoff(Some(deadline), CONNECT_BACKOFF, connect)
             .await
             .map_err(|error| {
                 Error::unavailable(format!(
-                    "task {task} at {address} is unreachable after {:.1?}: {error}",
-                    self.connect_timeout
+                    "task {task} at {address} is unreachable after {limit:.1?}: {error}"
                 ))
             })
-    }
-
-    /// Resolves only when `task` has been unreachable for the connect timeout, checking at every
-    /// liveness tick; its answer to GetStatus proves it alive. Called on the server's runtime.
-    pub async fn unreachable(&self, task: &TaskId) -> Error {
-        let mut ticks = self
-            .liveness_ticks
-            .get_or_init(|| {
-                let (tick, ticks) = tokio::sync::watch::channel(());
-                tokio::spawn(async move {
-                    let mut interval = tokio::time::interval(LIVENESS_CHECK);
-                    loop {
-                        interval.tick().await;
-                        tick.send_replace(());
-                    }
-                });
-                ticks
-            })
-            .clone();
-        ticks.mark_unchanged();
-        loop {
-            if ticks.changed().await.is_err() {
-                // The runtime is stopping; its stop ends this wait.
-                std::future::pending::<()>().await;
-            }
-            let asked = async { status::get_status(self.channel(task).await?).await };
-            if let Err(error) = asked
-                .await
-                .map_err(|e| e.context(format!("GetStatus of {task}")))
-                && error.code == Code::Unavailable
-            {
-                return error;
-            }
-        }
     }
 
     /// The same-host links of these connections (see [`super::route`]).

@@ -1,0 +1,339 @@
+//! Which peers are alive, and as which incarnation.
+//!
+//! Every peer that something waits on gets one heartbeat, run on the server's runtime however
+//! many calls wait on it: GetStatus every [`heartbeat`], each bounded by `peer_timeout`. A peer
+//! that answered is `Up` as the incarnation it named; it is `Lost` once it has been silent for
+//! `peer_timeout` (a frozen process, a cut link: no answer, no reset) or at once when nothing
+//! listens at its address any more (its process is gone). A wait on a peer fails with
+//! `Unavailable` when the peer it saw up is lost, and with `Aborted` when the peer comes back as a
+//! new incarnation, whose tensors and state are not the old one's. A peer that is not up when the
+//! wait begins (not started yet, or restarting) is waited for, like a connect, for up to
+//! `connect_timeout`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::runtime::Handle;
+use tokio::sync::{broadcast, watch};
+use tokio::time::Instant;
+
+use super::peers::Peers;
+use super::status::get_status;
+use crate::base::cluster::TaskId;
+use crate::base::config::ServerConfig;
+use crate::base::errors::{Code, Error, Result};
+
+/// What the heartbeat last found of a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Presence {
+    /// No heartbeat has told yet.
+    Unknown,
+    /// It answered as this incarnation.
+    Up(u64),
+    /// It stopped answering; `incarnation` is the one last seen up, if any.
+    Lost {
+        incarnation: Option<u64>,
+        why: String,
+    },
+}
+
+/// A change of a peer's presence, as [`Liveness::events`] tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerEvent {
+    pub task: TaskId,
+    pub presence: Presence,
+    /// The incarnation seen up before this one, for an `Up` that follows another incarnation.
+    pub previous: Option<u64>,
+}
+
+/// Events kept for a slow reader of [`Liveness::events`] before it misses some.
+const EVENTS_KEPT: usize = 1024;
+
+/// How often a watched peer is asked: several times within `peer_timeout`, so that one late
+/// answer is not silence, and at most twice a second.
+pub fn heartbeat(peer_timeout: Duration) -> Duration {
+    (peer_timeout / 8).clamp(Duration::from_millis(25), Duration::from_millis(500))
+}
+
+pub struct Liveness {
+    /// The server runtime's connections, which the heartbeats use.
+    peers: Arc<Peers>,
+    peer_timeout: Duration,
+    connect_timeout: Duration,
+    /// Where heartbeats run and whom they tell, from the server's start to its stop.
+    running: Mutex<Option<Running>>,
+    watched: Mutex<HashMap<TaskId, watch::Receiver<Presence>>>,
+}
+
+struct Running {
+    /// The server's runtime. Let go at close: a handle keeps the runtime's descriptors open.
+    runtime: Handle,
+    /// Dropped at close too, so that readers of events end once the heartbeats end with
+    /// their runtime.
+    events: broadcast::Sender<PeerEvent>,
+}
+
+impl Liveness {
+    pub fn new(peers: Arc<Peers>, config: &ServerConfig) -> Self {
+        Self {
+            peers,
+            peer_timeout: config.peer_timeout,
+            connect_timeout: config.connect_timeout,
+            running: Mutex::new(None),
+            watched: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Heartbeats run on `runtime` from now on (the server's, once started).
+    pub fn run_on(&self, runtime: Handle) {
+        *self.running() = Some(Running {
+            runtime,
+            events: broadcast::channel(EVENTS_KEPT).0,
+        });
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, Option<Running>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `task`'s presence as its heartbeat finds it, starting the heartbeat if `task` had none.
+    pub fn watch(&self, task: &TaskId) -> watch::Receiver<Presence> {
+        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(presence) = watched.get(task) {
+            return presence.clone();
+        }
+        let (tell, presence) = watch::channel(Presence::Unknown);
+        // Before the server starts there is nowhere to beat, and after it stops no need: the
+        // watch stays unknown.
+        if let Some(running) = self.running().as_ref() {
+            running.runtime.spawn(beat(
+                Arc::clone(&self.peers),
+                task.clone(),
+                self.peer_timeout,
+                tell,
+                running.events.clone(),
+            ));
+            watched.insert(task.clone(), presence.clone());
+        }
+        presence
+    }
+
+    /// Every peer's changes of presence from now on ([`Liveness::watch_all`] starts them); none
+    /// once closed.
+    pub fn events(&self) -> Option<broadcast::Receiver<PeerEvent>> {
+        self.running()
+            .as_ref()
+            .map(|running| running.events.subscribe())
+    }
+
+    /// No heartbeat starts from now on, and the events end with those running (the server is
+    /// stopping).
+    pub fn close(&self) {
+        self.running().take();
+    }
+
+    /// Watches every task of the cluster but `me`; their presence now.
+    pub fn watch_all(&self, me: &TaskId) -> Vec<(TaskId, Presence)> {
+        let others: Vec<TaskId> = self.peers.cluster().tasks().filter(|t| t != me).collect();
+        others
+            .into_iter()
+            .map(|task| {
+                let presence = self.watch(&task).borrow().clone();
+                (task, presence)
+            })
+            .collect()
+    }
+
+    /// `task`'s incarnation once it is up, waiting for it for up to the connect timeout.
+    pub async fn incarnation(&self, task: &TaskId) -> Result<u64> {
+        let mut presence = self.watch(task);
+        let deadline = Instant::now() + self.connect_timeout;
+        loop {
+            if let Presence::Up(incarnation) = *presence.borrow_and_update() {
+                return Ok(incarnation);
+            }
+            tokio::select! {
+                changed = presence.changed() => if changed.is_err() {
+                    return Err(stopped(task));
+                },
+                () = tokio::time::sleep_until(deadline) => return Err(self.not_up(task)),
+            }
+        }
+    }
+
+    /// `work`, unless `task` is lost or restarted first (see [`Liveness::lost`]).
+    pub async fn guard<T>(
+        &self,
+        task: &TaskId,
+        work: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        tokio::select! {
+            // The work first: what it finished stands, even if the peer is gone since.
+            biased;
+            done = work => done,
+            lost = self.lost(task) => Err(lost),
+        }
+    }
+
+    /// Resolves only when a wait on `task` must end: the incarnation this wait saw up is lost
+    /// (`Unavailable`) or replaced (`Aborted`), or `task` is not up within the connect timeout
+    /// (`Unavailable`). Never resolves for a peer that stays up.
+    pub async fn lost(&self, task: &TaskId) -> Error {
+        let mut presence = self.watch(task);
+        let mut seen: Option<u64> = None;
+        let mut not_up_until: Option<Instant> = None;
+        loop {
+            let now = presence.borrow_and_update().clone();
+            match now {
+                Presence::Up(incarnation) => match seen {
+                    None => {
+                        seen = Some(incarnation);
+                        not_up_until = None;
+                    }
+                    Some(known) if known != incarnation => {
+                        return Error::new(
+                            Code::Aborted,
+                            format!(
+                                "task {task} restarted (incarnation {known:#x} is now \
+                                 {incarnation:#x}); what the old one had in hand is gone"
+                            ),
+                        );
+                    }
+                    Some(_) => {}
+                },
+                Presence::Lost { why, .. } if seen.is_some() => {
+                    return Error::unavailable(format!("task {task} {why}"));
+                }
+                Presence::Lost { .. } | Presence::Unknown => {
+                    not_up_until.get_or_insert_with(|| Instant::now() + self.connect_timeout);
+                }
+            }
+            let deadline = async {
+                match not_up_until {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                changed = presence.changed() => if changed.is_err() {
+                    return stopped(task);
+                },
+                () = deadline => return self.not_up(task),
+            }
+        }
+    }
+
+    fn not_up(&self, task: &TaskId) -> Error {
+        let address = self.peers.cluster().address(task).unwrap_or("?");
+        Error::unavailable(format!(
+            "task {task} at {address} is unreachable after {:.1?}",
+            self.connect_timeout
+        ))
+    }
+}
+
+/// `task`'s heartbeat: runs as long as its runtime.
+async fn beat(
+    peers: Arc<Peers>,
+    task: TaskId,
+    peer_timeout: Duration,
+    tell: watch::Sender<Presence>,
+    events: broadcast::Sender<PeerEvent>,
+) {
+    let every = heartbeat(peer_timeout);
+    let mut last_up: Option<u64> = None;
+    // When the answers stopped: the start of the first failed ask since the last answer.
+    let mut silent_since: Option<Instant> = None;
+    let mut next = Instant::now();
+    loop {
+        let asked_at = Instant::now();
+        let answer = tokio::time::timeout(peer_timeout, async {
+            get_status(peers.channel_within(&task, every).await?).await
+        })
+        .await;
+        let found = match answer {
+            Ok(Ok(status)) => {
+                silent_since = None;
+                Some(Presence::Up(status.incarnation))
+            }
+            // It answered, if only to refuse: alive, as whichever incarnation it was.
+            Ok(Err(error)) if error.code != Code::Unavailable => {
+                silent_since = None;
+                None
+            }
+            Ok(Err(error)) => {
+                let since = *silent_since.get_or_insert(asked_at);
+                if nobody_listens(&peers, &task).await {
+                    Some(lost(last_up, "is gone: nothing listens at its address"))
+                } else if since.elapsed() >= peer_timeout {
+                    Some(lost(
+                        last_up,
+                        &format!("has been unreachable for {peer_timeout:.1?}: {error}"),
+                    ))
+                } else {
+                    None
+                }
+            }
+            Err(_) => Some(lost(
+                last_up,
+                &format!("did not answer a heartbeat within {peer_timeout:.1?}"),
+            )),
+        };
+        if let Some(found) = found {
+            let changed = tell.send_if_modified(|presence| {
+                let differs = *presence != found;
+                if differs {
+                    *presence = found.clone();
+                }
+                differs
+            });
+            if changed {
+                let previous = match &found {
+                    Presence::Up(incarnation) => last_up.filter(|known| known != incarnation),
+                    _ => None,
+                };
+                let _ = events.send(PeerEvent {
+                    task: task.clone(),
+                    presence: found.clone(),
+                    previous,
+                });
+            }
+            if let Presence::Up(incarnation) = found {
+                last_up = Some(incarnation);
+            }
+        }
+        next += every;
+        let now = Instant::now();
+        if next < now {
+            next = now;
+        }
+        tokio::time::sleep_until(next).await;
+    }
+}
+
+/// The heartbeat ended with its runtime.
+fn stopped(task: &TaskId) -> Error {
+    Error::cancelled(format!("the wait on {task} ended: the server stopped"))
+}
+
+fn lost(incarnation: Option<u64>, why: &str) -> Presence {
+    Presence::Lost {
+        incarnation,
+        why: why.to_owned(),
+    }
+}
+
+/// Whether `task`'s address refuses connections: proof that its process is gone, where silence
+/// proves nothing until `peer_timeout`.
+async fn nobody_listens(peers: &Peers, task: &TaskId) -> bool {
+    let Ok(address) = peers.cluster().require(task) else {
+        return false;
+    };
+    let tried = tokio::time::timeout(
+        Duration::from_secs(1),
+        tokio::net::TcpStream::connect(address),
+    )
+    .await;
+    matches!(tried, Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+}
