@@ -326,6 +326,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_abandoned_prefix_frees_its_tensors_and_drops_late_ones() {
+        let (inbox, key) = inbox_and_key();
+        let piece = TensorKey {
+            name: "/collective/7/step".to_owned(),
+            ..key.clone()
+        };
+        drop(arrive(&inbox, &piece, 1));
+        drop(arrive(&inbox, &key, 2));
+        assert_eq!(inbox.pending_bytes.load(Ordering::Acquire), 2);
+        inbox.abandon("/collective/7/");
+        assert_eq!(inbox.pending_bytes.load(Ordering::Acquire), 1);
+        drop(arrive(&inbox, &piece, 3));
+        assert_eq!(inbox.pending_bytes.load(Ordering::Acquire), 1);
+        assert_eq!(inbox.take(key).await.unwrap().data.as_slice(), &[2]);
+        let late = tokio::time::timeout(std::time::Duration::from_millis(50), inbox.take(piece));
+        assert!(late.await.is_err(), "an abandoned piece is not kept");
+    }
+
+    #[tokio::test]
     async fn a_waiting_receive_gets_its_tensor_when_the_handoff_ends() {
         let (inbox, key) = inbox_and_key();
         let mut waiting = Box::pin(inbox.take(key.clone()));

@@ -70,7 +70,17 @@ impl Task {
             config.shared_memory,
             config.max_message_bytes,
         ));
-        let liveness = Arc::new(Liveness::new(Arc::clone(&peers), &config));
+        let caller_peers = Arc::new(Peers::new(
+            def.cluster.clone(),
+            &config,
+            &security,
+            tls.clone(),
+        ));
+        let liveness = Arc::new(Liveness::new(
+            Arc::clone(&peers),
+            std::slice::from_ref(&caller_peers),
+            &config,
+        ));
         let exchange = Arc::new(Exchange::new(
             me.clone(),
             Arc::clone(&peers),
@@ -80,12 +90,7 @@ impl Task {
             &config,
         ));
         Ok(Self {
-            caller_peers: Arc::new(Peers::new(
-                def.cluster.clone(),
-                &config,
-                &security,
-                tls.clone(),
-            )),
+            caller_peers,
             incarnation,
             devices: devices::discover(me),
             calls: Arc::new(tokio::sync::Semaphore::new(config.connection_limit)),

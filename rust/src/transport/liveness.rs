@@ -59,6 +59,9 @@ pub fn heartbeat(peer_timeout: Duration) -> Duration {
 pub struct Liveness {
     /// The server runtime's connections, which the heartbeats use.
     peers: Arc<Peers>,
+    /// Every set of connections to the peers (`peers` among them): those to a peer found lost
+    /// or restarted are dropped.
+    connections: Arc<Vec<Arc<Peers>>>,
     peer_timeout: Duration,
     connect_timeout: Duration,
     /// Where heartbeats run and whom they tell, from the server's start to its stop.
@@ -75,9 +78,13 @@ struct Running {
 }
 
 impl Liveness {
-    pub fn new(peers: Arc<Peers>, config: &ServerConfig) -> Self {
+    /// Heartbeats over `peers`; `others` are the other connections this task makes to peers.
+    pub fn new(peers: Arc<Peers>, others: &[Arc<Peers>], config: &ServerConfig) -> Self {
+        let mut connections = vec![Arc::clone(&peers)];
+        connections.extend(others.iter().cloned());
         Self {
             peers,
+            connections: Arc::new(connections),
             peer_timeout: config.peer_timeout,
             connect_timeout: config.connect_timeout,
             running: Mutex::new(None),
@@ -108,7 +115,7 @@ impl Liveness {
         // watch stays unknown.
         if let Some(running) = self.running().as_ref() {
             running.runtime.spawn(beat(
-                Arc::clone(&self.peers),
+                Arc::clone(&self.connections),
                 task.clone(),
                 self.peer_timeout,
                 tell,
@@ -235,12 +242,13 @@ impl Liveness {
 
 /// `task`'s heartbeat: runs as long as its runtime.
 async fn beat(
-    peers: Arc<Peers>,
+    connections: Arc<Vec<Arc<Peers>>>,
     task: TaskId,
     peer_timeout: Duration,
     tell: watch::Sender<Presence>,
     events: broadcast::Sender<PeerEvent>,
 ) {
+    let peers = &connections[0];
     let every = heartbeat(peer_timeout);
     let mut last_up: Option<u64> = None;
     // When the answers stopped: the start of the first failed ask since the last answer.
@@ -264,7 +272,7 @@ async fn beat(
             }
             Ok(Err(error)) => {
                 let since = *silent_since.get_or_insert(asked_at);
-                if nobody_listens(&peers, &task).await {
+                if nobody_listens(peers, &task).await {
                     Some(lost(last_up, "is gone: nothing listens at its address"))
                 } else if since.elapsed() >= peer_timeout {
                     Some(lost(
@@ -289,6 +297,16 @@ async fn beat(
                 differs
             });
             if changed {
+                let gone = match &found {
+                    Presence::Lost { .. } => true,
+                    Presence::Up(now) => last_up.is_some_and(|known| known != *now),
+                    Presence::Unknown => false,
+                };
+                if gone {
+                    for peers in connections.iter() {
+                        peers.forget(&task);
+                    }
+                }
                 let previous = match &found {
                     Presence::Up(incarnation) => last_up.filter(|known| known != incarnation),
                     _ => None,

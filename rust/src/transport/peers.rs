@@ -247,6 +247,16 @@ impl Peers {
             })
     }
 
+    /// Drops the connections to `task`, so the next call connects anew: those to a peer found
+    /// lost or restarted may be dead without knowing it yet.
+    pub fn forget(&self, task: &TaskId) {
+        self.lock().remove(task);
+        self.pushes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(task);
+    }
+
     /// The same-host links of these connections (see [`super::route`]).
     pub fn links(&self) -> &Links {
         &self.links
