@@ -52,6 +52,7 @@ bench: develop-release ## Run the benchmarks: Rust criterion, then distsrv besid
 	python benches/bench_exchange.py
 	python benches/bench_collectives.py
 	python benches/bench_handlers.py
+	python benches/bench_hosts.py
 
 .PHONY: clean
 clean: ## Remove build outputs and the virtualenv
