@@ -154,7 +154,15 @@ impl Liveness {
 
     /// `task`'s incarnation once it is up, waiting for it for up to the connect timeout.
     pub async fn incarnation(&self, task: &TaskId) -> Result<u64> {
-        let mut presence = self.watch(task);
+        self.until_up(task, &mut self.watch(task)).await
+    }
+
+    /// The incarnation `presence` shows once `task` is up, within the connect timeout.
+    async fn until_up(
+        &self,
+        task: &TaskId,
+        presence: &mut watch::Receiver<Presence>,
+    ) -> Result<u64> {
         let deadline = Instant::now() + self.connect_timeout;
         loop {
             if let Presence::Up(incarnation) = *presence.borrow_and_update() {
@@ -188,45 +196,28 @@ impl Liveness {
     /// (`Unavailable`). Never resolves for a peer that stays up.
     pub async fn lost(&self, task: &TaskId) -> Error {
         let mut presence = self.watch(task);
-        let mut seen: Option<u64> = None;
-        let mut not_up_until: Option<Instant> = None;
+        let seen = match self.until_up(task, &mut presence).await {
+            Ok(incarnation) => incarnation,
+            Err(error) => return error,
+        };
         loop {
-            let now = presence.borrow_and_update().clone();
-            match now {
-                Presence::Up(incarnation) => match seen {
-                    None => {
-                        seen = Some(incarnation);
-                        not_up_until = None;
-                    }
-                    Some(known) if known != incarnation => {
-                        return Error::new(
-                            Code::Aborted,
-                            format!(
-                                "task {task} restarted (incarnation {known:#x} is now \
-                                 {incarnation:#x}); what the old one had in hand is gone"
-                            ),
-                        );
-                    }
-                    Some(_) => {}
-                },
-                Presence::Lost { why, .. } if seen.is_some() => {
+            if presence.changed().await.is_err() {
+                return stopped(task);
+            }
+            match &*presence.borrow_and_update() {
+                Presence::Up(incarnation) if *incarnation != seen => {
+                    return Error::new(
+                        Code::Aborted,
+                        format!(
+                            "task {task} restarted (incarnation {seen:#x} is now \
+                             {incarnation:#x}); what the old one had in hand is gone"
+                        ),
+                    );
+                }
+                Presence::Lost { why, .. } => {
                     return Error::unavailable(format!("task {task} {why}"));
                 }
-                Presence::Lost { .. } | Presence::Unknown => {
-                    not_up_until.get_or_insert_with(|| Instant::now() + self.connect_timeout);
-                }
-            }
-            let deadline = async {
-                match not_up_until {
-                    Some(deadline) => tokio::time::sleep_until(deadline).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                changed = presence.changed() => if changed.is_err() {
-                    return stopped(task);
-                },
-                () = deadline => return self.not_up(task),
+                Presence::Up(_) | Presence::Unknown => {}
             }
         }
     }
