@@ -281,7 +281,12 @@ async fn beat(
         };
         if let Some(found) = found {
             let changed = tell.send_if_modified(|presence| {
-                let differs = *presence != found;
+                // A lost peer found lost again, for another reason, is no news.
+                let still_lost = matches!(
+                    (&*presence, &found),
+                    (Presence::Lost { .. }, Presence::Lost { .. })
+                );
+                let differs = *presence != found && !still_lost;
                 if differs {
                     *presence = found.clone();
                 }
