@@ -104,17 +104,8 @@ def cluster() -> Iterator[tuple[TestHosts, list[subprocess.Popen[str]]]]:
 _DETECTIONS: list[float] = []
 
 
-# A known bug, open: in about one run of three, a send cut off after the peer had been frozen
-# and thawed is found lost only after connect_timeout (10 s), not peer_timeout.
-SLOW_CASE = pytest.mark.xfail(
-    reason="send after a cut is sometimes detected after connect_timeout", strict=False
-)
-
-
 @pytest.mark.parametrize("fault", FAULTS)
-@pytest.mark.parametrize(
-    "wait", [pytest.param(w, marks=SLOW_CASE) if w == "send" else w for w in WAITS]
-)
+@pytest.mark.parametrize("wait", WAITS)
 def test_a_cut_or_frozen_peer_ends_each_wait_on_it(cluster, wait: str, fault: str) -> None:
     hosts, tasks = cluster
     waiter, peer = tasks[0], tasks[1]

@@ -80,8 +80,20 @@ def end(peer: subprocess.Popen[str]) -> None:
 @pytest.fixture
 def pair() -> Iterator[tuple[distsrv.Server, subprocess.Popen[str]]]:
     """This process's task 0 and task 1 in a child, both up."""
+    yield from _pair(distsrv.ServerConfig(peer_timeout=PEER_TIMEOUT, connect_timeout=5.0))
+
+
+@pytest.fixture
+def grpc_pair() -> Iterator[tuple[distsrv.Server, subprocess.Popen[str]]]:
+    """Like ``pair``, with task 0's tensors sent over gRPC, not the same-host link."""
+    config = distsrv.ServerConfig(
+        peer_timeout=PEER_TIMEOUT, connect_timeout=5.0, shared_memory=False
+    )
+    yield from _pair(config)
+
+
+def _pair(config: distsrv.ServerConfig) -> Iterator[tuple[distsrv.Server, subprocess.Popen[str]]]:
     spec = pair_cluster(2)
-    config = distsrv.ServerConfig(peer_timeout=PEER_TIMEOUT, connect_timeout=5.0)
     server = distsrv.Server(spec, "worker", 0, config=config)
     peer = start_peer(spec)
     try:
@@ -167,6 +179,23 @@ def test_a_thawed_peer_is_up_again_and_a_killed_one_ends_a_wait_at_once(pair) ->
     assert time.monotonic() - started < BOUND
     gone = next(events)
     assert (gone.state, gone.reason) == ("lost", "is gone: nothing listens at its address")
+
+
+@pytest.mark.parametrize("timeout", [0.3, None], ids=["timed-out", "peer-lost"])
+def test_a_send_cut_short_gives_the_array_back(grpc_pair, timeout: float | None) -> None:
+    # The frozen receiver leaves HTTP/2 holding frames of the array: cut short by its timeout or
+    # by the peer's loss, the send still returns promptly, with the array's export released
+    # (none leaked), which takes dropping those frames.
+    server, peer = grpc_pair
+    array = np.ones(64 << 20, np.uint8)
+    references = sys.getrefcount(array)
+    peer.send_signal(signal.SIGSTOP)
+    expected = errors.UnavailableError if timeout is None else errors.DeadlineExceededError
+    started = time.monotonic()
+    with pytest.raises(expected):
+        server.send("big", array, to=B, timeout=timeout)
+    assert time.monotonic() - started < BOUND
+    assert sys.getrefcount(array) == references
 
 
 def _later(delay: float, action: Callable[[], Any]) -> threading.Timer:

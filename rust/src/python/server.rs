@@ -17,7 +17,7 @@ use super::peers::PeerEvents;
 use super::pending::{Completed, OnDrop, Pending, completion_pipe};
 use super::tensor::{array_in, array_out};
 use super::values;
-use super::wait::{current_pid, in_slices, wait};
+use super::wait::{current_pid, in_slices, wait, wait_lending};
 use crate::base::cluster::{Cluster, Jobs, ServerDef, TaskId, format_address};
 use crate::base::errors::{Error, Result};
 use crate::base::security::Security;
@@ -140,9 +140,7 @@ impl NativeServer {
         let timeout = seconds(timeout)?;
         let (meta, held, payload) = array_in(array)?;
         let sending = server.send(to.0, name, meta, payload, timeout).into_py()?;
-        let sent = wait(py, sending);
-        held.release(py);
-        sent?.into_py()
+        wait_lending(py, sending, vec![held])?.into_py()
     }
 
     /// Like `send`, but returns at once with a handle to wait on.
@@ -308,15 +306,10 @@ impl NativeServer {
             }
             None => (None, None),
         };
-        let applying = server.variable(host.0, name, op, value, learning_rate, timeout);
-        let response = match applying.into_py() {
-            Ok(applying) => wait(py, applying),
-            Err(error) => Err(error),
-        };
-        if let Some(held) = held {
-            held.release(py);
-        }
-        response?
+        let applying = server
+            .variable(host.0, name, op, value, learning_rate, timeout)
+            .into_py()?;
+        wait_lending(py, applying, held.into_iter().collect())?
             .into_py()?
             .map(|tensor| array_out(py, tensor))
             .transpose()
@@ -415,14 +408,9 @@ impl NativeServer {
         let timeout = seconds(timeout)?;
         let server = self.server()?;
         let (kwargs, lent) = values::encode_kwargs(kwargs)?;
-        let result = match server.call(to.0, op, kwargs, timeout).into_py() {
-            Ok(calling) => wait(py, calling),
-            Err(error) => Err(error),
-        };
-        for held in lent {
-            held.release(py);
-        }
-        Ok(values::decode(py, result?.into_py()?)?.unbind())
+        let calling = server.call(to.0, op, kwargs, timeout).into_py()?;
+        let result = wait_lending(py, calling, lent)?;
+        Ok(values::decode(py, result.into_py()?)?.unbind())
     }
 
     /// Like `call`, but returns at once with a handle to wait on.
@@ -483,16 +471,12 @@ impl NativeServer {
             }
             None => (None, None),
         };
-        let done = (|| {
-            let group = collective_group(server, group)?;
-            check(&group, given.as_ref().map(|(meta, _)| meta)).into_py()?;
-            let collective = server.collective(group, seconds(timeout)?).into_py()?;
-            wait(py, collective.map(|collective| run(collective, given)))
-        })();
-        if let Some(held) = held {
-            held.release(py);
-        }
-        array_out(py, done?.into_py()?)
+        let group = collective_group(server, group)?;
+        check(&group, given.as_ref().map(|(meta, _)| meta)).into_py()?;
+        let collective = server.collective(group, seconds(timeout)?).into_py()?;
+        let running = collective.map(|collective| run(collective, given));
+        let done = wait_lending(py, running, held.into_iter().collect())?;
+        array_out(py, done.into_py()?)
     }
 }
 

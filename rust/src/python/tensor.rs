@@ -2,10 +2,12 @@
 //! length of a send, and a received tensor's buffer handed to numpy.
 
 use std::os::raw::{c_int, c_void};
-use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::task::AtomicWaker;
 use pyo3::exceptions::PyBufferError;
 use pyo3::ffi;
 use pyo3::intern;
@@ -19,7 +21,7 @@ use crate::tensor::{Tensor, TensorBuf, TensorMeta};
 
 /// How long a finished send may take to drop its last view of the memory (the transport lets go of
 /// frames a moment after the reply). Past it the memory is leaked rather than handed back early.
-const LEASE_GRACE: Duration = Duration::from_secs(10);
+pub const LEASE_GRACE: Duration = Duration::from_secs(10);
 
 /// A Python buffer exported C-contiguous with its shape (`PyBUF_ND`). No format is asked for, so
 /// numpy builds none: extension dtypes (bfloat16) export too, and exporting allocates nothing.
@@ -60,15 +62,61 @@ impl Export {
 /// made from it remains, then gives the buffer back to Python.
 pub struct HeldBuffer {
     buffer: Option<Export>,
-    leases_gone: mpsc::Receiver<()>,
+    returned: Arc<Returned>,
 }
 
-/// The owner behind the payload `Bytes`: a view of the held buffer's memory.
+/// Whether the bytes lent from a held buffer are all dropped: a blocked thread waits for it, a
+/// thread that drives a runtime awaits it.
+#[derive(Default)]
+pub struct Returned {
+    done: Mutex<bool>,
+    changed: Condvar,
+    waker: AtomicWaker,
+}
+
+impl Returned {
+    fn tell(&self) {
+        *self.done.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.changed.notify_all();
+        self.waker.wake();
+    }
+
+    /// Whether the bytes came back within `limit`.
+    fn wait(&self, limit: Duration) -> bool {
+        let done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        let (done, _) = self
+            .changed
+            .wait_timeout_while(done, limit, |done| !*done)
+            .unwrap_or_else(|e| e.into_inner());
+        *done
+    }
+
+    /// Resolves once the bytes are back.
+    pub async fn returned(&self) {
+        std::future::poll_fn(|context| {
+            self.waker.register(context.waker());
+            if *self.done.lock().unwrap_or_else(|e| e.into_inner()) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+    }
+}
+
+/// The owner behind the payload `Bytes`: a view of the held buffer's memory, dropped with the
+/// last `Bytes`, which tells the holder the memory is free again.
 struct Lease {
     ptr: *const u8,
     len: usize,
-    /// Dropped with the last `Bytes`, which tells the holder the memory is free again.
-    _alive: mpsc::Sender<()>,
+    returned: Arc<Returned>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.returned.tell();
+    }
 }
 
 // SAFETY: the memory behind `ptr` stays exported, and so valid and in place, until the
@@ -89,15 +137,15 @@ impl HeldBuffer {
     /// Holds `object`'s buffer, which must be C-contiguous, and lends its bytes.
     pub fn hold(object: &Bound<'_, PyAny>) -> PyResult<(Self, Bytes)> {
         let buffer = Export::get(object)?;
-        let (alive, leases_gone) = mpsc::channel();
+        let returned = Arc::new(Returned::default());
         let lease = Lease {
             ptr: buffer.0.buf.cast_const().cast(),
             len: usize::try_from(buffer.0.len).unwrap_or(0),
-            _alive: alive,
+            returned: Arc::clone(&returned),
         };
         let held = Self {
             buffer: Some(buffer),
-            leases_gone,
+            returned,
         };
         Ok((held, Bytes::from_owner(lease)))
     }
@@ -105,6 +153,11 @@ impl HeldBuffer {
     /// The held array's shape, as its exporter gave it.
     fn shape(&self) -> Vec<u64> {
         self.buffer.as_ref().map(Export::shape).unwrap_or_default()
+    }
+
+    /// Tells when the lent bytes are all dropped.
+    pub fn returned(&self) -> Arc<Returned> {
+        Arc::clone(&self.returned)
     }
 
     /// Waits, without the GIL, for the lent bytes to be dropped, then releases the buffer.
@@ -116,13 +169,8 @@ impl HeldBuffer {
         let Some(buffer) = self.buffer.take() else {
             return;
         };
-        let leases_gone = &mut self.leases_gone;
-        let free = py.detach(move || {
-            matches!(
-                leases_gone.recv_timeout(LEASE_GRACE),
-                Err(mpsc::RecvTimeoutError::Disconnected)
-            )
-        });
+        let returned = &self.returned;
+        let free = py.detach(move || returned.wait(LEASE_GRACE));
         if free {
             buffer.release(py);
         } else {

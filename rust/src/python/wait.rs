@@ -7,9 +7,11 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
+use futures::future::join_all;
 use pyo3::prelude::*;
 use tokio::runtime::Handle;
 
+use super::tensor::{HeldBuffer, LEASE_GRACE};
 use crate::node::calls::{Blocking, Driver};
 
 /// How long a blocking call waits between checks for signals, so Ctrl-C interrupts it promptly.
@@ -75,6 +77,39 @@ where
         Driver::Own(runtime) => wait_interruptibly(py, runtime.handle(), work),
     };
     py.detach(|| drop(driver));
+    done
+}
+
+/// Like [`wait`], for work that reads the `lent` arrays, which are given back after it. Work cut
+/// short (a timeout, a lost peer) can leave their bytes queued on a connection until it resets or
+/// closes, and a caller runtime's connections only move while a thread drives it: so the thread
+/// drives it on until the bytes are let go, for up to [`LEASE_GRACE`].
+pub fn wait_lending<F>(
+    py: Python<'_>,
+    blocking: Blocking<F>,
+    lent: Vec<HeldBuffer>,
+) -> PyResult<F::Output>
+where
+    F: Future + Send,
+    F::Output: Send,
+{
+    let done = if matches!(blocking.driver, Driver::Caller(_)) {
+        let returned: Vec<_> = lent.iter().map(HeldBuffer::returned).collect();
+        wait(
+            py,
+            blocking.map(|work| async move {
+                let output = work.await;
+                let all_returned = join_all(returned.iter().map(|lent| lent.returned()));
+                let _ = tokio::time::timeout(LEASE_GRACE, all_returned).await;
+                output
+            }),
+        )
+    } else {
+        wait(py, blocking)
+    };
+    for held in lent {
+        held.release(py);
+    }
     done
 }
 

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::OnceCell;
+use tokio::sync::{Notify, OnceCell};
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
@@ -56,7 +56,8 @@ pub fn endpoint(address: &str, connect_timeout: Duration, tls: Option<&Tls>) -> 
 }
 
 /// An HTTP/2 connection over `io` (TCP, or TLS over TCP), driven by a task of its own, which
-/// pings the peer every `peer_timeout` and closes the connection if an answer takes longer.
+/// pings the peer every `peer_timeout` and closes the connection if an answer takes longer, or
+/// when told to ([`PushConnection::close`]).
 async fn http2<IO>(io: IO, peer_timeout: Duration) -> std::io::Result<PushConnection>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -70,6 +71,8 @@ where
         .map_err(std::io::Error::other)?;
     let closed = Arc::new(AtomicBool::new(false));
     let ended = Arc::clone(&closed);
+    let closing = Arc::new(Notify::new());
+    let told_to_close = Arc::clone(&closing);
     let mut pings = driver.ping_pong();
     tokio::spawn(async move {
         let keepalive = async {
@@ -87,10 +90,15 @@ where
         tokio::select! {
             _ = &mut driver => {}
             () = keepalive => {}
+            () = told_to_close.notified() => {}
         }
         ended.store(true, Ordering::Release);
     });
-    Ok(PushConnection { requests, closed })
+    Ok(PushConnection {
+        requests,
+        closed,
+        closing,
+    })
 }
 
 /// A bare HTTP/2 connection to a peer's server.
@@ -99,6 +107,16 @@ pub struct PushConnection {
     pub requests: h2::client::SendRequest<bytes::Bytes>,
     /// Set once the connection has ended, so the next push connects again.
     closed: Arc<AtomicBool>,
+    /// Wakes the connection's task to end it.
+    closing: Arc<Notify>,
+}
+
+impl PushConnection {
+    /// Ends the connection, failing the pushes on it and dropping what they still queue (bytes
+    /// lent by a caller wait for that). Its task ends it the next time its runtime runs it.
+    fn close(&self) {
+        self.closing.notify_one();
+    }
 }
 
 pub struct Peers {
@@ -251,10 +269,14 @@ impl Peers {
     /// lost or restarted may be dead without knowing it yet.
     pub fn forget(&self, task: &TaskId) {
         self.lock().remove(task);
-        self.pushes
+        let push = self
+            .pushes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(task);
+        if let Some(push) = push {
+            push.close();
+        }
     }
 
     /// The same-host links of these connections (see [`super::route`]).
@@ -267,10 +289,10 @@ impl Peers {
     pub fn disconnect(&self) {
         self.links.close();
         self.lock().clear();
-        self.pushes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        let pushes = std::mem::take(&mut *self.pushes.lock().unwrap_or_else(|e| e.into_inner()));
+        for push in pushes.values() {
+            push.close();
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TaskId, Arc<OnceCell<Channel>>>> {

@@ -39,14 +39,15 @@ pub async fn push(peers: &Peers, to: &TaskId, frames: Vec<Bytes>, total: u64) ->
         .body(())
         .map_err(|e| Error::internal(format!("cannot build the request: {e}")))?;
     let mut requests = connection.requests.ready().await.map_err(broken)?;
-    let (response, mut body) = requests.send_request(request, false).map_err(broken)?;
+    let (response, body) = requests.send_request(request, false).map_err(broken)?;
+    let mut body = Outgoing(Some(body));
     // Every frame is queued before the connection next writes, so a small tensor's headers and
     // payload leave in one write. HTTP/2 holds what flow control does not let out yet: the
     // frames are slices of the caller's buffer, so holding them costs no memory.
     let last = frames.len().saturating_sub(1);
     let mut cut_short = None;
     for (index, frame) in frames.into_iter().enumerate() {
-        if let Err(error) = body.send_data(frame, index == last) {
+        if let Err(error) = body.stream().send_data(frame, index == last) {
             cut_short = Some(broken(error));
             break;
         }
@@ -76,6 +77,7 @@ pub async fn push(peers: &Peers, to: &TaskId, frames: Vec<Bytes>, total: u64) ->
         Some(status) => return Err(status.into()),
         None => return Err(Error::internal("the receiver's answer carries no status")),
     }
+    body.answered();
     let reply: proto::SendTensorResponse = wire::unframe_message(&reply)?;
     if reply.received_bytes != total {
         return Err(Error::data_loss(format!(
@@ -84,6 +86,29 @@ pub async fn push(peers: &Peers, to: &TaskId, frames: Vec<Bytes>, total: u64) ->
         )));
     }
     Ok(())
+}
+
+/// The body of a push, reset if the push is dropped before the receiver answered (cut short by
+/// a timeout, a lost peer, Ctrl-C): the reset drops the frames HTTP/2 still queues, slices of the
+/// caller's array, at once, where a dropped stream would go on sending them.
+struct Outgoing(Option<h2::SendStream<Bytes>>);
+
+impl Outgoing {
+    fn stream(&mut self) -> &mut h2::SendStream<Bytes> {
+        self.0.as_mut().expect("a push's body until it is answered")
+    }
+
+    fn answered(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Outgoing {
+    fn drop(&mut self) {
+        if let Some(stream) = self.0.as_mut() {
+            stream.send_reset(h2::Reason::CANCEL);
+        }
+    }
 }
 
 /// A push cut short by the connection or the peer.
