@@ -327,6 +327,21 @@ def test_stock_client_recv_times_out(channel) -> None:
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+def test_a_stock_client_recv_of_an_overlong_name_is_refused(local_server, channel) -> None:
+    stub = distsrv_pb2_grpc.WorkerStub(channel)
+    request = distsrv_pb2.RecvTensorRequest(
+        name="n" * (1 << 20), source=distsrv_pb2.TaskId(job="localhost", index=0)
+    )
+    with pytest.raises(grpc.RpcError) as raised:
+        list(stub.RecvTensor(request, timeout=10))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value.details()
+    assert "tensor name" in raised.value.details()
+    with pytest.raises(errors.InvalidArgumentError, match="tensor name"):
+        local_server.send("n" * (1 << 20), np.ones(2), to=local_server.task)
+    local_server.send("short", np.ones(2), to=local_server.task)
+    assert local_server.recv("short", source=local_server.task, timeout=5).tolist() == [1, 1]
+
+
 def _bad_streams() -> Iterator[tuple[str, list[distsrv_pb2.TensorChunk], grpc.StatusCode]]:
     good = list(_chunks("bad", np.arange(100, dtype=np.float64), chunk=200))
     yield "truncated", good[:-1], grpc.StatusCode.DATA_LOSS
@@ -345,6 +360,16 @@ def _bad_streams() -> Iterator[tuple[str, list[distsrv_pb2.TensorChunk], grpc.St
     stranger.CopyFrom(good[0])
     stranger.header.source.job = "nobody"
     yield "unknown source", [stranger, *good[1:]], grpc.StatusCode.INVALID_ARGUMENT
+    long_name = distsrv_pb2.TensorChunk()
+    long_name.CopyFrom(good[0])
+    long_name.header.name = "n" * (40 << 10)
+    yield "long name", [long_name, *good[1:]], grpc.StatusCode.INVALID_ARGUMENT
+    high_rank = distsrv_pb2.TensorChunk()
+    high_rank.CopyFrom(good[0])
+    del high_rank.header.shape.dim[:]
+    high_rank.header.shape.dim.extend([distsrv_pb2.TensorShapeProto.Dim(size=1)] * 65)
+    high_rank.header.shape.dim[0].size = 100
+    yield "rank 65", [high_rank, *good[1:]], grpc.StatusCode.INVALID_ARGUMENT
     yield "empty", [], grpc.StatusCode.INVALID_ARGUMENT
 
 

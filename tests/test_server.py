@@ -13,6 +13,9 @@ import math
 import os
 import re
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -692,6 +695,32 @@ BAD_CONFIG_FIELDS = [
 def test_server_config_refuses_zero_negative_and_ill_typed_fields(field: str, value: Any) -> None:
     with pytest.raises(errors.InvalidArgumentError, match=field):
         distsrv.ServerConfig(**{field: value})
+
+
+def test_a_server_raises_the_open_file_limit_to_the_hard_limit() -> None:
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    code = textwrap.dedent(
+        f"""
+        import resource
+        import distsrv
+        resource.setrlimit(resource.RLIMIT_NOFILE, ({min(soft, 256)}, {hard}))
+        server = distsrv.Server.create_local_server()
+        print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        server.stop(grace=0)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert int(done.stdout.split()[-1]) == hard
+
+
+def test_max_pending_bytes_may_not_exceed_the_machines_memory() -> None:
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    with pytest.raises(errors.InvalidArgumentError, match="memory"):
+        distsrv.ServerConfig(max_pending_bytes=memory + 1)
+    assert distsrv.ServerConfig().max_pending_bytes <= memory // 2
 
 
 def test_chunk_bytes_may_not_exceed_max_message_bytes() -> None:

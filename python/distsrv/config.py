@@ -35,6 +35,8 @@ class ServerConfig:
     chunk_bytes: int = _DEFAULTS["chunk_bytes"]
     #: Bytes of received tensors that no ``recv`` has claimed yet that the server holds; a send
     #: past it fails with ``ResourceExhaustedError`` instead of growing memory without bound.
+    #: 4 GiB by default (half the machine's memory where that is less); never more than the
+    #: machine has.
     max_pending_bytes: int = _DEFAULTS["max_pending_bytes"]
     #: Calls served at once; more are refused with ``ResourceExhaustedError``.
     connection_limit: int = _DEFAULTS["connection_limit"]

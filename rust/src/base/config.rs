@@ -38,13 +38,31 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(5),
             max_message_bytes: 64 << 20,
             chunk_bytes: 1 << 20,
-            max_pending_bytes: 4 << 30,
+            max_pending_bytes: DEFAULT_PENDING_BYTES.min(physical_memory() / 2),
             connection_limit: 512,
             worker_threads: std::thread::available_parallelism()
                 .map_or(2, |n| n.get())
                 .min(4),
             shared_memory: true,
         }
+    }
+}
+
+/// What the inbox may hold by default, or half the machine's memory where that is less.
+const DEFAULT_PENDING_BYTES: u64 = 4 << 30;
+
+/// This machine's memory in bytes; `u64::MAX` where the system does not say.
+pub fn physical_memory() -> u64 {
+    // SAFETY: sysconf only reads system parameters.
+    let (pages, page_size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    match (u64::try_from(pages), u64::try_from(page_size)) {
+        (Ok(pages), Ok(page_size)) if pages > 0 && page_size > 0 => pages.saturating_mul(page_size),
+        _ => u64::MAX,
     }
 }
 
@@ -125,6 +143,15 @@ impl ServerConfig {
         for (name, value) in fields {
             bounded(name, value)?;
         }
+        // A budget past the machine's memory bounds nothing: a sender could make the server
+        // allocate more than exists, which aborts the process.
+        let memory = physical_memory();
+        if self.max_pending_bytes > memory {
+            return Err(Error::invalid_argument(format!(
+                "ServerConfig.max_pending_bytes ({}) exceeds this machine's memory ({memory} bytes)",
+                self.max_pending_bytes
+            )));
+        }
         if self.chunk_bytes > self.max_message_bytes {
             return Err(Error::invalid_argument(format!(
                 "ServerConfig.chunk_bytes ({}) cannot exceed max_message_bytes ({})",
@@ -159,5 +186,17 @@ mod tests {
             ..ServerConfig::default()
         };
         assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn a_budget_past_the_machines_memory_is_refused() {
+        let memory = physical_memory();
+        assert!(ServerConfig::default().max_pending_bytes <= memory / 2);
+        let config = ServerConfig {
+            max_pending_bytes: memory.saturating_add(1).min(MAX_PENDING_BYTES),
+            ..ServerConfig::default()
+        };
+        let refused = config.validate().unwrap_err();
+        assert!(refused.message.contains("memory"), "{}", refused.message);
     }
 }

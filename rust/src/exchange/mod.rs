@@ -21,7 +21,7 @@ use crate::base::cluster::TaskId;
 use crate::base::config::ServerConfig;
 use crate::base::errors::{Code, Error, Result, within};
 use crate::inbox::Inbox;
-use crate::tensor::{Tensor, TensorBuf, TensorKey, TensorMeta};
+use crate::tensor::{Tensor, TensorBuf, TensorKey, TensorMeta, check_name};
 use crate::transport::{Liveness, Peers, Shm, push, route};
 use crate::wire;
 use order::SendOrder;
@@ -87,6 +87,7 @@ impl Exchange {
         payload: Bytes,
     ) -> Result<impl Future<Output = Result<()>> + Send + use<>> {
         self.peers.cluster().require(&to)?;
+        check_name(&name)?;
         if meta.byte_len() != Some(payload.len() as u64) {
             return Err(Error::invalid_argument(format!(
                 "{} bytes given for a {:?} tensor of shape {:?}",
@@ -140,6 +141,7 @@ impl Exchange {
         timeout: Option<Duration>,
     ) -> Result<Tensor> {
         self.peers.cluster().require(&source)?;
+        check_name(&name)?;
         let key = TensorKey { source, name };
         let take = self.inbox.take(key.clone());
         let timed = within(timeout, format!("no {key}"), take);

@@ -169,7 +169,7 @@ impl Collective {
                 let all = self.agree(&meta, Some(data)).await?;
                 let mut acc = TensorBuf::from_slice(&all[0].1);
                 for (_, other) in &all[1..] {
-                    reduce::combine(op, meta.dtype, acc.as_mut_slice(), other);
+                    reduce::combine(op, meta.dtype, acc.as_mut_slice(), other)?;
                 }
                 if op == ReduceOp::Mean {
                     reduce::divide(meta.dtype, acc.as_mut_slice(), n);
@@ -426,6 +426,7 @@ impl Collective {
     ) -> Result<Vec<(TensorMeta, Bytes)>> {
         // A description is an empty tensor whose shape is the real one plus a last dimension of
         // 0: dtype and shape, no payload. A tensor sent whole is never empty.
+        let whole = data.is_some();
         let head = match data {
             Some(data) => (meta.clone(), data),
             None => {
@@ -436,6 +437,19 @@ impl Collective {
             }
         };
         let heads = self.all_to_all("head", head.0, head.1).await?;
+        // Every member sends the same kind of head for the same tensor: one that does not (a
+        // forged or broken peer) must not pass for a tensor of no bytes.
+        if let Some(rank) = odd_head(whole, &heads) {
+            let (sent, expected) = if whole {
+                ("a description", "the tensor itself")
+            } else {
+                ("a tensor", "a description")
+            };
+            return Err(Error::invalid_argument(format!(
+                "{} sent {sent} where {expected} was due",
+                self.group.members[rank]
+            )));
+        }
         let described: Vec<_> = heads
             .iter()
             .map(|(meta, data)| {
@@ -490,7 +504,7 @@ impl Collective {
                 let (_, mut received) = futures::try_join!(sent, self.recv(prev, &step_name))?;
                 let range = layout.range(sent_at(step + 1), piece);
                 layout.check(&received, range.len())?;
-                reduce::combine(op, meta.dtype, received.data.as_mut_slice(), &data[range]);
+                reduce::combine(op, meta.dtype, received.data.as_mut_slice(), &data[range])?;
                 if step == n - 2 && op == ReduceOp::Mean {
                     reduce::divide(meta.dtype, received.data.as_mut_slice(), n);
                 }
@@ -579,9 +593,30 @@ impl Layout {
     }
 }
 
+/// The rank of the first head of another kind than this task's (`whole`: the tensor itself, or
+/// else a description, which carries no bytes).
+fn odd_head(whole: bool, heads: &[(TensorMeta, Bytes)]) -> Option<usize> {
+    heads.iter().position(|(_, data)| data.is_empty() == whole)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_head_of_the_wrong_kind_is_found() {
+        let meta = TensorMeta {
+            dtype: DataType::DtUint8,
+            shape: vec![2],
+        };
+        let tensor = (meta.clone(), Bytes::from_static(&[1, 2]));
+        let description = (meta, Bytes::new());
+        let heads = [tensor.clone(), description.clone(), tensor.clone()];
+        assert_eq!(odd_head(true, &heads), Some(1));
+        assert_eq!(odd_head(false, &heads), Some(0));
+        assert_eq!(odd_head(true, &[tensor.clone(), tensor]), None);
+        assert_eq!(odd_head(false, &[description.clone(), description]), None);
+    }
 
     #[test]
     fn a_layout_covers_the_tensor_once_in_order() {

@@ -135,7 +135,7 @@ impl Variables {
             Op::Assign => current.copy_from_slice(&data),
             Op::AssignAdd => {
                 ReduceOp::Sum.check(dtype)?;
-                reduce::combine(ReduceOp::Sum, dtype, current, &data);
+                reduce::combine(ReduceOp::Sum, dtype, current, &data)?;
             }
             Op::SgdStep => reduce::add_scaled(dtype, current, &data, -request.learning_rate)?,
             Op::Read | Op::Create => unreachable!("handled above"),

@@ -19,6 +19,25 @@ pub fn itemsize(dtype: DataType) -> Option<usize> {
     })
 }
 
+/// Most dimensions a tensor may have (numpy's own limit): a header's shape is checked before
+/// anything is sized from it.
+pub const MAX_RANK: usize = 64;
+
+/// Longest tensor name accepted, from a peer or a caller: room for the names of a collective of
+/// a thousand members, while a peer's names cannot grow the inbox by megabytes apiece.
+pub const MAX_NAME_BYTES: usize = 32 << 10;
+
+/// `name`, if it is short enough to be a tensor's name.
+pub fn check_name(name: &str) -> Result<()> {
+    if name.len() > MAX_NAME_BYTES {
+        return Err(Error::invalid_argument(format!(
+            "a tensor name of {} bytes is longer than the {MAX_NAME_BYTES} allowed",
+            name.len()
+        )));
+    }
+    Ok(())
+}
+
 /// What a tensor is, apart from its bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorMeta {
@@ -33,6 +52,12 @@ impl TensorMeta {
             .ok()
             .filter(|d| itemsize(*d).is_some())
             .ok_or_else(|| Error::invalid_argument(format!("unsupported dtype code {dtype}")))?;
+        if shape.len() > MAX_RANK {
+            return Err(Error::invalid_argument(format!(
+                "a tensor of rank {} has more than the {MAX_RANK} dimensions allowed",
+                shape.len()
+            )));
+        }
         let meta = Self { dtype, shape };
         if meta.byte_len().is_none() {
             return Err(Error::invalid_argument(format!(
@@ -129,6 +154,15 @@ impl std::fmt::Display for TensorKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_names_and_high_ranks_are_refused() {
+        assert!(check_name(&"n".repeat(MAX_NAME_BYTES)).is_ok());
+        assert!(check_name(&"n".repeat(MAX_NAME_BYTES + 1)).is_err());
+        let dtype = DataType::DtFloat as i32;
+        assert!(TensorMeta::checked(dtype, vec![1; MAX_RANK]).is_ok());
+        assert!(TensorMeta::checked(dtype, vec![1; MAX_RANK + 1]).is_err());
+    }
 
     #[test]
     fn headers_that_disagree_with_their_size_are_refused() {

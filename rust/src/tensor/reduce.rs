@@ -71,10 +71,17 @@ impl ReduceOp {
 }
 
 /// `acc[i] = acc[i] op other[i]`; a mean sums here and divides in [`divide`]. `acc` must be
-/// aligned for the dtype (tensor buffers are); `other` may be any slice of equal length.
-pub fn combine(op: ReduceOp, dtype: DataType, acc: &mut [u8], other: &[u8]) {
+/// aligned for the dtype (tensor buffers are); `other` may be any slice, and one of another
+/// length (a peer's forged piece) is refused rather than combined in part.
+pub fn combine(op: ReduceOp, dtype: DataType, acc: &mut [u8], other: &[u8]) -> Result<()> {
     use DataType::*;
-    debug_assert_eq!(acc.len(), other.len());
+    if acc.len() != other.len() {
+        return Err(Error::invalid_argument(format!(
+            "cannot combine {} bytes into {}",
+            other.len(),
+            acc.len()
+        )));
+    }
     match dtype {
         DtBool | DtUint8 => combine_as::<u8>(op, acc, other),
         DtInt8 => combine_as::<i8>(op, acc, other),
@@ -92,6 +99,7 @@ pub fn combine(op: ReduceOp, dtype: DataType, acc: &mut [u8], other: &[u8]) {
         DtComplex128 => combine_as::<Complex<f64>>(op, acc, other),
         DtInvalid | DtString => unreachable!("ReduceOp::check refuses {dtype:?}"),
     }
+    Ok(())
 }
 
 /// Divides every element by `count`: the last step of a mean, for the dtypes a mean allows.
@@ -259,7 +267,7 @@ mod tests {
 
     fn combined<T: Pod>(op: ReduceOp, dtype: DataType, a: &[T], b: &[T]) -> Vec<T> {
         let mut acc = crate::tensor::TensorBuf::from_slice(&bytes_of(a));
-        combine(op, dtype, acc.as_mut_slice(), &bytes_of(b));
+        combine(op, dtype, acc.as_mut_slice(), &bytes_of(b)).unwrap();
         bytemuck::cast_slice(acc.as_slice()).to_vec()
     }
 
@@ -304,6 +312,17 @@ mod tests {
     }
 
     #[test]
+    fn operands_of_different_lengths_are_refused_whole() {
+        let mut acc = crate::tensor::TensorBuf::from_slice(&bytes_of(&[1u32, 2]));
+        let refused = combine(ReduceOp::Sum, DataType::DtUint32, acc.as_mut_slice(), &[]);
+        assert_eq!(
+            refused.unwrap_err().code,
+            crate::base::errors::Code::InvalidArgument
+        );
+        assert_eq!(bytemuck::cast_slice::<u8, u32>(acc.as_slice()), [1, 2]);
+    }
+
+    #[test]
     fn unaligned_operands_give_the_same_result() {
         let a = [1u32, 2, 3];
         let mut shifted = vec![0u8];
@@ -314,7 +333,8 @@ mod tests {
             DataType::DtUint32,
             acc.as_mut_slice(),
             &shifted[1..],
-        );
+        )
+        .unwrap();
         assert_eq!(
             bytemuck::cast_slice::<u8, u32>(acc.as_slice()),
             [11, 22, 33]

@@ -109,7 +109,8 @@ impl ChunkParser {
                     match parsed {
                         Ok(((2, prost::encoding::WireType::LengthDelimited), slice_len)) => {
                             let used = self.pending.len() - field.len();
-                            if used as u64 + slice_len != len as u64 {
+                            // A forged length may be near u64::MAX: compare without overflow.
+                            if (used as u64).checked_add(slice_len) != Some(len as u64) {
                                 return Err(Error::invalid_argument(
                                     "a chunk message must hold exactly one data field",
                                 ));
@@ -310,5 +311,22 @@ mod tests {
         let over = parse(&longer, 4).err().unwrap();
         assert_eq!(over.code, Code::InvalidArgument);
         assert!(parse(&[], 1).is_err());
+    }
+
+    #[test]
+    fn a_chunk_length_near_u64_max_is_refused() {
+        let payload = vec![1u8; 4];
+        let (meta, _) = frames_for(&payload, 4);
+        let mut stream = frame_message(&proto::TensorChunk {
+            header: Some(header(&key(), &meta)),
+            data: Bytes::new(),
+        })
+        .to_vec();
+        // A chunk message of 11 bytes: the data field's key, then a varint of u64::MAX.
+        stream.extend_from_slice(&[0, 0, 0, 0, 11, 0x12]);
+        stream.extend_from_slice(&[0xff; 9]);
+        stream.push(0x01);
+        let refused = parse(&stream, 3).err().unwrap();
+        assert_eq!(refused.code, Code::InvalidArgument);
     }
 }

@@ -5,7 +5,7 @@ use bytes::Bytes;
 use crate::base::cluster::TaskId;
 use crate::base::errors::{Error, Result};
 use crate::proto;
-use crate::tensor::{TensorKey, TensorMeta};
+use crate::tensor::{TensorKey, TensorMeta, check_name};
 
 /// A tensor as TensorFlow's TensorProto lays it out (variables, remote-operation values).
 pub fn tensor_proto(meta: &TensorMeta, data: Bytes) -> proto::TensorProto {
@@ -40,6 +40,7 @@ pub fn parse_header(header: &proto::TensorHeader) -> Result<(TensorKey, TensorMe
         .source
         .as_ref()
         .ok_or_else(|| Error::invalid_argument("the tensor header names no source task"))?;
+    check_name(&header.name)?;
     let shape = dims(&header.shape.clone().unwrap_or_default())?;
     let meta = TensorMeta::new(header.dtype, shape, header.total_bytes)?;
     let key = TensorKey {
