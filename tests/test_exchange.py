@@ -342,6 +342,32 @@ def test_a_stock_client_recv_of_an_overlong_name_is_refused(local_server, channe
     assert local_server.recv("short", source=local_server.task, timeout=5).tolist() == [1, 1]
 
 
+def test_a_stalled_stream_is_given_up_and_its_reservation_freed() -> None:
+    config = distsrv.ServerConfig(max_pending_bytes=1 << 20, peer_timeout=0.5)
+    with distsrv.Server.create_local_server(config=config) as server:
+        release = threading.Event()
+
+        def stalling() -> Iterator[distsrv_pb2.TensorChunk]:
+            chunks = _chunks("stalled", np.zeros(200_000, np.float32), chunk=4000)
+            yield next(chunks)  # the header: 800 kB reserved
+            yield next(chunks)
+            release.wait(30)  # then nothing
+
+        with grpc.insecure_channel(server.address) as channel:
+            stub = distsrv_pb2_grpc.WorkerStub(channel)
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                pushing = pool.submit(stub.SendTensor, stalling(), timeout=30)
+                with pytest.raises(grpc.RpcError) as raised:
+                    pushing.result(timeout=20)
+                release.set()
+        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, raised.value.details()
+        assert "sent nothing" in raised.value.details()
+        # The stalled stream's 800 kB are free again, and nothing of it was delivered.
+        server.send("after", np.zeros(200_000, np.float32), to=server.task)
+        with pytest.raises(errors.DeadlineExceededError):
+            server.recv("stalled", source=server.task, timeout=0.1)
+
+
 def _bad_streams() -> Iterator[tuple[str, list[distsrv_pb2.TensorChunk], grpc.StatusCode]]:
     good = list(_chunks("bad", np.arange(100, dtype=np.float64), chunk=200))
     yield "truncated", good[:-1], grpc.StatusCode.DATA_LOSS

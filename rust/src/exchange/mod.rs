@@ -101,7 +101,7 @@ impl Exchange {
             name,
         };
         if to == self.me {
-            let reservation = self.inbox.reserve(&self.me, payload.len() as u64)?;
+            let reservation = self.inbox.reserve(&key, payload.len() as u64)?;
             let tensor = Tensor {
                 meta,
                 data: TensorBuf::from_slice(&payload),

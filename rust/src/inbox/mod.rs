@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
 
-use crate::base::cluster::{Cluster, TaskId};
+use crate::base::cluster::Cluster;
 use crate::base::errors::{Error, Result};
 use crate::tensor::{Tensor, TensorKey};
 
@@ -21,6 +21,10 @@ pub struct Reservation {
     inbox: Arc<Inbox>,
     bytes: u64,
 }
+
+/// What a held tensor costs the inbox beyond its payload and name (its slot, its place in line,
+/// its description), so that tensors of no bytes count against the limit too.
+pub const TENSOR_OVERHEAD_BYTES: u64 = 256;
 
 impl Reservation {
     fn new(inbox: &Arc<Inbox>, bytes: u64) -> Result<Self> {
@@ -32,7 +36,8 @@ impl Reservation {
             })
             .map_err(|pending| {
                 Error::resource_exhausted(format!(
-                    "the receiver holds {pending} bytes of unreceived tensors; {bytes} more would \
+                    "the receiver holds {pending} bytes of unreceived tensors (with their names \
+                     and {TENSOR_OVERHEAD_BYTES} bytes each for bookkeeping); {bytes} more would \
                      pass its limit of {limit} (max_pending_bytes)"
                 ))
             })?;
@@ -98,11 +103,14 @@ impl Inbox {
         }
     }
 
-    /// Counts `bytes` of a tensor arriving from `source` against the limit, refusing it past the
-    /// limit or from a task outside the cluster.
-    pub fn reserve(self: &Arc<Self>, source: &TaskId, bytes: u64) -> Result<Reservation> {
-        self.cluster.require(source)?;
-        Reservation::new(self, bytes)
+    /// Counts a tensor of `bytes` arriving under `key` against the limit, with its name and
+    /// [`TENSOR_OVERHEAD_BYTES`]; refuses it past the limit or from a task outside the cluster.
+    pub fn reserve(self: &Arc<Self>, key: &TensorKey, bytes: u64) -> Result<Reservation> {
+        self.cluster.require(&key.source)?;
+        let cost = bytes
+            .saturating_add(key.name.len() as u64)
+            .saturating_add(TENSOR_OVERHEAD_BYTES);
+        Reservation::new(self, cost)
     }
 
     fn lock(&self) -> MutexGuard<'_, InboxState> {
@@ -226,6 +234,18 @@ impl Inbox {
         }
     }
 
+    /// Drops the receives under `key` that gave up, and the slot once nothing is left in it:
+    /// receives that time out again and again under new names must not grow the inbox.
+    fn forget_gave_up(&self, key: &TensorKey) {
+        let mut state = self.lock();
+        if let Some(slot) = state.slots.get_mut(key) {
+            slot.waiting.retain(|waiter| !waiter.is_closed());
+            if slot.waiting.is_empty() && slot.arrived.is_empty() {
+                state.slots.remove(key);
+            }
+        }
+    }
+
     /// Drops every tensor whose name starts with `prefix`, and those that arrive later (of the
     /// last [`ABANDONED_KEPT`] prefixes): what is left of an operation that failed. Receives
     /// waiting under the prefix keep waiting.
@@ -286,8 +306,9 @@ impl Drop for WaitingReceive {
     fn drop(&mut self) {
         if let Some(mut receiver) = self.receiver.take() {
             receiver.close();
-            if let Ok(arrived) = receiver.try_recv() {
-                self.inbox.put_back(self.key.clone(), arrived);
+            match receiver.try_recv() {
+                Ok(arrived) => self.inbox.put_back(self.key.clone(), arrived),
+                Err(_) => self.inbox.forget_gave_up(&self.key),
             }
         }
     }
@@ -296,6 +317,7 @@ impl Drop for WaitingReceive {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::base::cluster::TaskId;
     use crate::proto::DataType;
     use crate::tensor::{TensorBuf, TensorMeta};
 
@@ -319,7 +341,7 @@ mod tests {
     }
 
     fn arrive(inbox: &Arc<Inbox>, key: &TensorKey, byte: u8) -> Handoff {
-        let reservation = inbox.reserve(&key.source, 1).unwrap();
+        let reservation = inbox.reserve(key, 1).unwrap();
         inbox
             .deliver(key.clone(), tensor(byte), reservation)
             .unwrap()
@@ -332,16 +354,43 @@ mod tests {
             name: "/collective/7/step".to_owned(),
             ..key.clone()
         };
+        let cost = |key: &TensorKey| 1 + key.name.len() as u64 + TENSOR_OVERHEAD_BYTES;
         drop(arrive(&inbox, &piece, 1));
         drop(arrive(&inbox, &key, 2));
-        assert_eq!(inbox.pending_bytes.load(Ordering::Acquire), 2);
+        let pending = || inbox.pending_bytes.load(Ordering::Acquire);
+        assert_eq!(pending(), cost(&piece) + cost(&key));
         inbox.abandon("/collective/7/");
-        assert_eq!(inbox.pending_bytes.load(Ordering::Acquire), 1);
+        assert_eq!(pending(), cost(&key));
         drop(arrive(&inbox, &piece, 3));
-        assert_eq!(inbox.pending_bytes.load(Ordering::Acquire), 1);
+        assert_eq!(pending(), cost(&key));
         assert_eq!(inbox.take(key).await.unwrap().data.as_slice(), &[2]);
         let late = tokio::time::timeout(std::time::Duration::from_millis(50), inbox.take(piece));
         assert!(late.await.is_err(), "an abandoned piece is not kept");
+    }
+
+    #[tokio::test]
+    async fn a_receive_that_gives_up_leaves_no_slot_behind() {
+        let (inbox, key) = inbox_and_key();
+        for serial in 0..100 {
+            let key = TensorKey {
+                name: format!("never-{serial}"),
+                ..key.clone()
+            };
+            let mut gave_up = Box::pin(inbox.take(key));
+            assert!(futures::poll!(&mut gave_up).is_pending());
+        }
+        assert!(inbox.lock().slots.is_empty());
+    }
+
+    #[test]
+    fn tensors_of_no_bytes_count_against_the_limit() {
+        let (inbox, key) = inbox_and_key();
+        let each = key.name.len() as u64 + TENSOR_OVERHEAD_BYTES;
+        let mut held = Vec::new();
+        while let Ok(reservation) = inbox.reserve(&key, 0) {
+            held.push(reservation);
+        }
+        assert_eq!(held.len() as u64, (1 << 20) / each);
     }
 
     #[tokio::test]

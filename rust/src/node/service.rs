@@ -187,7 +187,8 @@ impl Service<http::Request<Body>> for WorkerRoutes {
                 .get::<TlsConnectInfo<TcpConnectInfo>>()
                 .and_then(|info| certified_task(info.peer_certs().as_deref()));
             return Box::pin(async move {
-                let accepted = push::accept(&task.inbox, request.into_body(), peer.as_ref());
+                let idle = task.config.peer_timeout;
+                let accepted = push::accept(&task.inbox, request.into_body(), peer.as_ref(), idle);
                 let response = match accepted.await {
                     Ok(bytes) => acknowledge(bytes),
                     Err(error) => Status::from(error).into_http(),

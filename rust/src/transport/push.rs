@@ -3,6 +3,7 @@
 //! only once it holds the whole tensor, so an acknowledged tensor is never lost.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -122,21 +123,31 @@ fn broken(error: h2::Error) -> Error {
 /// Serves one pushed tensor: parses the stream as it arrives into a buffer reserved in `inbox`,
 /// delivers it, and returns the number of bytes kept. Nothing is delivered unless the whole
 /// tensor arrived intact, nor a tensor whose source is not `certified`, the task the sender's
-/// certificate names (where it names one).
+/// certificate names (where it names one). A stream that brings nothing for `idle` (a stalled or
+/// frozen sender) is given up, and its reservation and call slot freed.
 pub async fn accept(
     inbox: &Arc<Inbox>,
     mut body: tonic::body::Body,
     certified: Option<&TaskId>,
+    idle: Duration,
 ) -> Result<u64> {
     let mut parser = ChunkParser::new(MAX_HEADER_BYTES);
     let mut reservation = None;
     let mut admit = |announced: wire::Announced<'_>| {
         check_identity(certified, &announced.key.source, "send")?;
         let size = announced.meta.byte_len().unwrap_or(0);
-        reservation = Some(inbox.reserve(&announced.key.source, size)?);
+        reservation = Some(inbox.reserve(announced.key, size)?);
         Ok(())
     };
-    while let Some(frame) = body.frame().await {
+    loop {
+        let Ok(next) = tokio::time::timeout(idle, body.frame()).await else {
+            return Err(Error::deadline_exceeded(format!(
+                "the tensor stream sent nothing for {idle:.1?}"
+            )));
+        };
+        let Some(frame) = next else {
+            break;
+        };
         let frame = frame.map_err(|e| Error::cancelled(format!("the sender went away: {e}")))?;
         if let Ok(data) = frame.into_data() {
             parser.feed(data, &mut admit)?;

@@ -96,7 +96,7 @@ pub async fn serve(
                     .map_err(|e| Error::unavailable(format!("the link broke mid-tensor: {e}")))?;
                 let delivered = announced.and_then(|(key, meta)| {
                     check_source(&key, &source)?;
-                    let reservation = inbox.reserve(&key.source, total as u64)?;
+                    let reservation = inbox.reserve(&key, total as u64)?;
                     inbox.deliver(key, Tensor { meta, data }, reservation)
                 });
                 match delivered {
@@ -111,7 +111,7 @@ pub async fn serve(
                 let granted = wire::parse_header(&header).and_then(|(key, meta)| {
                     check_source(&key, &source)?;
                     let total = header.total_bytes as usize;
-                    let reservation = inbox.reserve(&key.source, total as u64)?;
+                    let reservation = inbox.reserve(&key, total as u64)?;
                     let segment = pool.take(total)?;
                     let grant = proto::ShmGrant {
                         segment: segment.region().id(),
