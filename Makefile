@@ -41,10 +41,36 @@ lint: develop ## Formatting, clippy, ruff, mypy, the import contracts and the st
 	python -m mypy.stubtest distsrv._native --allowlist .stubtest-allowlist
 
 .PHONY: test
-test: lint ## Set up and run every check and test: Rust and Python
+test: lint fuzz-check ## Set up and run every check and test: Rust and Python
 	cargo test
 	cargo bench --no-run
 	python -m pytest
+
+# Decoders of peer bytes under coverage-guided fuzzing (fuzz/): libFuzzer through cargo-fuzz,
+# which builds on the stable toolchain with RUSTC_BOOTSTRAP.
+FUZZ_TARGETS := chunk_parser tensor_messages server_def
+FUZZ_SECONDS ?= 120
+FUZZ_RUN := RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir fuzz -O
+
+.PHONY: fuzz-tools
+fuzz-tools:
+	command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --version 0.13.2
+
+.PHONY: fuzz
+fuzz: fuzz-tools ## Fuzz each decoder for FUZZ_SECONDS (default 120), adding what it finds to fuzz/corpus
+	for target in $(FUZZ_TARGETS); do \
+		$(FUZZ_RUN) $$target fuzz/corpus/$$target -- -max_total_time=$(FUZZ_SECONDS) -max_len=4096 \
+			|| exit 1; \
+	done
+
+.PHONY: fuzz-check
+fuzz-check: fuzz-tools ## Replay fuzz/corpus and fuzz each decoder for seconds, keeping the corpus as it is
+	found=$$(mktemp -d) && trap 'rm -rf "$$found"' EXIT && \
+	for target in $(FUZZ_TARGETS); do \
+		mkdir "$$found/$$target" && \
+		$(FUZZ_RUN) $$target "$$found/$$target" fuzz/corpus/$$target -- -max_total_time=5 \
+			-max_len=4096 || exit 1; \
+	done
 
 .PHONY: bench
 bench: develop-release ## Run the benchmarks: Rust criterion, then distsrv beside its peers
