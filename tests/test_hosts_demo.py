@@ -69,12 +69,16 @@ def test_the_main_job_trains_across_hosts(hosts: TestHosts) -> None:
 
 def test_a_crashed_worker_stops_the_others_naming_it(hosts: TestHosts) -> None:
     ended = outcomes(start_workers(hosts, "--epochs=20", "--crash-worker=1"))
+    stops = []
     for index in (0, 2):
         status, output = ended[index]
         assert status == 1, output
-        assert re.search(r"stopping: (Unavailable|Aborted)Error: .*/job:worker/task:1", output), (
-            output
-        )
+        stop = re.search(r"stopping: (Unavailable|Aborted)Error: .*", output)
+        assert stop is not None, output
+        stops.append(stop[0])
+    # The first to find worker 1 gone names it and stops; the other may then find that one gone
+    # first (both refuse connections at once), and names it instead.
+    assert any("/job:worker/task:1" in stop for stop in stops), stops
 
 
 def test_a_cut_link_stops_the_others_naming_the_cut_worker(hosts: TestHosts) -> None:
