@@ -2,11 +2,13 @@
 TCP sockets between the same two hosts, in one run (rounds alternate, so both see the same
 machine). Each transfer counts until the receiver has all of it and the sender knows: distsrv's
 send returns on the receiver's acknowledgement, and the raw TCP sender waits for a one-byte ack.
+With ``--call``, the same for a remote call whose argument is the array, beside
+dask.distributed's ``rpc`` (``pip install '.[bench-dask]'``) between the same two hosts.
 
 Needs root (network namespaces, via ``tests/hosts.py``) and an optimised build
 (``make develop-release``)::
 
-    python benches/bench_hosts.py [--size-mib 64] [--repeats 10] [--rounds 3]
+    python benches/bench_hosts.py [--call] [--size-mib 64] [--repeats 10] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -47,6 +49,67 @@ DISTSRV = textwrap.dedent(
             for _ in range(repeats):
                 server.recv("t", source=("worker", 0), timeout=60)
             server.send("done", np.zeros(1), to=("worker", 0))
+    """
+)
+
+# A call of "take" on host 1 with the array as its argument; host 1 serves until told "done".
+DISTSRV_CALL = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    import distsrv
+    addresses, role = sys.argv[1].split(","), sys.argv[2]
+    size, repeats = int(sys.argv[3]), int(sys.argv[4])
+    spec = distsrv.ClusterSpec({"worker": addresses})
+    index = 0 if role == "send" else 1
+    config = distsrv.ServerConfig(shared_memory=False)
+    handlers = {"take": lambda x: x.nbytes}
+    with distsrv.Server(spec, "worker", index, config=config, handlers=handlers) as server:
+        server.wait_for_cluster(timeout=60)
+        if role == "send":
+            array = np.ones(size, np.uint8)
+            for _ in range(repeats):
+                started = time.perf_counter()
+                assert server.call(("worker", 1), "take", x=array) == size
+                print(time.perf_counter() - started, flush=True)
+            server.send("done", np.zeros(1), to=("worker", 1))
+        else:
+            server.recv("done", source=("worker", 0), timeout=300)
+    """
+)
+
+DASK_CALL = textwrap.dedent(
+    """
+    import asyncio, sys, time
+    import numpy as np
+    from distributed.core import Server, rpc
+    from distributed.protocol import to_serialize
+    address, role, size, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+
+    async def serve():
+        done = asyncio.Event()
+        server = Server({"take": lambda x: x.nbytes, "done": lambda: done.set()})
+        await server.listen(f"tcp://{address}")
+        await done.wait()
+        await server.close()
+
+    async def call():
+        for _ in range(600):
+            try:
+                remote = rpc(f"tcp://{address}")
+                await remote.take(x=to_serialize(np.ones(1, np.uint8)))
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
+        array = np.ones(size, np.uint8)
+        for _ in range(repeats):
+            started = time.perf_counter()
+            assert await remote.take(x=to_serialize(array)) == size
+            print(time.perf_counter() - started, flush=True)
+        await remote.done()
+        await remote.close_rpc()
+
+    asyncio.run(serve() if role == "recv" else call())
     """
 )
 
@@ -104,6 +167,7 @@ def run_pair(hosts: TestHosts, program: str, target: str, size: int, repeats: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--call", action="store_true", help="a remote call, beside dask's rpc")
     parser.add_argument("--size-mib", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
@@ -111,19 +175,21 @@ def main() -> None:
     if (reason := unavailable_reason()) is not None:
         raise SystemExit(f"test hosts are unavailable: {reason}")
     size = args.size_mib << 20
-    times: dict[str, list[float]] = {"distsrv": [], "raw TCP": []}
+    ours, (peer, theirs) = (
+        (DISTSRV_CALL, ("dask rpc", DASK_CALL)) if args.call else (DISTSRV, ("raw TCP", TCP))
+    )
+    times: dict[str, list[float]] = {"distsrv": [], peer: []}
     with TestHosts(2) as hosts:
         addresses = f"{hosts[0].address}:{PORT},{hosts[1].address}:{PORT}"
         for _ in range(args.rounds):
-            times["distsrv"] += run_pair(hosts, DISTSRV, addresses, size, args.repeats)
-            times["raw TCP"] += run_pair(
-                hosts, TCP, f"{hosts[1].address}:{PORT}", size, args.repeats
-            )
-    medians = {peer: statistics.median(seconds) for peer, seconds in times.items()}
-    for peer, median in medians.items():
+            times["distsrv"] += run_pair(hosts, ours, addresses, size, args.repeats)
+            times[peer] += run_pair(hosts, theirs, f"{hosts[1].address}:{PORT}", size, args.repeats)
+    medians = {name: statistics.median(seconds) for name, seconds in times.items()}
+    what = "call with" if args.call else "send of"
+    for name, median in medians.items():
         rate = size / median / 1e9
-        print(f"{args.size_mib} MiB  {peer:8s}  {median * 1e3:8.1f} ms  {rate:6.2f} GB/s")
-    print(f"distsrv / raw TCP throughput: {medians['raw TCP'] / medians['distsrv']:.2f}x")
+        print(f"{what} {args.size_mib} MiB  {name:8s}  {median * 1e3:8.1f} ms  {rate:6.2f} GB/s")
+    print(f"distsrv / {peer} throughput: {medians[peer] / medians['distsrv']:.2f}x")
 
 
 if __name__ == "__main__":
