@@ -26,40 +26,14 @@ from hosts import TestHosts, unavailable_reason
 PORT = 7200
 
 # Both ends, by role: "send" times each transfer and prints the seconds, one line per transfer.
+# The transfer is a send of the array, or a call of "take" with the array as its argument.
 DISTSRV = textwrap.dedent(
     """
     import sys, time
     import numpy as np
     import distsrv
     addresses, role = sys.argv[1].split(","), sys.argv[2]
-    size, repeats = int(sys.argv[3]), int(sys.argv[4])
-    spec = distsrv.ClusterSpec({"worker": addresses})
-    index = 0 if role == "send" else 1
-    config = distsrv.ServerConfig(shared_memory=False)
-    with distsrv.Server(spec, "worker", index, config=config) as server:
-        server.wait_for_cluster(timeout=60)
-        if role == "send":
-            array = np.ones(size, np.uint8)
-            for _ in range(repeats):
-                started = time.perf_counter()
-                server.send("t", array, to=("worker", 1))
-                print(time.perf_counter() - started, flush=True)
-            server.recv("done", source=("worker", 1), timeout=60)
-        else:
-            for _ in range(repeats):
-                server.recv("t", source=("worker", 0), timeout=60)
-            server.send("done", np.zeros(1), to=("worker", 0))
-    """
-)
-
-# A call of "take" on host 1 with the array as its argument; host 1 serves until told "done".
-DISTSRV_CALL = textwrap.dedent(
-    """
-    import sys, time
-    import numpy as np
-    import distsrv
-    addresses, role = sys.argv[1].split(","), sys.argv[2]
-    size, repeats = int(sys.argv[3]), int(sys.argv[4])
+    size, repeats, transfer = int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     spec = distsrv.ClusterSpec({"worker": addresses})
     index = 0 if role == "send" else 1
     config = distsrv.ServerConfig(shared_memory=False)
@@ -70,10 +44,16 @@ DISTSRV_CALL = textwrap.dedent(
             array = np.ones(size, np.uint8)
             for _ in range(repeats):
                 started = time.perf_counter()
-                assert server.call(("worker", 1), "take", x=array) == size
+                if transfer == "call":
+                    assert server.call(("worker", 1), "take", x=array) == size
+                else:
+                    server.send("t", array, to=("worker", 1))
                 print(time.perf_counter() - started, flush=True)
             server.send("done", np.zeros(1), to=("worker", 1))
         else:
+            if transfer == "send":
+                for _ in range(repeats):
+                    server.recv("t", source=("worker", 0), timeout=60)
             server.recv("done", source=("worker", 0), timeout=300)
     """
 )
@@ -145,14 +125,16 @@ TCP = textwrap.dedent(
 )
 
 
-def run_pair(hosts: TestHosts, program: str, target: str, size: int, repeats: int) -> list[float]:
-    """Seconds per transfer, as the sender on host 0 timed them."""
+def run_pair(
+    hosts: TestHosts, program: str, target: str, size: int, repeats: int, *extra: str
+) -> list[float]:
+    """Seconds per transfer, as the sender on host 0 timed them; `extra` arguments go to both."""
     receiver = hosts[1].popen(
-        [sys.executable, "-c", program, target, "recv", str(size), str(repeats)],
+        [sys.executable, "-c", program, target, "recv", str(size), str(repeats), *extra],
         stdout=subprocess.DEVNULL,
     )
     sender = hosts[0].popen(
-        [sys.executable, "-c", program, target, "send", str(size), str(repeats)],
+        [sys.executable, "-c", program, target, "send", str(size), str(repeats), *extra],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -175,14 +157,14 @@ def main() -> None:
     if (reason := unavailable_reason()) is not None:
         raise SystemExit(f"test hosts are unavailable: {reason}")
     size = args.size_mib << 20
-    ours, (peer, theirs) = (
-        (DISTSRV_CALL, ("dask rpc", DASK_CALL)) if args.call else (DISTSRV, ("raw TCP", TCP))
+    transfer, peer, theirs = (
+        ("call", "dask rpc", DASK_CALL) if args.call else ("send", "raw TCP", TCP)
     )
     times: dict[str, list[float]] = {"distsrv": [], peer: []}
     with TestHosts(2) as hosts:
         addresses = f"{hosts[0].address}:{PORT},{hosts[1].address}:{PORT}"
         for _ in range(args.rounds):
-            times["distsrv"] += run_pair(hosts, ours, addresses, size, args.repeats)
+            times["distsrv"] += run_pair(hosts, DISTSRV, addresses, size, args.repeats, transfer)
             times[peer] += run_pair(hosts, theirs, f"{hosts[1].address}:{PORT}", size, args.repeats)
     medians = {name: statistics.median(seconds) for name, seconds in times.items()}
     what = "call with" if args.call else "send of"

@@ -30,8 +30,9 @@ fuzz_target!(|input: &[u8]| {
         Ok(())
     };
     let stream = Bytes::copy_from_slice(stream);
-    for start in (0..stream.len()).step_by(usize::from(split).max(1)) {
-        let end = (start + usize::from(split).max(1)).min(stream.len());
+    let frame = usize::from(split).max(1);
+    for start in (0..stream.len()).step_by(frame) {
+        let end = (start + frame).min(stream.len());
         if parser.feed(stream.slice(start..end), &mut admit).is_err() {
             return;
         }

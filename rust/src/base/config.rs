@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::base::errors::{Error, Result};
+use crate::base::memory;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
@@ -38,7 +39,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(5),
             max_message_bytes: 64 << 20,
             chunk_bytes: 1 << 20,
-            max_pending_bytes: DEFAULT_PENDING_BYTES.min(physical_memory() / 2),
+            max_pending_bytes: DEFAULT_PENDING_BYTES.min(memory_limit() / 2),
             connection_limit: 512,
             worker_threads: std::thread::available_parallelism()
                 .map_or(2, |n| n.get())
@@ -48,21 +49,15 @@ impl Default for ServerConfig {
     }
 }
 
-/// What the inbox may hold by default, or half the machine's memory where that is less.
+/// What the inbox may hold by default, or half the memory this process may use where that is
+/// less.
 const DEFAULT_PENDING_BYTES: u64 = 4 << 30;
 
-/// This machine's memory in bytes; `u64::MAX` where the system does not say.
-pub fn physical_memory() -> u64 {
-    // SAFETY: sysconf only reads system parameters.
-    let (pages, page_size) = unsafe {
-        (
-            libc::sysconf(libc::_SC_PHYS_PAGES),
-            libc::sysconf(libc::_SC_PAGESIZE),
-        )
-    };
-    match (u64::try_from(pages), u64::try_from(page_size)) {
-        (Ok(pages), Ok(page_size)) if pages > 0 && page_size > 0 => pages.saturating_mul(page_size),
-        _ => u64::MAX,
+/// The memory this process may use (see [`memory`]); `u64::MAX` where the system does not say.
+pub fn memory_limit() -> u64 {
+    match memory::process_memory_limit() {
+        0 => u64::MAX,
+        bytes => bytes,
     }
 }
 
@@ -143,12 +138,12 @@ impl ServerConfig {
         for (name, value) in fields {
             bounded(name, value)?;
         }
-        // A budget past the machine's memory bounds nothing: a sender could make the server
-        // allocate more than exists, which aborts the process.
-        let memory = physical_memory();
+        // A budget past the memory this process may use bounds nothing: a sender could make the
+        // server allocate more than exists, which aborts the process (or gets it killed).
+        let memory = memory_limit();
         if self.max_pending_bytes > memory {
             return Err(Error::invalid_argument(format!(
-                "ServerConfig.max_pending_bytes ({}) exceeds this machine's memory ({memory} bytes)",
+                "ServerConfig.max_pending_bytes ({}) exceeds the memory this process may use ({memory} bytes)",
                 self.max_pending_bytes
             )));
         }
@@ -190,7 +185,7 @@ mod tests {
 
     #[test]
     fn a_budget_past_the_machines_memory_is_refused() {
-        let memory = physical_memory();
+        let memory = memory_limit();
         assert!(ServerConfig::default().max_pending_bytes <= memory / 2);
         let config = ServerConfig {
             max_pending_bytes: memory.saturating_add(1).min(MAX_PENDING_BYTES),

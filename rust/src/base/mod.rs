@@ -1,8 +1,10 @@
 //! What every layer uses: errors ([`errors`]), the cluster model ([`cluster`]), a server's
-//! tunables ([`config`]), and small helpers for waiting and bounded caches.
+//! tunables ([`config`]), the memory this process may use
+//! ([`memory`]), and small helpers for waiting and bounded caches.
 
 pub mod cluster;
 pub mod config;
 pub mod errors;
+pub mod memory;
 pub mod retry;
 pub mod security;

@@ -81,6 +81,11 @@ impl Returned {
         self.waker.wake();
     }
 
+    /// Whether the bytes are back.
+    pub fn is_done(&self) -> bool {
+        *self.done.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Whether the bytes came back within `limit`.
     fn wait(&self, limit: Duration) -> bool {
         let done = self.done.lock().unwrap_or_else(|e| e.into_inner());
@@ -95,7 +100,7 @@ impl Returned {
     pub async fn returned(&self) {
         std::future::poll_fn(|context| {
             self.waker.register(context.waker());
-            if *self.done.lock().unwrap_or_else(|e| e.into_inner()) {
+            if self.is_done() {
                 Poll::Ready(())
             } else {
                 Poll::Pending
