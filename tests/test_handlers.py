@@ -613,7 +613,44 @@ def test_bytes_that_are_not_a_call_request_are_refused(server: distsrv.Server) -
         raw = channel.unary_unary("/distsrv.v1.Worker/Call")
         with pytest.raises(grpc.RpcError) as raised:
             raw(b"\xff\xff\xff", timeout=10)
-    # As for every generated method (test_wire.py): tonic, like grpc-core, reports a body it
-    # cannot decode as INTERNAL; a CallRequest that decodes but is wrong is INVALID_ARGUMENT.
-    assert raised.value.code() == grpc.StatusCode.INTERNAL
+    # distsrv decodes a call itself (to hold its values to their limits first), and calls a
+    # body it cannot decode what it is, as for SendTensor (test_wire.py).
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "undecodable" in (raised.value.details() or "")
+    assert server.call(server.task, "add", x=1, y=2) == 3
+
+
+def _nested_lists(depth: int) -> pb.Value:
+    value = pb.Value(null_value=pb.NULL_VALUE)
+    for _ in range(depth):
+        value = pb.Value(list_value=pb.ListValue(items=[value]))
+    return value
+
+
+def test_a_call_of_too_many_or_too_deep_values_is_refused_before_decoding(
+    server: distsrv.Server,
+) -> None:
+    # Two bytes per empty Value on the wire, seventy once decoded: a million and one of them
+    # (2 MB) would be refused by count, not by size; 33 nested lists by depth.
+    bomb = pb.Value(list_value=pb.ListValue(items=[pb.Value()] * ((1 << 20) + 1)))
+    cases = [
+        (bomb, grpc.StatusCode.RESOURCE_EXHAUSTED, "more than 1048576 values"),
+        (_nested_lists(33), grpc.StatusCode.INVALID_ARGUMENT, "more than 32 deep"),
+    ]
+    with grpc.insecure_channel(server.address) as channel:
+        stub = distsrv_pb2_grpc.WorkerStub(channel)
+        for value, code, words in cases:
+            request = pb.CallRequest(
+                op="echo", kwargs=pb.DictValue(entries=[pb.DictEntry(key="value", value=value)])
+            )
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.Call(request, timeout=30)
+            assert raised.value.code() == code
+            assert words in (raised.value.details() or "")
+        # As deep as Python's encoder goes is served.
+        deepest = pb.CallRequest(
+            op="echo",
+            kwargs=pb.DictValue(entries=[pb.DictEntry(key="value", value=_nested_lists(32))]),
+        )
+        assert stub.Call(deepest, timeout=10).result.WhichOneof("kind") == "list_value"
     assert server.call(server.task, "add", x=1, y=2) == 3

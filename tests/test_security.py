@@ -440,6 +440,19 @@ def test_a_task_certificate_speaks_only_for_its_task() -> None:
             with pytest.raises(grpc.RpcError) as refused:
                 stub.Call(forged, timeout=10)
             assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            # Nor take out of task 1's inbox what task 0 itself sent there.
+            a.send("mine", np.ones(1, np.float32), to=("worker", 1))
+            with pytest.raises(grpc.RpcError) as refused:
+                list(
+                    stub.RecvTensor(
+                        distsrv_pb2.RecvTensorRequest(
+                            name="mine", source=distsrv_pb2.TaskId(job="worker", index=0)
+                        ),
+                        timeout=10,
+                    )
+                )
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert b.recv("mine", source=("worker", 0), timeout=10).tolist() == [1]
         with pytest.raises(errors.DeadlineExceededError):
             b.recv("forged", source=("worker", 1), timeout=0.5)
         assert b.recv("forged", source=("worker", 0), timeout=10).tolist() == [7]

@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
 use tonic::body::Body;
-use tonic::server::NamedService;
+use tonic::server::{Grpc, NamedService, UnaryService};
 use tonic::transport::server::{Router, TcpConnectInfo, TlsConnectInfo};
 use tonic::{Request, Response, Status};
 use tonic_health::server::HealthReporter;
@@ -25,6 +25,7 @@ use crate::transport::peers;
 use crate::transport::push::{self, SEND_TENSOR_PATH};
 use crate::transport::tls::{certified_task, check_identity};
 use crate::wire;
+use crate::wire::values::{CALL_PATH, CallCodec};
 
 pub const WORKER_SERVICE_NAME: &str = "distsrv.v1.Worker";
 /// The encoded descriptors of `protos/`, for server reflection.
@@ -91,6 +92,17 @@ impl Worker for Task {
         &self,
         request: Request<proto::RecvTensorRequest>,
     ) -> Result<Response<tonic::codegen::BoxStream<proto::TensorChunk>>, Status> {
+        // What was sent to this task is this task's to take: another task's certificate may
+        // not drain its inbox (an operator's, bound to no task, may).
+        if let Some(peer) = certified_task(request.peer_certs().as_deref())
+            && peer != self.def.task
+        {
+            return Err(Error::permission_denied(format!(
+                "{peer} (by its certificate) cannot take tensors sent to {}",
+                self.def.task
+            ))
+            .into());
+        }
         let request = request.into_inner();
         let source = request
             .source
@@ -133,28 +145,38 @@ impl Worker for Task {
         Ok(Response::new(self.variables.apply(request.into_inner())?))
     }
 
-    async fn call(
-        &self,
-        request: Request<proto::CallRequest>,
-    ) -> Result<Response<proto::CallResponse>, Status> {
-        let peer = certified_task(request.peer_certs().as_deref());
-        let (metadata, _, mut request) = request.into_parts();
-        if let Some(peer) = peer {
-            // The certificate proves who calls, whatever the request says.
-            if let Some(caller) = &request.caller {
-                check_identity(Some(&peer), &TaskId::from_proto(caller)?, "call")?;
+    // Call is served by `CallService`, with the codec that limits values before decoding them.
+}
+
+/// The Worker's Call: its request decoded by [`CallCodec`], then served by the task's operations.
+struct CallService(Arc<Task>);
+
+impl UnaryService<proto::CallRequest> for CallService {
+    type Response = proto::CallResponse;
+    type Future = BoxFuture<'static, Result<Response<proto::CallResponse>, Status>>;
+
+    fn call(&mut self, request: Request<proto::CallRequest>) -> Self::Future {
+        let task = Arc::clone(&self.0);
+        Box::pin(async move {
+            let peer = certified_task(request.peer_certs().as_deref());
+            let (metadata, _, mut request) = request.into_parts();
+            if let Some(peer) = peer {
+                // The certificate proves who calls, whatever the request says.
+                if let Some(caller) = &request.caller {
+                    check_identity(Some(&peer), &TaskId::from_proto(caller)?, "call")?;
+                }
+                request.caller = Some(peer.to_proto());
             }
-            request.caller = Some(peer.to_proto());
-        }
-        let result = self.operations.serve(request, metadata).await?;
-        Ok(Response::new(proto::CallResponse {
-            result: Some(result),
-        }))
+            let result = task.operations.serve(request, metadata).await?;
+            Ok(Response::new(proto::CallResponse {
+                result: Some(result),
+            }))
+        })
     }
 }
 
 /// The Worker service as served: SendTensor by hand (payload copied once, straight into the
-/// tensor), the other methods by the generated server; all of it behind the in-flight call
+/// tensor), Call with its own codec, the other methods by the generated server; all of it behind the in-flight call
 /// limit, past which calls get RESOURCE_EXHAUSTED instead of queueing.
 #[derive(Clone)]
 struct WorkerRoutes {
@@ -193,6 +215,17 @@ impl Service<http::Request<Body>> for WorkerRoutes {
                     Ok(bytes) => acknowledge(bytes),
                     Err(error) => Status::from(error).into_http(),
                 };
+                Ok(Task::until_sent(response, permit))
+            });
+        }
+        if request.uri().path() == CALL_PATH {
+            let max_message = self.task.config.max_message_bytes;
+            let service = CallService(Arc::clone(&self.task));
+            return Box::pin(async move {
+                let mut grpc = Grpc::new(CallCodec::default())
+                    .max_decoding_message_size(max_message)
+                    .max_encoding_message_size(max_message);
+                let response = grpc.unary(service, request).await;
                 Ok(Task::until_sent(response, permit))
             });
         }

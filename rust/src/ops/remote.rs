@@ -17,8 +17,8 @@ use crate::base::cluster::TaskId;
 use crate::base::config::ServerConfig;
 use crate::base::errors::{Error, Result};
 use crate::proto;
-use crate::proto::worker_client::WorkerClient;
 use crate::transport::{Peers, Shm, route};
+use crate::wire::values::{self, CallCodec};
 
 /// One call of an operation, as its handler receives it.
 pub struct Call {
@@ -159,10 +159,20 @@ impl Operations {
             if let Some(timeout) = timeout {
                 request.set_timeout(timeout);
             }
-            let response = WorkerClient::new(channel)
+            let mut client = tonic::client::Grpc::new(channel)
                 .max_decoding_message_size(self.max_message_bytes)
-                .max_encoding_message_size(self.max_message_bytes)
-                .call(request)
+                .max_encoding_message_size(self.max_message_bytes);
+            client
+                .ready()
+                .await
+                .map_err(|e| Error::unavailable(format!("the connection is not ready: {e}")))?;
+            let path = http::uri::PathAndQuery::from_static(values::CALL_PATH);
+            let response = client
+                .unary(
+                    request,
+                    path,
+                    CallCodec::<_, proto::CallResponse>::default(),
+                )
                 .await?;
             response
                 .into_inner()

@@ -19,9 +19,9 @@ use crate::proto::{self, value::Kind};
 use crate::tensor::{Tensor, TensorBuf};
 use crate::wire;
 
-/// How deeply lists and dicts may nest. protobuf decoders stop at 100 nested messages and each
-/// level here takes two, so anything encoded is decodable; it also ends a self-containing list.
-const MAX_DEPTH: usize = 32;
+/// How deeply lists and dicts may nest: as deep as a receiver decodes (protobuf decoders stop at
+/// 100 nested messages and each level takes two). It also ends a self-containing list.
+const MAX_DEPTH: usize = wire::values::MAX_VALUE_DEPTH;
 
 static NUMPY_SCALAR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 

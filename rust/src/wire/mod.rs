@@ -1,5 +1,6 @@
 //! How tensors look on the wire: tensors in protobuf messages ([`messages`]), gRPC framing by hand
-//! ([`framing`]), and the parser of an arriving tensor stream ([`chunks`]).
+//! ([`framing`]), the parser of an arriving tensor stream ([`chunks`]), and the limits a remote
+//! operation's values are held to before they are decoded ([`values`]).
 //!
 //! The sender frames the messages by hand so payload slices go to the socket straight from the
 //! caller's memory, and the receiver ([`ChunkParser`]) copies each payload byte once, into the
@@ -8,6 +9,7 @@
 pub mod chunks;
 pub mod framing;
 pub mod messages;
+pub mod values;
 
 pub use chunks::{Announced, ChunkParser};
 pub use framing::{frame_message, tensor_chunks, tensor_frames, unframe_message};

@@ -24,6 +24,7 @@ use crate::proto::{self, ShmMessage, shm_message::Kind};
 use crate::tensor::recycle::Recycler;
 use crate::tensor::segment::{Mapping, POOL_SEGMENTS};
 use crate::tensor::{POOL_BYTES, TensorBuf};
+use crate::wire::values;
 
 type Waiters = HashMap<u64, oneshot::Sender<Answer>>;
 
@@ -290,7 +291,7 @@ impl Link {
             call.await?
         };
         match answer.message.kind {
-            Some(Kind::Result(_)) => proto::CallResponse::decode(answer.payload)?
+            Some(Kind::Result(_)) => values::decode_checked::<proto::CallResponse>(answer.payload)?
                 .result
                 .ok_or_else(|| Error::invalid_argument("the response carries no result")),
             _ => Err(Error::internal("the receiver answered a call off-protocol")),

@@ -21,6 +21,7 @@ use crate::proto::{self, shm_message::Kind};
 use crate::tensor::segment::{Segment, SegmentPool};
 use crate::tensor::{Tensor, TensorBuf, TensorKey, TensorMeta};
 use crate::wire;
+use crate::wire::values;
 
 /// Runs a remote operation that came on a link: the calling task, its request, its time limit.
 pub type CallServer = Arc<
@@ -226,9 +227,9 @@ async fn answer_call(
     timeout: Option<Duration>,
 ) {
     // Array arguments stay slices of `request`, which was read or written once.
-    let served = match proto::CallRequest::decode(request) {
+    let served = match values::decode_checked::<proto::CallRequest>(request) {
         Ok(request) => (serving.calls)(caller, request, timeout).await,
-        Err(e) => Err(Error::invalid_argument(format!("an undecodable call: {e}"))),
+        Err(error) => Err(error),
     };
     serving.calls_served.fetch_add(1, Ordering::Relaxed);
     let response = served.and_then(|result| {
