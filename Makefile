@@ -48,7 +48,7 @@ test: lint fuzz-check ## Set up and run every check and test: Rust and Python
 
 # Decoders of peer bytes under coverage-guided fuzzing (fuzz/): libFuzzer through cargo-fuzz,
 # which builds on the stable toolchain with RUSTC_BOOTSTRAP.
-FUZZ_TARGETS := chunk_parser tensor_messages server_def
+FUZZ_TARGETS := chunk_parser tensor_messages server_def call_values
 FUZZ_SECONDS ?= 120
 FUZZ_RUN := RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir fuzz -O
 

@@ -465,6 +465,25 @@ def test_calls_past_the_connection_limit_are_refused_not_queued() -> None:
         assert server.call(server.task, "echo", value=1) == 1
 
 
+def test_a_caller_that_stalls_mid_request_gives_its_slot_back() -> None:
+    # Slow-loris: calls that send their headers and then nothing would hold every slot.
+    config = distsrv.ServerConfig(connection_limit=2, peer_timeout=0.5)
+    with distsrv.Server.create_local_server(config, handlers={"echo": echo}) as server:
+        never = threading.Event()
+
+        def nothing() -> Iterator[bytes]:
+            never.wait(30)
+            yield b""
+
+        with grpc.insecure_channel(server.address) as channel:
+            stalled = channel.stream_unary("/distsrv.v1.Worker/Call")
+            calls = [stalled.future(nothing(), timeout=30) for _ in range(2)]
+            codes = [call.exception(timeout=10).code() for call in calls]
+        never.set()
+        assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 2
+        assert server.call(server.task, "echo", value=1, timeout=10) == 1
+
+
 def test_the_asyncio_form(server: distsrv.Server) -> None:
     async def main() -> list[Any]:
         return await asyncio.gather(

@@ -23,6 +23,7 @@ use crate::tensor::TensorKey;
 use crate::transport::auth::TokenCheckLayer;
 use crate::transport::peers;
 use crate::transport::push::{self, SEND_TENSOR_PATH};
+use crate::transport::stall::IdleLimited;
 use crate::transport::tls::{certified_task, check_identity};
 use crate::wire;
 use crate::wire::values::{CALL_PATH, CallCodec};
@@ -218,6 +219,10 @@ impl Service<http::Request<Body>> for WorkerRoutes {
                 Ok(Task::until_sent(response, permit))
             });
         }
+        // Every other method's request is a message or two: a caller that stalls in the middle
+        // of one gives up its slot rather than holding it (push::accept holds tensor streams to
+        // the same limit).
+        let request = IdleLimited::request(request, self.task.config.peer_timeout);
         if request.uri().path() == CALL_PATH {
             let max_message = self.task.config.max_message_bytes;
             let service = CallService(Arc::clone(&self.task));

@@ -1,6 +1,6 @@
 //! Moving bytes to peers: connections to every other task ([`peers`]), the HTTP/2 push of a
 //! tensor, both ends ([`push`]), the GetStatus client ([`status`]), each peer's heartbeat
-//! ([`liveness`]), the same-host fast path
+//! ([`liveness`]), a request body's idle limit ([`stall`]), the same-host fast path
 //! through shared memory ([`shm`]), and the choice between the two for each peer ([`route`]).
 
 pub mod auth;
@@ -9,6 +9,7 @@ pub mod peers;
 pub mod push;
 pub mod route;
 pub mod shm;
+pub mod stall;
 pub mod status;
 pub mod tls;
 
