@@ -827,3 +827,25 @@ def test_rust_errors_are_the_distsrv_errors_class_of_their_code(
     assert type(error) is errors.exception_type_from_error_code(error.error_code)
     assert error.message
     assert str(error) == error.message
+
+
+def test_a_connection_that_sends_nothing_is_closed_and_others_are_served() -> None:
+    # Slow-loris: connections that never speak would hold a descriptor each for ever.
+    config = distsrv.ServerConfig(peer_timeout=0.5)
+    with distsrv.Server.create_local_server(config) as server:
+        host, port = server.address.rsplit(":", 1)
+        # Each read waits at most 10 s: a connection left open fails the test by timing out.
+        silent = [socket.create_connection((host, int(port)), timeout=10) for _ in range(3)]
+        try:
+            for connection in silent:
+                # The server's HTTP/2 settings may come first; then the connection ends.
+                while connection.recv(4096):
+                    pass
+        finally:
+            for connection in silent:
+                connection.close()
+        with grpc.insecure_channel(server.address) as channel:
+            reply = distsrv_pb2_grpc.WorkerStub(channel).GetStatus(
+                distsrv_pb2.GetStatusRequest(), timeout=10
+            )
+        assert reply.incarnation == server.incarnation

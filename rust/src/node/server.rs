@@ -7,6 +7,7 @@ use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use futures::TryStreamExt;
 use tokio::runtime::Runtime;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -20,6 +21,7 @@ use crate::base::cluster::{Cluster, ServerDef, TaskId, format_address, parse_add
 use crate::base::config::ServerConfig;
 use crate::base::errors::{Error, Result};
 use crate::base::security::Security;
+use crate::transport::stall::GreetWithin;
 
 pub const PROTOCOL: &str = "grpc";
 
@@ -231,7 +233,10 @@ impl Server {
             let _entered = runtime.enter();
             let listener = tokio::net::TcpListener::from_std(listener)
                 .map_err(|e| Error::internal(format!("cannot serve the listener: {e}")))?;
-            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            let greet_within = config.peer_timeout;
+            let incoming = TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .map_ok(move |stream| GreetWithin::new(stream, greet_within));
             let (health, router) = service::router(&self.task)?;
             self.task.serve_same_host();
             self.task.liveness.run_on(runtime.handle().clone());

@@ -44,7 +44,7 @@ pub fn router(
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &task.tls {
         builder = builder
-            .tls_config(tls.server())
+            .tls_config(tls.server().timeout(task.config.peer_timeout))
             .map_err(|e| Error::invalid_argument(format!("unusable TLS settings: {e}")))?;
     }
     let router = builder
@@ -177,8 +177,8 @@ impl UnaryService<proto::CallRequest> for CallService {
 }
 
 /// The Worker service as served: SendTensor by hand (payload copied once, straight into the
-/// tensor), Call with its own codec, the other methods by the generated server; all of it behind the in-flight call
-/// limit, past which calls get RESOURCE_EXHAUSTED instead of queueing.
+/// tensor), Call with its own codec, the other methods by the generated server; all of it
+/// behind the in-flight call limit, past which calls get RESOURCE_EXHAUSTED instead of queueing.
 #[derive(Clone)]
 struct WorkerRoutes {
     task: Arc<Task>,
