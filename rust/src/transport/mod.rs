@@ -1,6 +1,6 @@
 //! Moving bytes to peers: connections to every other task ([`peers`]), the HTTP/2 push of a
 //! tensor, both ends ([`push`]), the GetStatus client ([`status`]), each peer's heartbeat
-//! ([`liveness`]), a request body's idle limit ([`stall`]), the same-host fast path
+//! ([`liveness`]), the limits that keep callers moving ([`stall`]), the same-host fast path
 //! through shared memory ([`shm`]), and the choice between the two for each peer ([`route`]).
 
 pub mod auth;

@@ -21,7 +21,7 @@ pub struct IdleLimited {
 }
 
 impl IdleLimited {
-    pub fn new(inner: Body, idle: Duration) -> Self {
+    fn new(inner: Body, idle: Duration) -> Self {
         Self {
             inner,
             idle,
