@@ -14,6 +14,7 @@ within one process is printed for reference.
 
     python benches/bench_exchange.py            # all sizes, all peers
     python benches/bench_exchange.py --quick    # 4 KiB and 1 MiB, few repetitions
+    python benches/bench_exchange.py --rounds 3 # peers taken in turn three times, samples pooled
 
 Refuses a debug build of distsrv unless --allow-debug is given.
 """
@@ -368,6 +369,23 @@ def memory_sender(ports: list[int], size: int) -> None:
     print(extra, flush=True)
 
 
+def pooled(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each peer's samples of every round together, per size (a skipped peer stays skipped)."""
+    merged: dict[str, Any] = {}
+    for results in rounds:
+        for peer, result in results.items():
+            if isinstance(result, str) or isinstance(merged.get(peer), str):
+                merged[peer] = result
+                continue
+            into = merged.setdefault(peer, {})
+            for size, samples in result.items():
+                if isinstance(samples, list):
+                    into.setdefault(size, []).extend(samples)
+                else:
+                    into[size] = samples
+    return merged
+
+
 def human(size: int) -> str:
     return f"{size // MiB} MiB" if size >= MiB else f"{size // KiB} KiB"
 
@@ -380,6 +398,13 @@ def main() -> None:
     parser.add_argument("--receiver", help=argparse.SUPPRESS)
     parser.add_argument("--ports", nargs="+", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--sizes", nargs="+", type=int, help="tensor sizes in bytes")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the peers in turn this many times and pool their samples, so that a slow "
+        "spell of a shared machine falls on every peer alike",
+    )
     parser.add_argument("--once", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory-sender", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -398,7 +423,9 @@ def main() -> None:
         f"distsrv {distsrv.__version__} ({_native.BUILD_PROFILE}), {os.cpu_count()} CPUs, "
         f"float32 tensors, transfer + 1-byte ack, two processes on {HOST}"
     )
-    results = {peer: sender(peer, sizes, args.quick) for peer in args.peers}
+    results = pooled(
+        [{peer: sender(peer, sizes, args.quick) for peer in args.peers} for _ in range(args.rounds)]
+    )
     ours = results.get("distsrv")
     for peer, result in results.items():
         if isinstance(result, str):

@@ -28,6 +28,24 @@ def test_quick_benchmark_runs_and_prints_ratios() -> None:
     assert all(row[-1].endswith("x") for row in rows if row[2] == "raw"), result.stdout
 
 
+def test_rounds_pool_each_peers_samples_and_keep_a_skipped_peer_skipped() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_exchange", BENCH)
+    assert spec is not None
+    assert spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rounds = [
+        {"distsrv": {4096: [1.0, 2.0], "receiver_peak_extra": {"4096": 5}}, "gloo": "skipped"},
+        {"distsrv": {4096: [3.0], "receiver_peak_extra": {"4096": 7}}, "gloo": "skipped"},
+    ]
+    assert bench.pooled(rounds) == {
+        "distsrv": {4096: [1.0, 2.0, 3.0], "receiver_peak_extra": {"4096": 7}},
+        "gloo": "skipped",
+    }
+
+
 def test_the_benchmark_refuses_a_debug_build_by_default() -> None:
     import distsrv._native
 

@@ -53,3 +53,12 @@ mod generated {
 pub use generated::distsrv::tfcompat::v1 as tfproto;
 /// Messages and services of `protos/distsrv.proto`.
 pub use generated::distsrv::v1 as proto;
+
+/// Every allocation of this crate and its dependencies (h2's read buffers above all) goes to
+/// mimalloc, which keeps freed memory for reuse. Under glibc's malloc, a megabyte read buffer
+/// freed by one thread was often handed back to the kernel and faulted in afresh by the next
+/// frame, which halved a large transfer's speed in some runs and not others. Fuzzing keeps the
+/// sanitizer's allocator.
+#[cfg(not(fuzzing))]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

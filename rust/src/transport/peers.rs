@@ -31,6 +31,10 @@ pub const MAX_FRAME_BYTES: u32 = 1 << 20;
 
 /// Bytes a push over TLS gathers before it encrypts: a small tensor and its frames in one record.
 const TLS_WRITE_BUFFER: usize = 64 << 10;
+/// Encrypted bytes a push over TLS may hold before it must write them: rustls's default of
+/// 64 KiB makes a write (and a wake-up of the receiver) per four records; 1 MiB moved 64 MiB
+/// tensors 15-20% faster on loopback.
+const TLS_SEND_BUFFER: usize = 1 << 20;
 /// Pauses between tries at connecting to a peer that is not up yet.
 const CONNECT_BACKOFF: Backoff = Backoff {
     first: Duration::from_millis(10),
@@ -219,7 +223,11 @@ impl Peers {
                     let (host, _) = parse_address(address).map_err(std::io::Error::other)?;
                     // TLS writes are not vectored: without a buffer, each slice h2 hands over
                     // (frame heads, a small tensor's payload) would be a record and a write.
-                    let tls_stream = tls.connect(&host, stream).await?;
+                    let mut tls_stream = tls.connect(&host, stream).await?;
+                    tls_stream
+                        .get_mut()
+                        .1
+                        .set_buffer_limit(Some(TLS_SEND_BUFFER));
                     let buffered =
                         tokio::io::BufWriter::with_capacity(TLS_WRITE_BUFFER, tls_stream);
                     http2(buffered, self.peer_timeout).await
