@@ -221,7 +221,8 @@ def test_peer_that_stops_while_we_wait_is_reported(pair) -> None:
 
 def test_pending_bytes_are_bounded() -> None:
     spec = pair_cluster(2)
-    config = distsrv.ServerConfig(max_pending_bytes=1 << 20, connect_timeout=2.0)
+    # One sender, so the task's whole budget is its share.
+    config = distsrv.ServerConfig(max_pending_bytes=1 << 20, connect_timeout=2.0, peer_share=1.0)
     with (
         distsrv.Server(spec, "worker", 0, config=config) as a,
         distsrv.Server(spec, "worker", 1, config=config) as b,
@@ -343,7 +344,7 @@ def test_a_stock_client_recv_of_an_overlong_name_is_refused(local_server, channe
 
 
 def test_a_stalled_stream_is_given_up_and_its_reservation_freed() -> None:
-    config = distsrv.ServerConfig(max_pending_bytes=1 << 20, peer_timeout=0.5)
+    config = distsrv.ServerConfig(max_pending_bytes=1 << 20, peer_timeout=0.5, peer_share=1.0)
     with distsrv.Server.create_local_server(config=config) as server:
         release = threading.Event()
 

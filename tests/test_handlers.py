@@ -450,7 +450,8 @@ def test_calls_past_the_connection_limit_are_refused_not_queued() -> None:
         entered.release()
         release.wait(30)
 
-    config = distsrv.ServerConfig(connection_limit=2)
+    # One caller, so the task's whole limit is its share.
+    config = distsrv.ServerConfig(connection_limit=2, peer_share=1.0)
     with distsrv.Server.create_local_server(
         config, handlers={"slow": slow, "echo": echo}
     ) as server:
@@ -467,7 +468,7 @@ def test_calls_past_the_connection_limit_are_refused_not_queued() -> None:
 
 def test_a_caller_that_stalls_mid_request_gives_its_slot_back() -> None:
     # Slow-loris: calls that send their headers and then nothing would hold every slot.
-    config = distsrv.ServerConfig(connection_limit=2, peer_timeout=0.5)
+    config = distsrv.ServerConfig(connection_limit=2, peer_timeout=0.5, peer_share=1.0)
     with distsrv.Server.create_local_server(config, handlers={"echo": echo}) as server:
         never = threading.Event()
 

@@ -262,7 +262,7 @@ def test_hundreds_of_mib_through_shared_memory(pair) -> None:
 
 def test_pending_bytes_bound_shared_memory_too() -> None:
     spec = pair_cluster(2)
-    config = distsrv.ServerConfig(max_pending_bytes=3 << 20, connect_timeout=2.0)
+    config = distsrv.ServerConfig(max_pending_bytes=3 << 20, connect_timeout=2.0, peer_share=1.0)
     with (
         distsrv.Server(spec, "worker", 0, config=config) as a,
         distsrv.Server(spec, "worker", 1, config=config) as b,

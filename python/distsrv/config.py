@@ -40,6 +40,16 @@ class ServerConfig:
     max_pending_bytes: int = _DEFAULTS["max_pending_bytes"]
     #: Calls served at once; more are refused with ``ResourceExhaustedError``.
     connection_limit: int = _DEFAULTS["connection_limit"]
+    #: The most of ``max_pending_bytes`` and of ``connection_limit`` calls in flight that one
+    #: peer may hold, as a fraction in (0, 1]: a peer past its share gets
+    #: ``ResourceExhaustedError`` while the others are still served. A peer is the task that
+    #: sent a tensor, or the task a caller's certificate (or the same-host link) proves, else
+    #: the caller's IP address. ``1.0`` lets one peer take a whole budget.
+    peer_share: float = _DEFAULTS["peer_share"]
+    #: Connections one IP address may keep open; more are closed as they arrive, unserved.
+    #: HTTP/2 carries all of a peer's calls on one or two connections, so only many tasks
+    #: behind one address need more.
+    max_connections_per_address: int = _DEFAULTS["max_connections_per_address"]
     #: Threads of the server's runtime.
     worker_threads: int = _DEFAULTS["worker_threads"]
     #: Tensors to tasks on the same host (proven by a handshake: same machine, same user) travel

@@ -22,8 +22,14 @@ pub struct ServerConfig {
     /// Bytes of received tensors not yet claimed by `recv` that the server will hold; a send
     /// beyond it is refused with `ResourceExhausted` instead of growing without bound.
     pub max_pending_bytes: u64,
-    /// Inbound connections served at once; more are refused.
+    /// Calls served at once; more are refused.
     pub connection_limit: usize,
+    /// The most of `max_pending_bytes` and of `connection_limit` calls in flight that one peer
+    /// may hold, as a fraction in `(0, 1]` (see [`budget`](super::budget)).
+    pub peer_share: f64,
+    /// Connections one address may keep open; more are closed as they come. HTTP/2 carries
+    /// every call of a peer on one or two, so only many peers behind one address need more.
+    pub max_connections_per_address: usize,
     /// Threads of the server's runtime.
     pub worker_threads: usize,
     /// Tensors to tasks on the same host travel through shared memory; `false` keeps every
@@ -41,6 +47,8 @@ impl Default for ServerConfig {
             chunk_bytes: 1 << 20,
             max_pending_bytes: DEFAULT_PENDING_BYTES.min(memory_limit() / 2),
             connection_limit: 512,
+            peer_share: 0.5,
+            max_connections_per_address: 1024,
             worker_threads: std::thread::available_parallelism()
                 .map_or(2, |n| n.get())
                 .min(4),
@@ -73,11 +81,12 @@ pub const MIN_PEER_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// Every integer field with its upper bound; each must also be at least 1. The one table of
 /// them: Python's `distsrv.ServerConfig` is checked against it too.
-pub const INT_BOUNDS: [(&str, u64); 5] = [
+pub const INT_BOUNDS: [(&str, u64); 6] = [
     ("max_message_bytes", MAX_MESSAGE_BYTES as u64),
     ("chunk_bytes", MAX_MESSAGE_BYTES as u64),
     ("max_pending_bytes", MAX_PENDING_BYTES),
     ("connection_limit", MAX_CONNECTION_LIMIT as u64),
+    ("max_connections_per_address", MAX_CONNECTION_LIMIT as u64),
     ("worker_threads", MAX_WORKER_THREADS as u64),
 ];
 
@@ -128,11 +137,21 @@ impl ServerConfig {
                 self.peer_timeout.as_secs_f64()
             )));
         }
+        if !(self.peer_share > 0.0 && self.peer_share <= 1.0) {
+            return Err(Error::invalid_argument(format!(
+                "ServerConfig.peer_share must be a fraction in (0, 1], not {}",
+                self.peer_share
+            )));
+        }
         let fields = [
             ("max_message_bytes", self.max_message_bytes as u64),
             ("chunk_bytes", self.chunk_bytes as u64),
             ("max_pending_bytes", self.max_pending_bytes),
             ("connection_limit", self.connection_limit as u64),
+            (
+                "max_connections_per_address",
+                self.max_connections_per_address as u64,
+            ),
             ("worker_threads", self.worker_threads as u64),
         ];
         for (name, value) in fields {
@@ -181,6 +200,18 @@ mod tests {
             ..ServerConfig::default()
         };
         assert!(config.validate().is_err());
+        for peer_share in [0.0, -0.5, 1.5, f64::NAN] {
+            let config = ServerConfig {
+                peer_share,
+                ..ServerConfig::default()
+            };
+            let refused = config.validate().unwrap_err();
+            assert!(
+                refused.message.contains("peer_share"),
+                "{}",
+                refused.message
+            );
+        }
     }
 
     #[test]

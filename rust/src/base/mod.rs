@@ -1,7 +1,8 @@
 //! What every layer uses: errors ([`errors`]), the cluster model ([`cluster`]), a server's
-//! tunables ([`config`]), the memory this process may use
+//! tunables ([`config`]) and each peer's share of them ([`budget`]), the memory this process may use
 //! ([`memory`]), and small helpers for waiting and bounded caches.
 
+pub mod budget;
 pub mod cluster;
 pub mod config;
 pub mod errors;

@@ -1,7 +1,8 @@
 //! Tensors that arrived at this task and the receives waiting for them, by (source, name).
 //!
 //! A transport delivers into the inbox: it reserves an arriving tensor's bytes against
-//! `max_pending_bytes` (refusing a task outside the cluster, or a tensor past the limit) before it
+//! `max_pending_bytes` and against its source's share of them (refusing a task outside the
+//! cluster, or a tensor past either limit) before it
 //! takes the payload in, and delivers the whole tensor once it has arrived intact. A receive takes
 //! the oldest tensor under its key, or waits for the next. Nothing delivered is lost: a tensor
 //! handed to a receive that gave up meanwhile goes to the next receive, or back first in line.
@@ -12,14 +13,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
 
-use crate::base::cluster::Cluster;
+use crate::base::budget::{Share, Shares, share_of};
+use crate::base::cluster::{Cluster, TaskId};
 use crate::base::errors::{Error, Result};
 use crate::tensor::{Tensor, TensorKey};
 
-/// Bytes counted against the inbox's limit until dropped.
+/// Bytes counted against the inbox's limit, and its source's share of it, until dropped.
 pub struct Reservation {
     inbox: Arc<Inbox>,
     bytes: u64,
+    _share: Share<TaskId>,
 }
 
 /// What a held tensor costs the inbox beyond its payload and name (its slot, its place in line,
@@ -27,7 +30,14 @@ pub struct Reservation {
 pub const TENSOR_OVERHEAD_BYTES: u64 = 256;
 
 impl Reservation {
-    fn new(inbox: &Arc<Inbox>, bytes: u64) -> Result<Self> {
+    fn new(inbox: &Arc<Inbox>, source: &TaskId, bytes: u64) -> Result<Self> {
+        let share = inbox.by_source.take(source, bytes).map_err(|held| {
+            Error::resource_exhausted(format!(
+                "the receiver holds {held} bytes of unreceived tensors from {source}; {bytes} \
+                 more would pass the {} one peer may hold (peer_share of max_pending_bytes)",
+                inbox.by_source.cap()
+            ))
+        })?;
         let limit = inbox.max_pending_bytes;
         inbox
             .pending_bytes
@@ -44,6 +54,7 @@ impl Reservation {
         Ok(Self {
             inbox: Arc::clone(inbox),
             bytes,
+            _share: share,
         })
     }
 }
@@ -87,10 +98,12 @@ pub struct Inbox {
     /// Outside the lock, so a reservation can be dropped while it is held.
     pending_bytes: AtomicU64,
     max_pending_bytes: u64,
+    /// What each source holds of `max_pending_bytes`, at most `peer_share` of it.
+    by_source: Arc<Shares<TaskId>>,
 }
 
 impl Inbox {
-    pub fn new(cluster: Cluster, max_pending_bytes: u64) -> Self {
+    pub fn new(cluster: Cluster, max_pending_bytes: u64, peer_share: f64) -> Self {
         Self {
             cluster,
             state: Mutex::new(InboxState {
@@ -100,17 +113,19 @@ impl Inbox {
             }),
             pending_bytes: AtomicU64::new(0),
             max_pending_bytes,
+            by_source: Shares::new(share_of(max_pending_bytes, peer_share)),
         }
     }
 
     /// Counts a tensor of `bytes` arriving under `key` against the limit, with its name and
-    /// [`TENSOR_OVERHEAD_BYTES`]; refuses it past the limit or from a task outside the cluster.
+    /// [`TENSOR_OVERHEAD_BYTES`]; refuses it past the limit, past its source's share, or from a
+    /// task outside the cluster.
     pub fn reserve(self: &Arc<Self>, key: &TensorKey, bytes: u64) -> Result<Reservation> {
         self.cluster.require(&key.source)?;
         let cost = bytes
             .saturating_add(key.name.len() as u64)
             .saturating_add(TENSOR_OVERHEAD_BYTES);
-        Reservation::new(self, cost)
+        Reservation::new(self, &key.source, cost)
     }
 
     fn lock(&self) -> MutexGuard<'_, InboxState> {
@@ -337,7 +352,7 @@ mod tests {
             name: "t".to_owned(),
         };
         let cluster = Cluster::new([("worker".into(), [(0, "127.0.0.1:1".into())].into())].into());
-        (Arc::new(Inbox::new(cluster.unwrap(), 1 << 20)), key)
+        (Arc::new(Inbox::new(cluster.unwrap(), 1 << 20, 1.0)), key)
     }
 
     fn arrive(inbox: &Arc<Inbox>, key: &TensorKey, byte: u8) -> Handoff {
@@ -391,6 +406,32 @@ mod tests {
             held.push(reservation);
         }
         assert_eq!(held.len() as u64, (1 << 20) / each);
+    }
+
+    #[test]
+    fn one_source_holds_at_most_its_share_and_the_others_still_arrive() {
+        let tasks = [(0, "127.0.0.1:1".into()), (1, "127.0.0.1:2".into())];
+        let cluster = Cluster::new([("worker".into(), tasks.into())].into()).unwrap();
+        let inbox = Arc::new(Inbox::new(cluster, 1 << 20, 0.5));
+        let key = |index| TensorKey {
+            source: TaskId::new("worker", index),
+            name: "t".to_owned(),
+        };
+        let half = inbox.reserve(&key(0), 400 << 10).unwrap();
+        let Err(refused) = inbox.reserve(&key(0), 200 << 10) else {
+            panic!("a source past its share is refused");
+        };
+        assert_eq!(refused.code, crate::base::errors::Code::ResourceExhausted);
+        assert!(
+            refused.message.contains("peer_share"),
+            "{}",
+            refused.message
+        );
+        let other = inbox.reserve(&key(1), 400 << 10).unwrap();
+        drop(half);
+        let again = inbox.reserve(&key(0), 200 << 10).unwrap();
+        drop((other, again));
+        assert_eq!(inbox.pending_bytes.load(Ordering::Acquire), 0);
     }
 
     #[tokio::test]

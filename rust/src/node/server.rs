@@ -17,11 +17,12 @@ use tonic_health::server::HealthReporter;
 
 use super::service;
 use super::task::Task;
+use crate::base::budget::{Peer, Shares};
 use crate::base::cluster::{Cluster, ServerDef, TaskId, format_address, parse_address};
 use crate::base::config::ServerConfig;
 use crate::base::errors::{Error, Result};
 use crate::base::security::Security;
-use crate::transport::stall::GreetWithin;
+use crate::transport::inbound::Inbound;
 
 pub const PROTOCOL: &str = "grpc";
 
@@ -234,9 +235,20 @@ impl Server {
             let listener = tokio::net::TcpListener::from_std(listener)
                 .map_err(|e| Error::internal(format!("cannot serve the listener: {e}")))?;
             let greet_within = config.peer_timeout;
+            let connections = Shares::new(config.max_connections_per_address as u64);
             let incoming = TcpIncoming::from(listener)
                 .with_nodelay(Some(true))
-                .map_ok(move |stream| GreetWithin::new(stream, greet_within));
+                .try_filter_map(move |stream| {
+                    let peer = stream
+                        .peer_addr()
+                        .map_or(Peer::Unknown, |address| Peer::Address(address.ip()));
+                    // Past its address's limit, the connection is dropped (closed) unserved.
+                    let admitted = connections
+                        .take(&peer, 1)
+                        .ok()
+                        .map(|share| Inbound::new(stream, share, greet_within));
+                    std::future::ready(Ok(admitted))
+                });
             let (health, router) = service::router(&self.task)?;
             self.task.serve_same_host();
             self.task.liveness.run_on(runtime.handle().clone());

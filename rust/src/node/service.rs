@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 use futures::future::BoxFuture;
 use tonic::body::Body;
 use tonic::server::{Grpc, NamedService, UnaryService};
-use tonic::transport::server::{Router, TcpConnectInfo, TlsConnectInfo};
+use tonic::transport::server::Router;
 use tonic::{Request, Response, Status};
 use tonic_health::server::HealthReporter;
 use tower::Service;
@@ -15,6 +15,7 @@ use tower::layer::util::{Identity, Stack};
 
 use super::task::Task;
 use super::tfcompat;
+use crate::base::budget::Peer;
 use crate::base::cluster::TaskId;
 use crate::base::errors::{Error, Result};
 use crate::proto;
@@ -24,7 +25,7 @@ use crate::transport::auth::TokenCheckLayer;
 use crate::transport::peers;
 use crate::transport::push::{self, SEND_TENSOR_PATH};
 use crate::transport::stall::IdleLimited;
-use crate::transport::tls::{certified_task, check_identity};
+use crate::transport::tls::{calling_peer, certified_task, check_identity};
 use crate::wire;
 use crate::wire::values::{CALL_PATH, CallCodec};
 
@@ -199,19 +200,21 @@ impl Service<http::Request<Body>> for WorkerRoutes {
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let permit = match self.task.admit() {
+        let peer = calling_peer(&request);
+        let permit = match self.task.admit(&peer) {
             Ok(permit) => permit,
             Err(status) => return Box::pin(std::future::ready(Ok(status.into_http()))),
         };
         if request.uri().path() == SEND_TENSOR_PATH {
             let task = Arc::clone(&self.task);
-            let peer = request
-                .extensions()
-                .get::<TlsConnectInfo<TcpConnectInfo>>()
-                .and_then(|info| certified_task(info.peer_certs().as_deref()));
+            let certified = match peer {
+                Peer::Task(task) => Some(task),
+                Peer::Address(_) | Peer::Unknown => None,
+            };
             return Box::pin(async move {
                 let idle = task.config.peer_timeout;
-                let accepted = push::accept(&task.inbox, request.into_body(), peer.as_ref(), idle);
+                let body = request.into_body();
+                let accepted = push::accept(&task.inbox, body, certified.as_ref(), idle);
                 let response = match accepted.await {
                     Ok(bytes) => acknowledge(bytes),
                     Err(error) => Status::from(error).into_http(),

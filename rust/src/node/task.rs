@@ -8,6 +8,7 @@ use tonic::body::Body;
 use tonic::metadata::MetadataMap;
 
 use super::devices;
+use crate::base::budget::{Peer, Share, Shares, share_of};
 use crate::base::cluster::{ServerDef, TaskId};
 use crate::base::config::ServerConfig;
 use crate::base::errors::{Error, Result, within};
@@ -50,6 +51,14 @@ pub struct Task {
     pub operations: Operations,
     /// One permit per call in flight (Worker's and TensorFlow's), `connection_limit` in all.
     pub calls: Arc<tokio::sync::Semaphore>,
+    /// What each peer holds of those permits, at most `peer_share` of them.
+    callers: Arc<Shares<Peer>>,
+}
+
+/// A call's place under the in-flight limits, the task's and its peer's, until dropped.
+pub struct CallPermit {
+    _task: tokio::sync::OwnedSemaphorePermit,
+    _peer: Share<Peer>,
 }
 
 impl Task {
@@ -64,7 +73,11 @@ impl Task {
             &security,
             tls.clone(),
         ));
-        let inbox = Arc::new(Inbox::new(def.cluster.clone(), config.max_pending_bytes));
+        let inbox = Arc::new(Inbox::new(
+            def.cluster.clone(),
+            config.max_pending_bytes,
+            config.peer_share,
+        ));
         let shm = Arc::new(Shm::new(
             me.clone(),
             config.shared_memory,
@@ -94,6 +107,7 @@ impl Task {
             incarnation,
             devices: devices::discover(me),
             calls: Arc::new(tokio::sync::Semaphore::new(config.connection_limit)),
+            callers: Shares::new(share_of(config.connection_limit as u64, config.peer_share)),
             operations: Operations::new(me.clone(), &config, Arc::clone(&shm)),
             variables: Variables::new(me.clone(), &config),
             collectives: Arc::new(Collectives::new(incarnation)),
@@ -130,14 +144,25 @@ impl Task {
         self.operations.close();
     }
 
-    /// A place for one more call, or RESOURCE_EXHAUSTED past the in-flight call limit (instead
-    /// of queueing).
-    pub fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
-        Arc::clone(&self.calls).try_acquire_owned().map_err(|_| {
+    /// A place for one more call of `peer`, or RESOURCE_EXHAUSTED past the in-flight call limit
+    /// or past the peer's share of it (instead of queueing).
+    pub fn admit(&self, peer: &Peer) -> Result<CallPermit, Status> {
+        let share = self.callers.take(peer, 1).map_err(|held| {
+            Status::resource_exhausted(format!(
+                "{peer} has {held} calls in flight at task {}, the most one peer may \
+                 (peer_share of connection_limit)",
+                self.def.task
+            ))
+        })?;
+        let permit = Arc::clone(&self.calls).try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
                 "task {} is serving its limit of {} calls (connection_limit)",
                 self.def.task, self.config.connection_limit
             ))
+        })?;
+        Ok(CallPermit {
+            _task: permit,
+            _peer: share,
         })
     }
 
@@ -149,7 +174,7 @@ impl Task {
         mut request: proto::CallRequest,
         timeout: Option<Duration>,
     ) -> Result<proto::Value, Error> {
-        let _in_flight = self.admit()?;
+        let _in_flight = self.admit(&Peer::Task(caller.clone()))?;
         // The link proved who calls, whatever the request says.
         request.caller = Some(caller.to_proto());
         let served = self.operations.serve(request, MetadataMap::new());
@@ -159,10 +184,7 @@ impl Task {
     /// Keeps `permit` (the call's place under the limit) until the response body has been handed
     /// to HTTP/2 in full: a call is in flight until its answer is out, so a stop that waits for
     /// calls to drain does not cut off an acknowledgement.
-    pub fn until_sent(
-        response: http::Response<Body>,
-        permit: tokio::sync::OwnedSemaphorePermit,
-    ) -> http::Response<Body> {
+    pub fn until_sent(response: http::Response<Body>, permit: CallPermit) -> http::Response<Body> {
         use http_body_util::BodyExt;
         response.map(|body| {
             Body::new(body.map_frame(move |frame| {

@@ -22,6 +22,7 @@ use super::task::Task;
 use crate::base::errors::{Code, Error, Result};
 use crate::tfproto;
 use crate::transport::status::TF_GET_STATUS_PATH;
+use crate::transport::tls::calling_peer;
 const CREATE_SESSION_PATH: &str = "/tensorflow.MasterService/CreateSession";
 const LIST_DEVICES_PATH: &str = "/tensorflow.MasterService/ListDevices";
 const CLOSE_SESSION_PATH: &str = "/tensorflow.MasterService/CloseSession";
@@ -200,7 +201,7 @@ where
     Resp: prost::Message + Send + 'static,
     Fut: Future<Output = Result<Resp>> + Send + 'static,
 {
-    let permit = match task.admit() {
+    let permit = match task.admit(&calling_peer(&request)) {
         Ok(permit) => permit,
         Err(status) => return Box::pin(std::future::ready(Ok(status.into_http()))),
     };

@@ -46,6 +46,18 @@ impl<'a, 'py> FromPyObject<'a, 'py> for ConfigArgs {
                 None => Err(to_py(config::out_of_bounds(name, &repr(&value)))),
             }
         };
+        let fraction = |name: &str| -> PyResult<f64> {
+            let value = config.getattr(name)?;
+            let number = (value.is_instance_of::<PyFloat>() || value.is_instance_of::<PyInt>())
+                && !value.is_instance_of::<PyBool>();
+            match number.then(|| value.extract::<f64>().ok()).flatten() {
+                Some(given) => Ok(given),
+                None => Err(to_py(Error::invalid_argument(format!(
+                    "ServerConfig.{name} must be a fraction in (0, 1], not {}",
+                    repr(&value)
+                )))),
+            }
+        };
         let shared_memory = config.getattr("shared_memory")?;
         if !shared_memory.is_instance_of::<PyBool>() {
             return Err(to_py(Error::invalid_argument(format!(
@@ -61,6 +73,8 @@ impl<'a, 'py> FromPyObject<'a, 'py> for ConfigArgs {
             chunk_bytes: int("chunk_bytes")? as usize,
             max_pending_bytes: int("max_pending_bytes")?,
             connection_limit: int("connection_limit")? as usize,
+            peer_share: fraction("peer_share")?,
+            max_connections_per_address: int("max_connections_per_address")? as usize,
             worker_threads: int("worker_threads")? as usize,
             shared_memory: shared_memory.extract()?,
         };
@@ -109,6 +123,11 @@ pub fn config_defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     defaults.set_item("chunk_bytes", config.chunk_bytes)?;
     defaults.set_item("max_pending_bytes", config.max_pending_bytes)?;
     defaults.set_item("connection_limit", config.connection_limit)?;
+    defaults.set_item("peer_share", config.peer_share)?;
+    defaults.set_item(
+        "max_connections_per_address",
+        config.max_connections_per_address,
+    )?;
     defaults.set_item("worker_threads", config.worker_threads)?;
     defaults.set_item("shared_memory", config.shared_memory)?;
     Ok(defaults)

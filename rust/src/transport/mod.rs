@@ -1,9 +1,11 @@
 //! Moving bytes to peers: connections to every other task ([`peers`]), the HTTP/2 push of a
 //! tensor, both ends ([`push`]), the GetStatus client ([`status`]), each peer's heartbeat
-//! ([`liveness`]), the limits that keep callers moving ([`stall`]), the same-host fast path
-//! through shared memory ([`shm`]), and the choice between the two for each peer ([`route`]).
+//! ([`liveness`]), the limits on accepted connections ([`inbound`]) and on callers that stall
+//! ([`stall`]), the same-host fast path through shared memory ([`shm`]), and the choice between
+//! the two for each peer ([`route`]).
 
 pub mod auth;
+pub mod inbound;
 pub mod liveness;
 pub mod peers;
 pub mod push;

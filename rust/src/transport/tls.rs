@@ -10,8 +10,10 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
+use crate::base::budget::Peer;
 use crate::base::cluster::TaskId;
 use crate::base::errors::{Error, Result};
 use crate::base::security::TlsPem;
@@ -117,6 +119,25 @@ pub fn task_of_certificate(der: &[u8]) -> Option<TaskId> {
 /// certificate is bound to a task.
 pub fn certified_task(certs: Option<&Vec<CertificateDer<'static>>>) -> Option<TaskId> {
     task_of_certificate(certs?.first()?.as_ref())
+}
+
+/// The peer a request counts against (see [`Peer`]): the task its connection's certificate
+/// names, else the address it comes from.
+pub fn calling_peer<B>(request: &http::Request<B>) -> Peer {
+    let extensions = request.extensions();
+    if let Some(info) = extensions.get::<TlsConnectInfo<TcpConnectInfo>>() {
+        if let Some(task) = certified_task(info.peer_certs().as_deref()) {
+            return Peer::Task(task);
+        }
+        return info
+            .get_ref()
+            .remote_addr()
+            .map_or(Peer::Unknown, |a| Peer::Address(a.ip()));
+    }
+    extensions
+        .get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr)
+        .map_or(Peer::Unknown, |address| Peer::Address(address.ip()))
 }
 
 /// Refuses `claimed` (a tensor's source, a call's caller, a handshake's task) unless the
