@@ -48,7 +48,7 @@ test: lint fuzz-check ## Set up and run every check and test: Rust and Python
 
 # Decoders of peer bytes under coverage-guided fuzzing (fuzz/): libFuzzer through cargo-fuzz,
 # which builds on the stable toolchain with RUSTC_BOOTSTRAP.
-FUZZ_TARGETS := chunk_parser tensor_messages server_def call_values
+FUZZ_TARGETS := chunk_parser tensor_messages server_def call_values link_messages
 FUZZ_SECONDS ?= 120
 FUZZ_RUN := RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir fuzz -O
 
@@ -79,6 +79,11 @@ bench: develop-release ## Run the benchmarks: Rust criterion, then distsrv besid
 	python benches/bench_collectives.py
 	python benches/bench_handlers.py
 	python benches/bench_hosts.py
+
+SOAK_SECONDS ?= 180
+.PHONY: soak
+soak: develop-release ## Run the main job's exchange pattern for SOAK_SECONDS (180): memory and descriptors stay flat
+	python benches/soak.py --seconds $(SOAK_SECONDS)
 
 .PHONY: clean
 clean: ## Remove build outputs and the virtualenv

@@ -46,6 +46,19 @@ def test_rounds_pool_each_peers_samples_and_keep_a_skipped_peer_skipped() -> Non
     }
 
 
+def test_a_short_soak_keeps_descriptors_and_memory_flat() -> None:
+    # `make soak` runs it for minutes; the soak itself fails past its slack.
+    result = subprocess.run(
+        [sys.executable, str(BENCHES / "soak.py"), "--seconds", "12"],
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    reports = [line for line in result.stdout.splitlines() if "descriptors" in line]
+    assert len(reports) == 3, result.stdout
+
+
 def test_the_benchmark_refuses_a_debug_build_by_default() -> None:
     import distsrv._native
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import pair_cluster, read_line
+from hosts import freeze
 
 import distsrv
 from distsrv import errors
@@ -142,9 +143,9 @@ def test_a_frozen_peer_ends_each_wait_on_it_within_peer_timeout(pair, wait: str)
     server, peer = pair
     if wait == "call":
         # Frozen mid-call: the nap has begun when the freeze comes.
-        timer = _later(0.5, lambda: peer.send_signal(signal.SIGSTOP))
+        timer = _later(0.5, lambda: freeze(peer))
     else:
-        peer.send_signal(signal.SIGSTOP)
+        freeze(peer)
         timer = None
     started = time.monotonic()
     with pytest.raises(errors.UnavailableError, match="/job:worker/task:1") as info:
@@ -160,7 +161,7 @@ def test_a_thawed_peer_is_up_again_and_a_killed_one_ends_a_wait_at_once(pair) ->
     events = server.watch_peers(timeout=10)
     up = next(events)
     assert (up.task, up.state) == (B_NAME, "up")
-    peer.send_signal(signal.SIGSTOP)
+    freeze(peer)
     with pytest.raises(errors.UnavailableError):
         server.recv("never", source=B)
     lost = next(events)
@@ -189,7 +190,7 @@ def test_a_send_cut_short_gives_the_array_back(grpc_pair, timeout: float | None)
     server, peer = grpc_pair
     array = np.ones(64 << 20, np.uint8)
     references = sys.getrefcount(array)
-    peer.send_signal(signal.SIGSTOP)
+    freeze(peer)
     expected = errors.UnavailableError if timeout is None else errors.DeadlineExceededError
     started = time.monotonic()
     with pytest.raises(expected):
@@ -248,7 +249,7 @@ def test_a_send_and_a_variable_op_take_a_timeout(pair) -> None:
     server, peer = pair
     with pytest.raises(errors.DeadlineExceededError):
         server.call(B, "nap", seconds=5, timeout=0.2)
-    peer.send_signal(signal.SIGSTOP)
+    freeze(peer)
     with pytest.raises(errors.DeadlineExceededError):
         server.variable("v", on=B).read(timeout=0.2)
     with pytest.raises(errors.DeadlineExceededError):

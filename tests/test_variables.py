@@ -153,6 +153,23 @@ def test_creating_twice_is_already_exists(pair: tuple[distsrv.Server, distsrv.Se
     np.testing.assert_array_equal(a.variable("once", on="/job:worker/task:1").read(), np.ones(3))
 
 
+def test_variables_past_the_hosts_budget_are_refused_and_the_rest_served() -> None:
+    # A peer creating variables without end would otherwise grow the host without bound.
+    spec = pair_cluster(2)
+    config = distsrv.ServerConfig(connect_timeout=2.0, max_pending_bytes=1 << 20)
+    with (
+        distsrv.Server(spec, "worker", 0, config=config) as host,
+        distsrv.Server(spec, "worker", 1, config=config) as peer,
+    ):
+        # Fifteen of 64 KiB (with names and bookkeeping) fit in 1 MiB.
+        for index in range(15):
+            peer.create_variable(f"v{index}", np.zeros(64 << 10, np.uint8), on=A)
+        with pytest.raises(errors.ResourceExhaustedError, match="max_pending_bytes"):
+            peer.create_variable("v15", np.zeros(64 << 10, np.uint8), on=A)
+        peer.variable("v0", on=A).assign_add(np.ones(64 << 10, np.uint8))
+        assert host.variable("v0", on=A).read().sum() == 64 << 10
+
+
 def test_unknown_variables_are_not_found(user: distsrv.Server) -> None:
     var = user.variable("missing", on=A)
     with pytest.raises(errors.NotFoundError, match="missing"):

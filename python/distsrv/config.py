@@ -36,7 +36,7 @@ class ServerConfig:
     #: Bytes of received tensors that no ``recv`` has claimed yet that the server holds; a send
     #: past it fails with ``ResourceExhaustedError`` instead of growing memory without bound.
     #: 4 GiB by default (half the machine's memory where that is less); never more than the
-    #: machine has.
+    #: machine has. The variables a task hosts are held to a budget of the same size, their own.
     max_pending_bytes: int = _DEFAULTS["max_pending_bytes"]
     #: Calls served at once; more are refused with ``ResourceExhaustedError``.
     connection_limit: int = _DEFAULTS["connection_limit"]

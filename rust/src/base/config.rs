@@ -20,7 +20,8 @@ pub struct ServerConfig {
     /// Payload bytes per message of a tensor stream.
     pub chunk_bytes: usize,
     /// Bytes of received tensors not yet claimed by `recv` that the server will hold; a send
-    /// beyond it is refused with `ResourceExhausted` instead of growing without bound.
+    /// beyond it is refused with `ResourceExhausted` instead of growing without bound. The
+    /// variables the task hosts have a budget of the same size, their own.
     pub max_pending_bytes: u64,
     /// Calls served at once; more are refused.
     pub connection_limit: usize,

@@ -87,6 +87,20 @@ struct InboxState {
     closed: Option<Error>,
 }
 
+impl InboxState {
+    /// Drops `key`'s slot once nothing is left in it: every tensor name a receive waited for
+    /// (each step of a collective has its own) would otherwise leave an empty slot behind.
+    fn forget_if_empty(&mut self, key: &TensorKey) {
+        if self
+            .slots
+            .get(key)
+            .is_some_and(|slot| slot.arrived.is_empty() && slot.waiting.is_empty())
+        {
+            self.slots.remove(key);
+        }
+    }
+}
+
 /// Abandoned prefixes remembered: a late piece of an older one stays until the server stops.
 const ABANDONED_KEPT: usize = 64;
 
@@ -163,6 +177,7 @@ impl Inbox {
             // Receives that gave up (timeout, Ctrl-C) are skipped.
             while let Some(waiter) = slot.waiting.pop_front() {
                 if !waiter.is_closed() {
+                    state.forget_if_empty(&key);
                     return Ok(Handoff {
                         inbox: Arc::clone(self),
                         pending: Some((key, waiter, arrived)),
@@ -189,10 +204,13 @@ impl Inbox {
         if state.closed.is_some() {
             return;
         }
-        let slot = state.slots.entry(key).or_default();
+        let slot = state.slots.entry(key.clone()).or_default();
         while let Some(waiter) = slot.waiting.pop_front() {
             match waiter.send(arrived) {
-                Ok(()) => return,
+                Ok(()) => {
+                    state.forget_if_empty(&key);
+                    return;
+                }
                 Err(back) => arrived = back,
             }
         }
@@ -443,6 +461,10 @@ mod tests {
         assert!(futures::poll!(&mut waiting).is_pending());
         drop(handoff);
         assert_eq!(waiting.await.unwrap().data.as_slice(), [1]);
+        assert!(
+            inbox.lock().slots.is_empty(),
+            "a name received leaves no slot"
+        );
     }
 
     #[tokio::test]

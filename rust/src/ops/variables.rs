@@ -25,8 +25,20 @@ use crate::wire;
 pub struct Variables {
     me: TaskId,
     max_message_bytes: usize,
-    by_name: Mutex<HashMap<String, Arc<Mutex<Tensor>>>>,
+    hosted: Mutex<Hosted>,
+    /// What the hosted variables may hold in all: `max_pending_bytes`, a budget of their own.
+    max_bytes: u64,
 }
+
+/// Variables by name, and the bytes they hold with their names and bookkeeping.
+#[derive(Default)]
+struct Hosted {
+    by_name: HashMap<String, Arc<Mutex<Tensor>>>,
+    bytes: u64,
+}
+
+/// What a hosted variable costs beyond its value and name, so that empty ones count too.
+const VARIABLE_OVERHEAD_BYTES: u64 = 256;
 
 /// An operation on a variable: "read", "create", "assign", "assign_add" or "sgd_step".
 pub fn parse_op(name: &str) -> Result<Op> {
@@ -39,7 +51,8 @@ impl Variables {
         Self {
             me,
             max_message_bytes: config.max_message_bytes,
-            by_name: Mutex::default(),
+            hosted: Mutex::default(),
+            max_bytes: config.max_pending_bytes,
         }
     }
 
@@ -107,18 +120,31 @@ impl Variables {
             .ok_or_else(|| Error::invalid_argument(format!("{op:?} of {name:?} needs a value")))?;
         let (meta, data) = wire::from_tensor_proto(value)?;
         if op == Op::Create {
-            let mut by_name = self.by_name.lock().unwrap_or_else(|e| e.into_inner());
-            if by_name.contains_key(&name) {
+            let mut hosted = self.hosted.lock().unwrap_or_else(|e| e.into_inner());
+            if hosted.by_name.contains_key(&name) {
                 return Err(Error::new(
                     Code::AlreadyExists,
                     format!("variable {name:?} already exists"),
                 ));
             }
+            let cost = (data.len() as u64)
+                .saturating_add(name.len() as u64)
+                .saturating_add(VARIABLE_OVERHEAD_BYTES);
+            let total = hosted.bytes.saturating_add(cost);
+            if total > self.max_bytes {
+                return Err(Error::resource_exhausted(format!(
+                    "this task hosts {} bytes of variables (with their names and \
+                     {VARIABLE_OVERHEAD_BYTES} bytes each for bookkeeping); {cost} more would \
+                     pass its limit of {} (max_pending_bytes)",
+                    hosted.bytes, self.max_bytes
+                )));
+            }
+            hosted.bytes = total;
             let variable = Tensor {
                 meta,
                 data: TensorBuf::from_slice(&data),
             };
-            by_name.insert(name, Arc::new(Mutex::new(variable)));
+            hosted.by_name.insert(name, Arc::new(Mutex::new(variable)));
             return Ok(VariableResponse::default());
         }
         let variable = self.get(&name)?;
@@ -154,8 +180,8 @@ impl Variables {
     }
 
     fn get(&self, name: &str) -> Result<Arc<Mutex<Tensor>>> {
-        let by_name = self.by_name.lock().unwrap_or_else(|e| e.into_inner());
-        by_name.get(name).cloned().ok_or_else(|| {
+        let hosted = self.hosted.lock().unwrap_or_else(|e| e.into_inner());
+        hosted.by_name.get(name).cloned().ok_or_else(|| {
             Error::new(
                 Code::NotFound,
                 format!("no variable {name:?} (create it first)"),
@@ -230,5 +256,33 @@ mod tests {
         let wrong = variables.apply(request("w", Op::Assign, &[1.0, 2.0], 0.0));
         assert_eq!(wrong.unwrap_err().code, Code::InvalidArgument);
         assert_eq!(read(&variables, "w").unwrap(), [1.0]);
+    }
+
+    #[test]
+    fn hosted_variables_are_held_to_the_budget() {
+        let config = ServerConfig {
+            max_pending_bytes: 3 * (VARIABLE_OVERHEAD_BYTES + 1 + 400),
+            ..ServerConfig::default()
+        };
+        let variables = Variables::new(TaskId::new("ps", 0), &config);
+        for name in ["a", "b", "c"] {
+            variables
+                .apply(request(name, Op::Create, &[0.0; 100], 0.0))
+                .unwrap();
+        }
+        let refused = variables
+            .apply(request("d", Op::Create, &[], 0.0))
+            .unwrap_err();
+        assert_eq!(refused.code, Code::ResourceExhausted);
+        assert!(
+            refused.message.contains("max_pending_bytes"),
+            "{}",
+            refused.message
+        );
+        // Those it holds are still served.
+        variables
+            .apply(request("a", Op::AssignAdd, &[1.0; 100], 0.0))
+            .unwrap();
+        assert_eq!(read(&variables, "a").unwrap(), vec![1.0; 100]);
     }
 }

@@ -185,35 +185,58 @@ impl Region {
     }
 }
 
-/// Idle segments of one task, and the counter that names new ones.
+/// Segments in use at once (lent, granted, or under an array the application keeps), at most:
+/// each holds a descriptor and a mapping. A quarter of the descriptors this process may open,
+/// the rest being for connections and the application.
+pub const MAX_SEGMENTS_IN_USE: usize = 1024;
+
+/// Idle segments of one task, the counter that names new ones, and the budget of those in use.
 pub struct SegmentPool {
     state: Mutex<PoolState>,
+    max_in_use: usize,
 }
 
 struct PoolState {
     idle: Recycler<Region>,
     next_id: u64,
+    in_use: usize,
     closed: bool,
 }
 
 impl Default for SegmentPool {
     fn default() -> Self {
-        Self {
-            state: Mutex::new(PoolState {
-                idle: Recycler::new(POOL_SEGMENTS, POOL_BYTES, Region::capacity),
-                next_id: 0,
-                closed: false,
-            }),
-        }
+        let descriptors = open_file_limit() / 4;
+        Self::new(MAX_SEGMENTS_IN_USE.min(descriptors).max(2))
     }
 }
 
 impl SegmentPool {
-    /// A segment of at least `len` bytes: an idle one of about that size, or a new one.
+    /// A pool that lets at most `max_in_use` segments out at once.
+    pub fn new(max_in_use: usize) -> Self {
+        Self {
+            state: Mutex::new(PoolState {
+                idle: Recycler::new(POOL_SEGMENTS, POOL_BYTES, Region::capacity),
+                next_id: 0,
+                in_use: 0,
+                closed: false,
+            }),
+            max_in_use,
+        }
+    }
+
+    /// A segment of at least `len` bytes: an idle one of about that size, or a new one;
+    /// RESOURCE_EXHAUSTED once the budget of segments in use is spent.
     pub fn take(self: &Arc<Self>, len: usize) -> Result<Segment> {
         let capacity = len.max(1).next_multiple_of(GRANULE);
         let region = {
             let mut state = self.lock();
+            if state.in_use >= self.max_in_use {
+                return Err(Error::resource_exhausted(format!(
+                    "{} shared-memory segments are in use, all this task may have",
+                    state.in_use
+                )));
+            }
+            state.in_use += 1;
             let fits = |r: &Region| (capacity..=capacity + capacity / 4).contains(&r.capacity());
             match state.idle.take(fits) {
                 Some(region) => region,
@@ -221,7 +244,7 @@ impl SegmentPool {
                     state.next_id += 1;
                     let id = state.next_id;
                     drop(state);
-                    Region::create(id, capacity)?
+                    Region::create(id, capacity).inspect_err(|_| self.lock().in_use -= 1)?
                 }
             }
         };
@@ -246,8 +269,16 @@ impl SegmentPool {
         self.lock().idle.len()
     }
 
+    /// Whether more than half the budget is in use: a tensor that arrived in a segment should
+    /// then be copied out of it, so that arrays the application keeps cannot spend what
+    /// transfers in flight need.
+    pub fn crowded(&self) -> bool {
+        self.lock().in_use * 2 > self.max_in_use
+    }
+
     fn give_back(&self, region: Region) {
         let mut state = self.lock();
+        state.in_use -= 1;
         if state.closed {
             return;
         }
@@ -304,6 +335,19 @@ impl Drop for Segment {
     }
 }
 
+/// The descriptors this process may open (its soft limit; the server raises it at start).
+fn open_file_limit() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes only into `limit`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return 1024;
+    }
+    usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX)
+}
+
 fn os_error(what: &str) -> Error {
     Error::internal(format!("{what}: {}", std::io::Error::last_os_error()))
 }
@@ -328,7 +372,23 @@ mod tests {
         assert_ne!(other.region().id(), id);
         pool.close();
         drop((again, other));
+    }
+
+    #[test]
+    fn segments_in_use_are_held_to_the_budget_and_count_again_when_dropped() {
+        let pool = Arc::new(SegmentPool::new(3));
+        let held = [pool.take(1).unwrap(), pool.take(0).unwrap()];
+        assert!(pool.crowded());
+        let last = pool.take(1 << 20).unwrap();
+        let refused = pool.take(1).err().expect("past the budget");
+        assert_eq!(refused.code, crate::base::errors::Code::ResourceExhausted);
+        drop(last);
+        drop(held);
+        assert!(!pool.crowded());
+        assert_eq!(pool.idle(), 3);
+        let reused: Vec<_> = (0..3).map(|_| pool.take(1).unwrap()).collect();
         assert_eq!(pool.idle(), 0);
+        drop(reused);
     }
 
     #[test]

@@ -13,6 +13,8 @@
 //! shared memory ([`segment`]) that becomes the received array. gRPC keeps carrying the rest.
 //! Which peers take the link is [`super::route`]'s choice.
 
+#[cfg(fuzzing)]
+pub mod fuzzing;
 mod link;
 mod serve;
 mod socket;

@@ -141,9 +141,16 @@ pub async fn serve(
                     .remove(&id)
                     .ok_or_else(|| Error::invalid_argument("commit of a tensor never granted"))?;
                 let total = grant.data.len() as u64;
+                // With the segments' budget half spent, the tensor moves to plain memory and its
+                // segment goes back: an application that keeps many arrays holds no descriptors.
+                let data = if pool.crowded() {
+                    TensorBuf::from_slice(grant.data.as_slice())
+                } else {
+                    grant.data
+                };
                 let tensor = Tensor {
                     meta: grant.meta,
-                    data: grant.data,
+                    data,
                 };
                 match inbox.deliver(grant.key, tensor, grant.reservation) {
                     Ok(delivered) => {
