@@ -88,8 +88,8 @@ struct InboxState {
 }
 
 impl InboxState {
-    /// Drops `key`'s slot once nothing is left in it: every tensor name a receive waited for
-    /// (each step of a collective has its own) would otherwise leave an empty slot behind.
+    /// Drops `key`'s slot once nothing is left in it, so that names used once (each step of a
+    /// collective has its own, and receives may wait or time out under new ones) do not pile up.
     fn forget_if_empty(&mut self, key: &TensorKey) {
         if self
             .slots
@@ -226,9 +226,7 @@ impl Inbox {
             }
             let slot = state.slots.entry(key.clone()).or_default();
             if let Some(arrived) = slot.arrived.pop_front() {
-                if slot.arrived.is_empty() && slot.waiting.is_empty() {
-                    state.slots.remove(&key);
-                }
+                state.forget_if_empty(&key);
                 return Ok(arrived.tensor);
             }
             let (sender, receiver) = oneshot::channel();
@@ -273,9 +271,7 @@ impl Inbox {
         let mut state = self.lock();
         if let Some(slot) = state.slots.get_mut(key) {
             slot.waiting.retain(|waiter| !waiter.is_closed());
-            if slot.waiting.is_empty() && slot.arrived.is_empty() {
-                state.slots.remove(key);
-            }
+            state.forget_if_empty(key);
         }
     }
 

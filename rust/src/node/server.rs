@@ -21,6 +21,7 @@ use crate::base::budget::{Peer, Shares};
 use crate::base::cluster::{Cluster, ServerDef, TaskId, format_address, parse_address};
 use crate::base::config::ServerConfig;
 use crate::base::errors::{Error, Result};
+use crate::base::files::raise_open_file_limit;
 use crate::base::security::Security;
 use crate::transport::inbound::Inbound;
 
@@ -29,29 +30,6 @@ pub const PROTOCOL: &str = "grpc";
 /// After the last call's answer is handed to HTTP/2, how long a stop lets it flush before
 /// closing connections.
 const FLUSH_AFTER_DRAIN: Duration = Duration::from_millis(100);
-
-/// Raises this process's soft limit on open descriptors to its hard limit, once. A task holds
-/// a descriptor per connection, and one per large received array it has not dropped; the usual
-/// soft limit of 1024 would make accepts, connects and memfds fail long before memory runs out.
-fn raise_open_file_limit() {
-    static RAISED: std::sync::Once = std::sync::Once::new();
-    RAISED.call_once(|| {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: reads and writes this process's limit through a valid struct.
-        unsafe {
-            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0
-                && limit.rlim_cur < limit.rlim_max
-            {
-                limit.rlim_cur = limit.rlim_max;
-                // Where it cannot be raised the task runs within the lower limit.
-                libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-            }
-        }
-    });
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {

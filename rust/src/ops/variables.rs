@@ -13,6 +13,7 @@ use bytes::Bytes;
 use crate::base::cluster::TaskId;
 use crate::base::config::ServerConfig;
 use crate::base::errors::{Code, Error, Result};
+use crate::inbox::TENSOR_OVERHEAD_BYTES;
 use crate::proto::variable_request::Op;
 use crate::proto::worker_client::WorkerClient;
 use crate::proto::{VariableRequest, VariableResponse};
@@ -36,9 +37,6 @@ struct Hosted {
     by_name: HashMap<String, Arc<Mutex<Tensor>>>,
     bytes: u64,
 }
-
-/// What a hosted variable costs beyond its value and name, so that empty ones count too.
-const VARIABLE_OVERHEAD_BYTES: u64 = 256;
 
 /// An operation on a variable: "read", "create", "assign", "assign_add" or "sgd_step".
 pub fn parse_op(name: &str) -> Result<Op> {
@@ -127,14 +125,15 @@ impl Variables {
                     format!("variable {name:?} already exists"),
                 ));
             }
+            // A held tensor's bookkeeping too, so that empty variables count.
             let cost = (data.len() as u64)
                 .saturating_add(name.len() as u64)
-                .saturating_add(VARIABLE_OVERHEAD_BYTES);
+                .saturating_add(TENSOR_OVERHEAD_BYTES);
             let total = hosted.bytes.saturating_add(cost);
             if total > self.max_bytes {
                 return Err(Error::resource_exhausted(format!(
                     "this task hosts {} bytes of variables (with their names and \
-                     {VARIABLE_OVERHEAD_BYTES} bytes each for bookkeeping); {cost} more would \
+                     {TENSOR_OVERHEAD_BYTES} bytes each for bookkeeping); {cost} more would \
                      pass its limit of {} (max_pending_bytes)",
                     hosted.bytes, self.max_bytes
                 )));
@@ -261,7 +260,7 @@ mod tests {
     #[test]
     fn hosted_variables_are_held_to_the_budget() {
         let config = ServerConfig {
-            max_pending_bytes: 3 * (VARIABLE_OVERHEAD_BYTES + 1 + 400),
+            max_pending_bytes: 3 * (TENSOR_OVERHEAD_BYTES + 1 + 400),
             ..ServerConfig::default()
         };
         let variables = Variables::new(TaskId::new("ps", 0), &config);

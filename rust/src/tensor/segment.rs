@@ -19,6 +19,7 @@ use super::POOL_BYTES;
 use super::recycle::Recycler;
 
 use crate::base::errors::{Error, Result};
+use crate::base::files::open_file_limit;
 
 /// Segments are sized in these steps, so tensors of nearly the same size share them.
 const GRANULE: usize = 1 << 20;
@@ -333,19 +334,6 @@ impl Drop for Segment {
             pool.give_back(region);
         }
     }
-}
-
-/// The descriptors this process may open (its soft limit; the server raises it at start).
-fn open_file_limit() -> usize {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes only into `limit`.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return 1024;
-    }
-    usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX)
 }
 
 fn os_error(what: &str) -> Error {
