@@ -175,6 +175,56 @@ def test_array_arguments_are_read_in_place_until_the_call_is_over(server: distsr
     dropped.resize(5)
 
 
+def test_large_arrays_arrive_whole_and_writable_both_ways(server: distsrv.Server) -> None:
+    # Over gRPC the first large array stays in the buffer the message arrived in, the others
+    # (and small ones) are copied out of it: each must still be its own, whole and writable.
+    def double(first: np.ndarray, second: np.ndarray, small: np.ndarray) -> list[np.ndarray]:
+        for array in (first, second, small):
+            array *= 2
+        return [first, second, small]
+
+    server.add_handler("double", double)
+    first = np.arange(1 << 18, dtype=np.float64)
+    second = np.arange(1 << 18, dtype=np.int32)
+    small = np.arange(5, dtype=np.int16)
+    got = server.call(server.task, "double", first=first, second=second, small=small)
+    for sent, back in zip((first, second, small), got, strict=True):
+        np.testing.assert_array_equal(back, sent * 2)
+        assert back.dtype == sent.dtype
+        assert back.flags.writeable
+        assert back.flags.aligned
+        back[0] = 7
+    np.testing.assert_array_equal(first, np.arange(1 << 18, dtype=np.float64))
+
+
+def test_calls_past_the_message_limit_are_refused_and_the_server_goes_on() -> None:
+    config = distsrv.ServerConfig(shared_memory=False, max_message_bytes=1 << 20)
+    big = np.zeros(1 << 20, np.uint8)
+    handlers = {"echo": echo, "make": lambda n: np.zeros(n, np.uint8)}
+    with distsrv.Server.create_local_server(config, handlers=handlers) as server:
+        with pytest.raises(errors.ResourceExhaustedError, match="max_message_bytes"):
+            server.call(server.task, "echo", value=big)
+        with pytest.raises(errors.ResourceExhaustedError, match="max_message_bytes"):
+            server.call(server.task, "make", n=1 << 20)
+        with grpc.insecure_channel(server.address) as channel:
+            stub = distsrv_pb2_grpc.WorkerStub(channel)
+            tensor = pb.TensorProto(
+                dtype=pb.DT_UINT8,
+                tensor_shape=pb.TensorShapeProto(dim=[pb.TensorShapeProto.Dim(size=big.size)]),
+                tensor_content=big.tobytes(),
+            )
+            request = pb.CallRequest(
+                op="echo",
+                kwargs=pb.DictValue(
+                    entries=[pb.DictEntry(key="value", value=pb.Value(tensor_value=tensor))]
+                ),
+            )
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.Call(request, timeout=10)
+            assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        np.testing.assert_array_equal(server.call(server.task, "echo", value=big[:1000]), 0)
+
+
 @pytest.mark.parametrize(
     ("value", "complaint"),
     [
@@ -576,6 +626,28 @@ def test_a_stock_grpcio_client_calls_a_handler_by_name(
     assert entries["sum"].float_value == 16.0
     assert entries["caller"].WhichOneof("kind") == "null_value"
     assert entries["x-trace"].string_value == "abc"
+
+
+def test_a_stock_client_s_large_array_arrives_whole_wherever_it_lies(
+    server: distsrv.Server, stub: distsrv_pb2_grpc.WorkerStub
+) -> None:
+    # A stock client pads nothing: its array lands at whatever offset its op and key put it,
+    # aligned or not, and is copied where it is not.
+    values = np.arange(1 << 16, dtype=np.float32)
+    tensor = pb.TensorProto(
+        dtype=pb.DT_FLOAT,
+        tensor_shape=pb.TensorShapeProto(dim=[pb.TensorShapeProto.Dim(size=values.size)]),
+        tensor_content=values.tobytes(),
+    )
+    for key in ("v", "vv", "vvv", "vvvv"):
+        server.add_handler(key, lambda **kwargs: float(next(iter(kwargs.values())).sum()))
+        request = pb.CallRequest(
+            op=key,
+            kwargs=pb.DictValue(
+                entries=[pb.DictEntry(key=key, value=pb.Value(tensor_value=tensor))]
+            ),
+        )
+        assert stub.Call(request, timeout=10).result.float_value == float(values.sum())
 
 
 def test_a_stock_client_sees_statuses_and_the_remote_exception(

@@ -3,8 +3,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use distsrv::base::cluster::TaskId;
+use distsrv::base::config::ServerConfig;
 use distsrv::base::errors::{Code, Error, Result};
+use distsrv::base::security::Security;
 use distsrv::node::server::Server;
 use distsrv::ops::remote::Call;
 use distsrv::proto::{self, value::Kind};
@@ -82,11 +85,11 @@ fn an_operation_runs_on_the_peer_and_answers() {
         kwargs(&[("x", 2), ("y", 40)]),
         None,
     ));
-    assert_eq!(sum.unwrap(), int(42));
+    assert_eq!(sum.unwrap().value, int(42));
     let caller =
         runtime.block_on(operations.call(&a.task().peers, to, "caller".into(), vec![], None));
     assert_eq!(
-        caller.unwrap().kind,
+        caller.unwrap().value.kind,
         Some(Kind::StringValue("/job:w/task:0".into()))
     );
 }
@@ -145,5 +148,78 @@ fn a_timeout_bounds_the_call_and_other_calls_go_on() {
         kwargs(&[("x", 1)]),
         None,
     ));
-    assert_eq!(sum.unwrap(), int(1));
+    assert_eq!(sum.unwrap().value, int(1));
+}
+
+/// A float32 array as a call carries it.
+fn array(bytes: Bytes) -> proto::Value {
+    let len = (bytes.len() / 4) as i64;
+    proto::Value {
+        kind: Some(Kind::TensorValue(proto::TensorProto {
+            dtype: proto::DataType::DtFloat as i32,
+            tensor_shape: Some(proto::TensorShapeProto {
+                dim: vec![proto::tensor_shape_proto::Dim {
+                    size: len,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            tensor_content: bytes,
+        })),
+    }
+}
+
+/// The first large array of a call, and of its result, arrives on a 16-byte boundary of the
+/// buffer it arrived in and stays there: the receiver makes its tensor without a copy.
+#[test]
+fn large_arrays_arrive_over_grpc_where_they_can_stay() {
+    let config = ServerConfig {
+        shared_memory: false,
+        ..ServerConfig::default()
+    };
+    let mut servers = common::cluster_with(2, 2, config, Security::open());
+    let b = servers.pop().expect("two servers");
+    let a = servers.pop().expect("two servers");
+    let echo = |call: Call| async move {
+        let arrived = call
+            .arrived
+            .expect("a call over gRPC arrives into a buffer");
+        let mut kwargs = call.kwargs;
+        let value = kwargs.pop().and_then(|entry| entry.value);
+        let Some(Kind::TensorValue(tensor)) = value.and_then(|value| value.kind) else {
+            return Err(Error::invalid_argument("an array is due"));
+        };
+        let in_place = arrived
+            .tensor(tensor.tensor_content)
+            .map_err(|_| Error::internal("the array was copied or misaligned"))?;
+        Ok(array(Bytes::from_owner(in_place)))
+    };
+    b.task().operations.add("echo", Arc::new(echo));
+    let runtime = a.runtime().unwrap();
+    let payload = Bytes::from((0..1u32 << 20).map(|i| i as u8).collect::<Vec<_>>());
+    let task = a.task();
+    // Keys of each length mod 16 put the array at each offset of the message.
+    for pad in 0..16 {
+        let args = vec![
+            proto::DictEntry {
+                key: "n".repeat(pad + 1),
+                value: Some(int(pad as i64)),
+            },
+            proto::DictEntry {
+                key: "x".into(),
+                value: Some(array(payload.clone())),
+            },
+        ];
+        let to = TaskId::new("w", 1);
+        let called = task
+            .operations
+            .call(&task.peers, to, "echo".into(), args, None);
+        let returned = runtime.block_on(called).expect("the echo");
+        let Some(Kind::TensorValue(tensor)) = returned.value.kind else {
+            panic!("an array comes back");
+        };
+        assert_eq!(tensor.tensor_content, payload);
+        let arrived = returned.arrived.expect("over gRPC");
+        assert!(arrived.tensor(tensor.tensor_content).is_ok(), "pad {pad}");
+    }
 }

@@ -23,6 +23,7 @@ use crate::base::cluster::TaskId;
 use crate::base::errors::{Error, Result, within};
 use crate::base::security::Security;
 use crate::ops::collectives::{Collective, Group};
+use crate::ops::remote::Returned;
 use crate::ops::variables::parse_op;
 use crate::proto;
 use crate::tensor::{Tensor, TensorMeta};
@@ -267,7 +268,7 @@ impl Server {
         op: String,
         kwargs: Vec<proto::DictEntry>,
         timeout: Option<Duration>,
-    ) -> Result<Blocking<impl Future<Output = Result<proto::Value>> + Send + '_>> {
+    ) -> Result<Blocking<impl Future<Output = Result<Returned>> + Send + '_>> {
         let driver = self.on_caller()?;
         let task = self.task();
         let work = async move {
@@ -286,7 +287,7 @@ impl Server {
         op: String,
         kwargs: Vec<proto::DictEntry>,
         timeout: Option<Duration>,
-    ) -> Result<Background<impl Future<Output = Result<proto::Value>> + Send + use<>>> {
+    ) -> Result<Background<impl Future<Output = Result<Returned>> + Send + use<>>> {
         let task = Arc::clone(self.task());
         self.background(async move {
             let called = task

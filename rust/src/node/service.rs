@@ -5,8 +5,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
+use prost::Message;
 use tonic::body::Body;
-use tonic::server::{Grpc, NamedService, UnaryService};
+use tonic::metadata::MetadataMap;
+use tonic::server::NamedService;
 use tonic::transport::server::Router;
 use tonic::{Request, Response, Status};
 use tonic_health::server::HealthReporter;
@@ -22,12 +24,12 @@ use crate::proto;
 use crate::proto::worker_server::{Worker, WorkerServer};
 use crate::tensor::TensorKey;
 use crate::transport::auth::TokenCheckLayer;
-use crate::transport::peers;
 use crate::transport::push::{self, SEND_TENSOR_PATH};
 use crate::transport::stall::IdleLimited;
 use crate::transport::tls::{calling_peer, certified_task, check_identity};
+use crate::transport::{peers, unary};
 use crate::wire;
-use crate::wire::values::{CALL_PATH, CallCodec};
+use crate::wire::values::{self, CALL_PATH};
 
 pub const WORKER_SERVICE_NAME: &str = "distsrv.v1.Worker";
 /// The encoded descriptors of `protos/`, for server reflection.
@@ -150,35 +152,43 @@ impl Worker for Task {
     // Call is served by `CallService`, with the codec that limits values before decoding them.
 }
 
-/// The Worker's Call: its request decoded by [`CallCodec`], then served by the task's operations.
-struct CallService(Arc<Task>);
-
-impl UnaryService<proto::CallRequest> for CallService {
-    type Response = proto::CallResponse;
-    type Future = BoxFuture<'static, Result<Response<proto::CallResponse>, Status>>;
-
-    fn call(&mut self, request: Request<proto::CallRequest>) -> Self::Future {
-        let task = Arc::clone(&self.0);
-        Box::pin(async move {
-            let peer = certified_task(request.peer_certs().as_deref());
-            let (metadata, _, mut request) = request.into_parts();
-            if let Some(peer) = peer {
-                // The certificate proves who calls, whatever the request says.
-                if let Some(caller) = &request.caller {
-                    check_identity(Some(&peer), &TaskId::from_proto(caller)?, "call")?;
-                }
-                request.caller = Some(peer.to_proto());
-            }
-            let result = task.operations.serve(request, metadata).await?;
-            Ok(Response::new(proto::CallResponse {
-                result: Some(result),
-            }))
-        })
+/// Serves a `Call` by hand: its message gathered into one buffer that its arrays stay in, checked
+/// before it is decoded, and the result framed with its arrays uncopied. `certified` is the task
+/// the caller's certificate names, which the call is made as.
+async fn serve_call(
+    task: &Task,
+    request: http::Request<Body>,
+    certified: Option<TaskId>,
+) -> Result<Vec<bytes::Bytes>> {
+    let (parts, body) = request.into_parts();
+    let max_message = task.config.max_message_bytes;
+    let arrived = unary::collect(body, max_message, task.config.peer_timeout).await?;
+    let mut request: proto::CallRequest = values::decode_checked(arrived.bytes())?;
+    if let Some(peer) = certified {
+        // The certificate proves who calls, whatever the request says.
+        if let Some(caller) = &request.caller {
+            check_identity(Some(&peer), &TaskId::from_proto(caller)?, "call")?;
+        }
+        request.caller = Some(peer.to_proto());
     }
+    let metadata = MetadataMap::from_headers(parts.headers);
+    let result = task.operations.serve(request, metadata, Some(arrived));
+    let response = proto::CallResponse {
+        result: Some(result.await?),
+        ..Default::default()
+    };
+    let len = response.encoded_len();
+    if len > max_message {
+        return Err(Error::resource_exhausted(format!(
+            "the result is {len} bytes, past the limit of {max_message} (max_message_bytes)"
+        )));
+    }
+    Ok(values::frame_call(&response))
 }
 
 /// The Worker service as served: SendTensor by hand (payload copied once, straight into the
-/// tensor), Call with its own codec, the other methods by the generated server; all of it
+/// tensor), Call by hand (arrays copied once, into the buffer they stay in), the other methods
+/// by the generated server; all of it
 /// behind the in-flight call limit, past which calls get RESOURCE_EXHAUSTED instead of queueing.
 #[derive(Clone)]
 struct WorkerRoutes {
@@ -205,38 +215,35 @@ impl Service<http::Request<Body>> for WorkerRoutes {
             Ok(permit) => permit,
             Err(status) => return Box::pin(std::future::ready(Ok(status.into_http()))),
         };
-        if request.uri().path() == SEND_TENSOR_PATH {
+        let certified = match &peer {
+            Peer::Task(task) => Some(task.clone()),
+            Peer::Address(_) | Peer::Unknown => None,
+        };
+        let path = request.uri().path();
+        if path == SEND_TENSOR_PATH || path == CALL_PATH {
             let task = Arc::clone(&self.task);
-            let certified = match peer {
-                Peer::Task(task) => Some(task),
-                Peer::Address(_) | Peer::Unknown => None,
-            };
+            let tensor = path == SEND_TENSOR_PATH;
             return Box::pin(async move {
-                let idle = task.config.peer_timeout;
-                let body = request.into_body();
-                let accepted = push::accept(&task.inbox, body, certified.as_ref(), idle);
-                let response = match accepted.await {
-                    Ok(bytes) => acknowledge(bytes),
+                let answered = if tensor {
+                    let idle = task.config.peer_timeout;
+                    let body = request.into_body();
+                    push::accept(&task.inbox, body, certified.as_ref(), idle)
+                        .await
+                        .map(acknowledgement)
+                } else {
+                    serve_call(&task, request, certified).await
+                };
+                let response = match answered {
+                    Ok(frames) => unary::respond(frames),
                     Err(error) => Status::from(error).into_http(),
                 };
                 Ok(Task::until_sent(response, permit))
             });
         }
         // Every other method's request is a message or two: a caller that stalls in the middle
-        // of one gives up its slot rather than holding it (push::accept holds tensor streams to
-        // the same limit).
+        // of one gives up its slot rather than holding it (the methods served by hand hold their
+        // requests to the same limit).
         let request = IdleLimited::request(request, self.task.config.peer_timeout);
-        if request.uri().path() == CALL_PATH {
-            let max_message = self.task.config.max_message_bytes;
-            let service = CallService(Arc::clone(&self.task));
-            return Box::pin(async move {
-                let mut grpc = Grpc::new(CallCodec::default())
-                    .max_decoding_message_size(max_message)
-                    .max_encoding_message_size(max_message);
-                let response = grpc.unary(service, request).await;
-                Ok(Task::until_sent(response, permit))
-            });
-        }
         let mut generated = self.generated.clone();
         Box::pin(async move {
             let response = generated.call(request).await;
@@ -245,18 +252,9 @@ impl Service<http::Request<Body>> for WorkerRoutes {
     }
 }
 
-/// A SendTensor reply by hand: one framed SendTensorResponse, then an OK status in the trailers.
-fn acknowledge(received_bytes: u64) -> http::Response<Body> {
-    let reply = wire::frame_message(&proto::SendTensorResponse { received_bytes });
-    let mut trailers = http::HeaderMap::new();
-    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-    let frames = [
-        http_body::Frame::data(reply),
-        http_body::Frame::trailers(trailers),
-    ];
-    let body = http_body_util::StreamBody::new(futures::stream::iter(frames.map(Ok::<_, Status>)));
-    http::Response::builder()
-        .header(http::header::CONTENT_TYPE, "application/grpc")
-        .body(Body::new(body))
-        .expect("a valid response")
+/// A SendTensor reply: how many bytes the receiver kept.
+fn acknowledgement(received_bytes: u64) -> Vec<bytes::Bytes> {
+    vec![wire::frame_message(&proto::SendTensorResponse {
+        received_bytes,
+    })]
 }

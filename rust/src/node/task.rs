@@ -177,7 +177,7 @@ impl Task {
         let _in_flight = self.admit(&Peer::Task(caller.clone()))?;
         // The link proved who calls, whatever the request says.
         request.caller = Some(caller.to_proto());
-        let served = self.operations.serve(request, MetadataMap::new());
+        let served = self.operations.serve(request, MetadataMap::new(), None);
         within(timeout, "the call did not finish", served).await
     }
 

@@ -1,15 +1,17 @@
 //! Remote operations, as dask's handlers: a task serves operations that its peers (or any gRPC
 //! client) call by name with keyword arguments, and calls its peers' operations.
 //!
-//! Arguments and results are [`proto::Value`]s, a safe encoding that runs no code to decode. The
-//! core knows no handler language: a handler is anything implementing [`Handler`]; the Python
-//! binding installs Python functions as handlers.
+//! Arguments and results are [`proto::Value`]s, a safe encoding that runs no code to decode; a
+//! large array among them arrives into a buffer it can stay in ([`Arrived`]). The core knows no
+//! handler language: a handler is anything implementing [`Handler`]; the Python binding installs
+//! Python functions as handlers.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use prost::Message;
 use tokio::sync::watch;
 use tonic::metadata::MetadataMap;
 
@@ -17,8 +19,9 @@ use crate::base::cluster::TaskId;
 use crate::base::config::ServerConfig;
 use crate::base::errors::{Error, Result};
 use crate::proto;
-use crate::transport::{Peers, Shm, route};
-use crate::wire::values::{self, CallCodec};
+use crate::tensor::buf::Arrived;
+use crate::transport::{Peers, Shm, route, unary};
+use crate::wire::values::{self, CALL_PATH};
 
 /// One call of an operation, as its handler receives it.
 pub struct Call {
@@ -28,6 +31,15 @@ pub struct Call {
     pub caller: Option<TaskId>,
     /// The request's metadata, for handlers that look at the call's context.
     pub metadata: MetadataMap,
+    /// The buffer the arguments arrived in, where their large arrays may stay.
+    pub arrived: Option<Arrived>,
+}
+
+/// A call's result, and the buffer it arrived in, where its large arrays may stay.
+#[derive(Debug)]
+pub struct Returned {
+    pub value: proto::Value,
+    pub arrived: Option<Arrived>,
 }
 
 /// Runs an operation. A handler that blocks must do so off the runtime's threads, so that other
@@ -95,6 +107,7 @@ impl Operations {
         &self,
         request: proto::CallRequest,
         metadata: MetadataMap,
+        arrived: Option<Arrived>,
     ) -> Result<proto::Value> {
         let served = async {
             let handler = self.handler(&request.op)?;
@@ -111,6 +124,7 @@ impl Operations {
                     .unwrap_or_default(),
                 caller,
                 metadata,
+                arrived,
             };
             handler.call(call).await
         };
@@ -143,41 +157,47 @@ impl Operations {
         op: String,
         kwargs: Vec<proto::DictEntry>,
         timeout: Option<Duration>,
-    ) -> Result<proto::Value> {
+    ) -> Result<Returned> {
         let called = async {
             peers.cluster().require(&to)?;
             let request = proto::CallRequest {
                 op: op.clone(),
                 kwargs: Some(proto::DictValue { entries: kwargs }),
                 caller: Some(self.me.to_proto()),
+                ..Default::default()
             };
             if let Some(link) = route::link(&self.shm, peers, &to).await {
-                return link.call(&request, timeout).await;
+                let value = link.call(&request, timeout).await?;
+                return Ok(Returned {
+                    value,
+                    arrived: None,
+                });
             }
-            let channel = peers.channel(&to).await?;
-            let mut request = tonic::Request::new(request);
-            if let Some(timeout) = timeout {
-                request.set_timeout(timeout);
+            let len = request.encoded_len();
+            if len > self.max_message_bytes {
+                return Err(Error::resource_exhausted(format!(
+                    "the arguments are {len} bytes, past the limit of {} (max_message_bytes)",
+                    self.max_message_bytes
+                )));
             }
-            let mut client = tonic::client::Grpc::new(channel)
-                .max_decoding_message_size(self.max_message_bytes)
-                .max_encoding_message_size(self.max_message_bytes);
-            client
-                .ready()
-                .await
-                .map_err(|e| Error::unavailable(format!("the connection is not ready: {e}")))?;
-            let path = http::uri::PathAndQuery::from_static(values::CALL_PATH);
-            let response = client
-                .unary(
-                    request,
-                    path,
-                    CallCodec::<_, proto::CallResponse>::default(),
-                )
-                .await?;
-            response
-                .into_inner()
+            let frames = values::frame_call(&request);
+            let answer = unary::post(
+                peers,
+                &to,
+                CALL_PATH,
+                frames,
+                timeout,
+                self.max_message_bytes,
+            );
+            let arrived = answer.await?;
+            let response: proto::CallResponse = values::decode_checked(arrived.bytes())?;
+            let value = response
                 .result
-                .ok_or_else(|| Error::invalid_argument("the response carries no result"))
+                .ok_or_else(|| Error::invalid_argument("the response carries no result"))?;
+            Ok(Returned {
+                value,
+                arrived: Some(arrived),
+            })
         };
         let timed = async {
             let Some(limit) = timeout else {
@@ -185,7 +205,7 @@ impl Operations {
             };
             let deadline = tokio::time::Instant::now() + limit;
             match tokio::time::timeout_at(deadline, called).await {
-                Ok(Ok(value)) => Ok(value),
+                Ok(Ok(returned)) => Ok(returned),
                 Ok(Err(error)) if tokio::time::Instant::now() < deadline => Err(error),
                 // Past the deadline, whether the peer gave up first (tonic's server answers
                 // CANCELLED) or this side did.

@@ -113,7 +113,7 @@ impl Function {
         let _running = Blocked::enter();
         THREAD_STATE.with(|_| ());
         Python::attach(|py| {
-            let kwargs = values::decode_entries(py, call.kwargs)
+            let kwargs = values::decode_entries(py, call.kwargs, call.arrived.as_ref())
                 .map_err(|error| from_python(py, &error, false))?;
             if self.wants_context {
                 if kwargs.contains(CONTEXT).unwrap_or(true) {

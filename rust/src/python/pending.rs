@@ -12,13 +12,13 @@ use super::tensor::{HeldBuffer, array_out};
 use super::values;
 use super::wait::wait_interruptibly;
 use crate::base::errors::{Error, Result};
-use crate::proto;
+use crate::ops::remote::Returned;
 use crate::tensor::Tensor;
 
 pub enum Completed {
     Sent,
     Received(Tensor),
-    Called(proto::Value),
+    Called(Returned),
 }
 
 enum Stage {
@@ -149,7 +149,7 @@ impl Pending {
         Ok(match result.into_py()? {
             Completed::Sent => py.None(),
             Completed::Received(tensor) => array_out(py, tensor)?.unbind(),
-            Completed::Called(value) => values::decode(py, value)?.unbind(),
+            Completed::Called(returned) => values::decode_returned(py, returned)?.unbind(),
         })
     }
 }

@@ -410,7 +410,7 @@ impl NativeServer {
         let (kwargs, lent) = values::encode_kwargs(kwargs)?;
         let calling = server.call(to.0, op, kwargs, timeout).into_py()?;
         let result = wait_lending(py, calling, lent)?;
-        Ok(values::decode(py, result.into_py()?)?.unbind())
+        Ok(values::decode_returned(py, result.into_py()?)?.unbind())
     }
 
     /// Like `call`, but returns at once with a handle to wait on.

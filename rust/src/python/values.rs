@@ -15,7 +15,9 @@ use pyo3::types::{
 use super::errors::to_py;
 use super::tensor::{HeldBuffer, NDARRAY, array_in, array_out};
 use crate::base::errors::Error;
+use crate::ops::remote::Returned;
 use crate::proto::{self, value::Kind};
+use crate::tensor::buf::Arrived;
 use crate::tensor::{Tensor, TensorBuf};
 use crate::wire;
 
@@ -152,7 +154,17 @@ fn encode_array(array: &Bound<'_, PyAny>, arrays: &mut Arrays) -> PyResult<proto
     Ok(wire::tensor_proto(&meta, data))
 }
 
-pub fn decode(py: Python<'_>, value: proto::Value) -> PyResult<Bound<'_, PyAny>> {
+/// A call's result, its large arrays left where they arrived.
+pub fn decode_returned(py: Python<'_>, returned: Returned) -> PyResult<Bound<'_, PyAny>> {
+    decode(py, returned.value, returned.arrived.as_ref())
+}
+
+/// `value`, its large arrays left in `arrived` (the buffer it arrived in), where given.
+pub fn decode<'py>(
+    py: Python<'py>,
+    value: proto::Value,
+    arrived: Option<&Arrived>,
+) -> PyResult<Bound<'py, PyAny>> {
     let Some(kind) = value.kind else {
         return Err(malformed("a Value with no kind set"));
     };
@@ -167,27 +179,28 @@ pub fn decode(py: Python<'_>, value: proto::Value) -> PyResult<Bound<'_, PyAny>>
             let items = list
                 .items
                 .into_iter()
-                .map(|item| decode(py, item))
+                .map(|item| decode(py, item, arrived))
                 .collect::<PyResult<Vec<_>>>()?;
             PyList::new(py, items)?.into_any()
         }
-        Kind::DictValue(dict) => decode_entries(py, dict.entries)?.into_any(),
-        Kind::TensorValue(tensor) => decode_array(py, tensor)?,
+        Kind::DictValue(dict) => decode_entries(py, dict.entries, arrived)?.into_any(),
+        Kind::TensorValue(tensor) => decode_array(py, tensor, arrived)?,
     })
 }
 
-/// A dict (keyword arguments too) from its entries.
-pub fn decode_entries(
-    py: Python<'_>,
+/// A dict (keyword arguments too) from its entries, as [`decode`] makes values.
+pub fn decode_entries<'py>(
+    py: Python<'py>,
     entries: Vec<proto::DictEntry>,
-) -> PyResult<Bound<'_, PyDict>> {
+    arrived: Option<&Arrived>,
+) -> PyResult<Bound<'py, PyDict>> {
     let count = entries.len();
     let dict = PyDict::new(py);
     for entry in entries {
         let value = entry
             .value
             .ok_or_else(|| malformed(&format!("entry {:?} has no value", entry.key)))?;
-        dict.set_item(entry.key, decode(py, value)?)?;
+        dict.set_item(entry.key, decode(py, value, arrived)?)?;
     }
     if dict.len() != count {
         return Err(malformed("a dict with a repeated key"));
@@ -195,9 +208,19 @@ pub fn decode_entries(
     Ok(dict)
 }
 
-fn decode_array(py: Python<'_>, tensor: proto::TensorProto) -> PyResult<Bound<'_, PyAny>> {
+fn decode_array<'py>(
+    py: Python<'py>,
+    tensor: proto::TensorProto,
+    arrived: Option<&Arrived>,
+) -> PyResult<Bound<'py, PyAny>> {
     let (meta, data) = wire::from_tensor_proto(tensor).map_err(to_py)?;
-    let data = TensorBuf::from_slice(&data);
+    // A small array is copied, so that it does not keep a large message's buffer alive.
+    let data = match arrived {
+        Some(arrived) if data.len() >= wire::IN_PLACE_BYTES => arrived
+            .tensor(data)
+            .unwrap_or_else(|data| TensorBuf::from_slice(&data)),
+        _ => TensorBuf::from_slice(&data),
+    };
     array_out(py, Tensor { meta, data })
 }
 

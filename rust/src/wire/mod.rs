@@ -12,5 +12,7 @@ pub mod messages;
 pub mod values;
 
 pub use chunks::{Announced, ChunkParser};
-pub use framing::{frame_message, tensor_chunks, tensor_frames, unframe_message};
+pub use framing::{
+    Assembler, IN_PLACE_BYTES, frame_message, frame_scattered, tensor_chunks, tensor_frames,
+};
 pub use messages::{from_tensor_proto, header, parse_header, tensor_proto};

@@ -3,23 +3,21 @@
 //! limit a 64 MiB call would take gigabytes. So the encoded bytes are walked first, counting
 //! values and dictionary entries and their nesting; only then does prost decode them.
 //!
-//! The same check guards every path a call takes: the Worker's `Call` (through [`CallCodec`],
-//! both as server and as client) and the same-host link (through [`decode_checked`]).
+//! The same check ([`decode_checked`]) guards every path a call takes: the Worker's `Call`,
+//! served and called by hand so that arrays are not copied on the way, and the same-host link.
 
-use std::marker::PhantomData;
-
-use bytes::Buf;
+use bytes::{Buf, Bytes};
 use prost::Message;
 use prost::encoding::{WireType, decode_key, decode_varint};
-use tonic::Status;
-use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
-use tonic_prost::{ProstCodec, ProstEncoder};
 
+use super::framing::frame_scattered;
 use crate::base::errors::{Error, Result};
 use crate::proto;
 
-/// The Worker's `Call` method, served and called with [`CallCodec`].
+/// The Worker's `Call` method.
 pub const CALL_PATH: &str = "/distsrv.v1.Worker/Call";
+/// The field of `CallRequest` and `CallResponse` that pads their first large array to a boundary.
+const PADDING_FIELD: u32 = 15;
 /// The deepest nesting of lists and dictionaries in one value (as Python's encoder allows).
 pub const MAX_VALUE_DEPTH: usize = 32;
 /// Values and dictionary entries in one call's arguments, or in its result.
@@ -87,8 +85,13 @@ pub fn check<M: CallMessage>(encoded: &[u8]) -> Result<()> {
         })
 }
 
+/// `message` gRPC-framed for sending: its arrays uncopied, the first aligned for the receiver.
+pub fn frame_call<M: CallMessage>(message: &M) -> Vec<Bytes> {
+    frame_scattered(message, Some(PADDING_FIELD))
+}
+
 /// `encoded` decoded as an `M` once [`check`] admits it; `bytes` fields stay slices of it.
-pub fn decode_checked<M: CallMessage>(encoded: bytes::Bytes) -> Result<M> {
+pub fn decode_checked<M: CallMessage>(encoded: Bytes) -> Result<M> {
     check::<M>(&encoded)?;
     M::decode(encoded)
         .map_err(|e| Error::invalid_argument(format!("{} are undecodable: {e}", M::WHAT)))
@@ -171,46 +174,6 @@ fn skip(bytes: &mut &[u8], len: usize) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// tonic's codec for the `Call` method: prost's encoder, and a decoder that [`check`]s first.
-pub struct CallCodec<T, U>(PhantomData<(T, U)>);
-
-impl<T, U> Default for CallCodec<T, U> {
-    fn default() -> Self {
-        Self(PhantomData)
-    }
-}
-
-impl<T, U> Codec for CallCodec<T, U>
-where
-    T: Message + Send + 'static,
-    U: CallMessage + Send + 'static,
-{
-    type Encode = T;
-    type Decode = U;
-    type Encoder = ProstEncoder<T>;
-    type Decoder = CallDecoder<U>;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        ProstCodec::<T, U>::raw_encoder(BufferSettings::default())
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        CallDecoder(PhantomData)
-    }
-}
-
-pub struct CallDecoder<U>(PhantomData<U>);
-
-impl<U: CallMessage> Decoder for CallDecoder<U> {
-    type Item = U;
-    type Error = Status;
-
-    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        let encoded = buf.copy_to_bytes(buf.remaining());
-        Ok(Some(decode_checked(encoded)?))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,7 +193,7 @@ mod tests {
                     value: Some(value),
                 }],
             }),
-            caller: None,
+            ..Default::default()
         }
         .encode_to_vec()
     }
@@ -265,6 +228,7 @@ mod tests {
 
         let result = proto::CallResponse {
             result: Some(nested(MAX_VALUE_DEPTH + 1)),
+            ..Default::default()
         };
         let refused = check::<proto::CallResponse>(&result.encode_to_vec()).unwrap_err();
         assert!(refused.message.contains("the call's result"), "{refused:?}");

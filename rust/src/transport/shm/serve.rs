@@ -242,6 +242,7 @@ async fn answer_call(
     let response = served.and_then(|result| {
         let response = proto::CallResponse {
             result: Some(result),
+            ..Default::default()
         };
         let len = response.encoded_len();
         if len > serving.max_message_bytes {
