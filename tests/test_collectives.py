@@ -584,13 +584,13 @@ def test_broadcast_checks_what_a_non_root_gives(wrong: np.ndarray) -> None:
 
 
 def test_a_broadcast_root_must_give_the_tensor() -> None:
-    with servers_of(2) as servers:
-        results = outcomes(
-            servers, lambda rank, s: s.broadcast(None, ("worker", 0), timeout=1 if rank else 20)
-        )
+    with servers_of(2, distsrv.ServerConfig(connect_timeout=2.0, peer_timeout=0.5)) as servers:
+        results = outcomes(servers, lambda rank, s: s.broadcast(None, ("worker", 0), timeout=20))
         assert isinstance(results[0], errors.InvalidArgumentError), results[0]
         assert "must give" in str(results[0])
-        assert isinstance(results[1], errors.DeadlineExceededError), results[1]
+        # The root failed it, and says so: the other stops within peer_timeout of hearing it.
+        assert isinstance(results[1], errors.AbortedError), results[1]
+        assert "/job:worker/task:0 gave it up" in str(results[1])
 
 
 def test_a_broadcast_root_outside_the_group_is_refused(local_server: distsrv.Server) -> None:
@@ -742,14 +742,37 @@ def test_a_member_that_never_calls_times_the_others_out(call: str) -> None:
                     server.reduce_scatter(array, timeout=0.5)
                 else:
                     server.all_reduce(array, timeout=0.5)
-            except errors.DeadlineExceededError:
-                return time.monotonic() - started
+            # The first to time out gives up; the other may hear of that before its own
+            # timeout comes.
+            except (errors.DeadlineExceededError, errors.AbortedError) as error:
+                return type(error), time.monotonic() - started
             return "returned"
 
         results = outcomes(servers, work)
         for rank in (0, 2):
-            assert isinstance(results[rank], float), results[rank]
-            assert 0.4 <= results[rank] < 5
+            assert isinstance(results[rank], tuple), results[rank]
+            assert 0.4 <= results[rank][1] < 5
+        assert errors.DeadlineExceededError in {results[0][0], results[2][0]}, results
+
+
+def test_members_that_wait_without_a_timeout_are_told_when_another_gives_up() -> None:
+    # A barrier on one member and an all_reduce on the other never match: the member with a
+    # timeout gives up, and tells the other through its heartbeat answers.
+    with servers_of(2, distsrv.ServerConfig(connect_timeout=2.0, peer_timeout=0.5)) as servers:
+
+        def work(rank: int, server: distsrv.Server) -> Any:
+            if rank == 0:
+                server.barrier(timeout=0.5)
+            else:
+                server.all_reduce(np.ones(3, np.float32))
+
+        results = outcomes(servers, work, limit=20)
+        assert isinstance(results[0], errors.DeadlineExceededError), results[0]
+        assert isinstance(results[1], errors.AbortedError), results[1]
+        assert "/job:worker/task:0 gave it up" in str(results[1])
+        # Both gave the collective up: the next one is in step.
+        sums = on_every_task(servers, lambda rank, s: s.all_reduce(np.ones(2), timeout=20))
+        assert [list(result) for result in sums] == [[2.0, 2.0]] * 2
 
 
 CHILD = textwrap.dedent(

@@ -44,6 +44,12 @@ PEER = textwrap.dedent(
         command = command.strip()
         if command == "all_reduce":
             print(server.all_reduce(np.ones(3, np.float32))[0], flush=True)
+        elif command == "large all_reduce":
+            try:
+                server.all_reduce(np.ones(4 << 20, np.float32), timeout=60)
+                print("done", flush=True)
+            except distsrv.errors.OpError as error:
+                print(type(error).__name__, error, flush=True)
         elif command.startswith("send "):
             server.send(command.split()[1], np.arange(5), to=("worker", 0))
             print("sent", flush=True)
@@ -180,6 +186,24 @@ def test_a_thawed_peer_is_up_again_and_a_killed_one_ends_a_wait_at_once(pair) ->
     assert time.monotonic() - started < BOUND
     gone = next(events)
     assert (gone.state, gone.reason) == ("lost", "is gone: nothing listens at its address")
+
+
+def test_a_member_thawed_after_the_others_gave_up_a_collective_is_told(grpc_pair) -> None:
+    # The peer freezes in the middle of a large all-reduce that this task then gives up on: once
+    # thawed, it must not wait out its timeout for pieces that will never come.
+    server, peer = grpc_pair
+    assert peer.stdin is not None
+    peer.stdin.write("large all_reduce\n")
+    peer.stdin.flush()
+    time.sleep(0.5)
+    freeze(peer)
+    with pytest.raises(errors.UnavailableError, match="/job:worker/task:1"):
+        server.all_reduce(np.ones(4 << 20, np.float32))
+    thawed = time.monotonic()
+    peer.send_signal(signal.SIGCONT)
+    outcome = read_line(peer, 60)
+    assert outcome.startswith("AbortedError"), outcome
+    assert time.monotonic() - thawed < BOUND
 
 
 @pytest.mark.parametrize("timeout", [0.3, None], ids=["timed-out", "peer-lost"])

@@ -89,6 +89,7 @@ impl Worker for Task {
             task: Some(self.def.task.to_proto()),
             incarnation: self.incarnation,
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            abandoned_collectives: self.collectives.abandoned(),
         }))
     }
 

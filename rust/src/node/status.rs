@@ -41,6 +41,7 @@ fn own_status(task: &Task) -> TaskStatus {
         incarnation: task.incarnation,
         version: Some(env!("CARGO_PKG_VERSION").to_owned()),
         devices: task.devices.clone(),
+        abandoned_collectives: task.collectives.abandoned(),
     }
 }
 

@@ -12,13 +12,15 @@
 //! shape all fail with `InvalidArgument`, since every member sees every member's description
 //! before reducing. A member lost mid-collective fails it with `Unavailable` on every member
 //! still waiting, within the peer timeout, and the collective's pieces that reached this task
-//! are dropped, now and on arrival.
+//! are dropped, now and on arrival. A member that gives up a collective says so in its
+//! heartbeat answers (the last [`ABANDONED_KEPT`] it gave up), so that a member still waiting
+//! in it, frozen while the others gave up, fails with `Aborted` when it runs again.
 //!
 //! Sequence numbers count per group *and* per incarnation of its members: a member that
 //! restarts counts from one again, and so do the others once they see it back, so the group
 //! works again as soon as all its members are up.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -40,11 +42,17 @@ const ALL_TO_ALL_BYTES: usize = 2 << 20;
 /// Ring messages carry at most this much of a segment.
 const PIECE_BYTES: usize = 4 << 20;
 
-/// Per group and incarnations of its members, how many collectives this task has begun.
+/// How many of the collectives this task gave up it tells its peers of.
+const ABANDONED_KEPT: usize = 16;
+
+/// Per group and incarnations of its members, how many collectives this task has begun; and
+/// which it gave up lately.
 pub struct Collectives {
     /// This task's incarnation, its part of every group's.
     incarnation: u64,
     sequences: Mutex<HashMap<(Vec<TaskId>, u64), u64>>,
+    /// The ids of the last collectives this task gave up, newest last.
+    abandoned: Mutex<VecDeque<u64>>,
 }
 
 impl Collectives {
@@ -52,7 +60,25 @@ impl Collectives {
         Self {
             incarnation,
             sequences: Mutex::default(),
+            abandoned: Mutex::default(),
         }
+    }
+
+    /// The ids of the collectives this task gave up lately, newest last.
+    pub fn abandoned(&self) -> Vec<u64> {
+        self.abandoned_list().iter().copied().collect()
+    }
+
+    fn abandon(&self, id: u64) {
+        let mut abandoned = self.abandoned_list();
+        if abandoned.len() == ABANDONED_KEPT {
+            abandoned.pop_front();
+        }
+        abandoned.push_back(id);
+    }
+
+    fn abandoned_list(&self) -> std::sync::MutexGuard<'_, VecDeque<u64>> {
+        self.abandoned.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// This task's part in the next collective of `group`, failing after `timeout` if given. Its
@@ -89,15 +115,25 @@ impl Collectives {
     }
 }
 
-/// The incarnations of a group's members, in rank order, as one number (FNV-1a): the same on
-/// every member that sees the same incarnations, and new when any member restarts.
+/// The incarnations of a group's members, in rank order, as one number: the same on every
+/// member that sees the same incarnations, and new when any member restarts.
 fn fingerprint(incarnations: &[u64]) -> u64 {
-    incarnations
-        .iter()
-        .flat_map(|incarnation| incarnation.to_le_bytes())
-        .fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
-            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-        })
+    fnv1a(
+        incarnations
+            .iter()
+            .flat_map(|incarnation| incarnation.to_le_bytes()),
+    )
+}
+
+/// A collective's id, as members tell each other which they gave up: its name prefix's hash.
+fn collective_id(prefix: &str) -> u64 {
+    fnv1a(prefix.bytes())
+}
+
+fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// The tasks of a collective, including this one.
@@ -310,11 +346,23 @@ impl Collective {
     /// Runs `work` once every member is up, until it ends, the timeout passes, or a member is
     /// lost; a failed collective's pieces are dropped.
     async fn guarded<T>(&self, what: &str, work: impl Future<Output = Result<T>>) -> Result<T> {
+        let liveness = self.exchange.liveness();
         let work = async {
             self.name_messages().await?;
-            work.await
+            let id = collective_id(self.prefix.get().expect("named above"));
+            let abandoned = self
+                .others()
+                .map(|rank| Box::pin(liveness.abandoned(&self.group.members[rank], id)));
+            let abandoned: Vec<_> = abandoned.collect();
+            if abandoned.is_empty() {
+                return work.await;
+            }
+            tokio::select! {
+                biased;
+                done = work => done,
+                (gave_up, _, _) = futures::future::select_all(abandoned) => Err(gave_up),
+            }
         };
-        let liveness = self.exchange.liveness();
         let watched = self
             .others()
             .map(|rank| Box::pin(liveness.lost(&self.group.members[rank])));
@@ -338,6 +386,7 @@ impl Collective {
             && let Some(prefix) = self.prefix.get()
         {
             self.exchange.abandon(prefix);
+            self.collectives.abandon(collective_id(prefix));
         }
         done.map_err(|e| {
             e.context(format!(

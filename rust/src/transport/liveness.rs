@@ -8,7 +8,8 @@
 //! `Unavailable` when the peer it saw up is lost, and with `Aborted` when the peer comes back as a
 //! new incarnation, whose tensors and state are not the old one's. A peer that is not up when the
 //! wait begins (not started yet, or restarting) is waited for, like a connect, for up to
-//! `connect_timeout`.
+//! `connect_timeout`. A peer's answers also name the operations it gave up lately
+//! ([`Liveness::abandoned`]), for waits on it that are part of one of them.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -66,7 +67,15 @@ pub struct Liveness {
     connect_timeout: Duration,
     /// Where heartbeats run and whom they tell, from the server's start to its stop.
     running: Mutex<Option<Running>>,
-    watched: Mutex<HashMap<TaskId, watch::Receiver<Presence>>>,
+    watched: Mutex<HashMap<TaskId, Watched>>,
+}
+
+/// What the heartbeat of one peer tells.
+#[derive(Clone)]
+struct Watched {
+    presence: watch::Receiver<Presence>,
+    /// The ids of the operations it last said it gave up.
+    abandoned: watch::Receiver<Vec<u64>>,
 }
 
 struct Running {
@@ -106,11 +115,20 @@ impl Liveness {
 
     /// `task`'s presence as its heartbeat finds it, starting the heartbeat if `task` had none.
     pub fn watch(&self, task: &TaskId) -> watch::Receiver<Presence> {
+        self.watched(task).presence
+    }
+
+    fn watched(&self, task: &TaskId) -> Watched {
         let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(presence) = watched.get(task) {
-            return presence.clone();
+        if let Some(found) = watched.get(task) {
+            return found.clone();
         }
         let (tell, presence) = watch::channel(Presence::Unknown);
+        let (tell_abandoned, abandoned) = watch::channel(Vec::new());
+        let found = Watched {
+            presence,
+            abandoned,
+        };
         // Before the server starts there is nowhere to beat, and after it stops no need: the
         // watch stays unknown.
         if let Some(running) = self.running().as_ref() {
@@ -118,12 +136,31 @@ impl Liveness {
                 Arc::clone(&self.connections),
                 task.clone(),
                 self.peer_timeout,
-                tell,
-                running.events.clone(),
+                Tell {
+                    presence: tell,
+                    abandoned: tell_abandoned,
+                    events: running.events.clone(),
+                },
             ));
-            watched.insert(task.clone(), presence.clone());
+            watched.insert(task.clone(), found.clone());
         }
-        presence
+        found
+    }
+
+    /// Resolves, with `Aborted`, `peer_timeout` after `task` says it gave up operation `id` (a
+    /// collective, see `ops::collectives`); never while it does not. The wait lets this task
+    /// find for itself first what made `task` give up, where that was a lost peer, which says
+    /// more: every heartbeat finds a loss within `peer_timeout`.
+    pub async fn abandoned(&self, task: &TaskId, id: u64) -> Error {
+        let mut abandoned = self.watched(task).abandoned;
+        if abandoned.wait_for(|ids| ids.contains(&id)).await.is_err() {
+            return stopped(task);
+        }
+        tokio::time::sleep(self.peer_timeout).await;
+        Error::new(
+            Code::Aborted,
+            format!("task {task} gave it up: it failed there"),
+        )
     }
 
     /// Every peer's changes of presence from now on ([`Liveness::watch_all`] starts them); none
@@ -231,14 +268,15 @@ impl Liveness {
     }
 }
 
-/// `task`'s heartbeat: runs as long as its runtime.
-async fn beat(
-    connections: Arc<Vec<Arc<Peers>>>,
-    task: TaskId,
-    peer_timeout: Duration,
-    tell: watch::Sender<Presence>,
+/// Whom a heartbeat tells what it finds.
+struct Tell {
+    presence: watch::Sender<Presence>,
+    abandoned: watch::Sender<Vec<u64>>,
     events: broadcast::Sender<PeerEvent>,
-) {
+}
+
+/// `task`'s heartbeat: runs as long as its runtime.
+async fn beat(connections: Arc<Vec<Arc<Peers>>>, task: TaskId, peer_timeout: Duration, tell: Tell) {
     let peers = &connections[0];
     let every = heartbeat(peer_timeout);
     let mut last_up: Option<u64> = None;
@@ -254,6 +292,13 @@ async fn beat(
         let found = match answer {
             Ok(Ok(status)) => {
                 silent_since = None;
+                tell.abandoned.send_if_modified(|ids| {
+                    let news = *ids != status.abandoned_collectives;
+                    if news {
+                        *ids = status.abandoned_collectives;
+                    }
+                    news
+                });
                 Some(Presence::Up(status.incarnation))
             }
             // It answered, if only to refuse: alive, as whichever incarnation it was.
@@ -280,7 +325,7 @@ async fn beat(
             )),
         };
         if let Some(found) = found {
-            let changed = tell.send_if_modified(|presence| {
+            let changed = tell.presence.send_if_modified(|presence| {
                 // A lost peer found lost again, for another reason, is no news.
                 let still_lost = matches!(
                     (&*presence, &found),
@@ -307,7 +352,7 @@ async fn beat(
                     Presence::Up(incarnation) => last_up.filter(|known| known != incarnation),
                     _ => None,
                 };
-                let _ = events.send(PeerEvent {
+                let _ = tell.events.send(PeerEvent {
                     task: task.clone(),
                     presence: found.clone(),
                     previous,

@@ -24,6 +24,8 @@ pub struct TaskStatus {
     /// distsrv's version; `None` for a TensorFlow server.
     pub version: Option<String>,
     pub devices: Vec<DeviceAttributes>,
+    /// The collectives it gave up lately (see `GetStatusResponse.abandoned_collectives`).
+    pub abandoned_collectives: Vec<u64>,
 }
 
 /// Asks the server behind `channel` for its status.
@@ -39,6 +41,7 @@ pub async fn get_status(channel: PeerChannel) -> Result<TaskStatus> {
                 incarnation: reply.incarnation,
                 version: Some(reply.version),
                 devices: reply.device_attributes,
+                abandoned_collectives: reply.abandoned_collectives,
             })
         }
         Err(status) if status.code() == Code::Unimplemented => {
@@ -48,6 +51,7 @@ pub async fn get_status(channel: PeerChannel) -> Result<TaskStatus> {
                 incarnation: devices.first().map_or(0, |d| d.incarnation),
                 version: None,
                 devices,
+                abandoned_collectives: Vec::new(),
             })
         }
         Err(status) => Err(status.into()),
