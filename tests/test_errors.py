@@ -6,6 +6,7 @@ import pickle
 
 import pytest
 
+import distsrv
 from distsrv import errors
 
 # TensorFlow's table (tensorflow/python/framework/errors_impl.py): class name -> gRPC code.
@@ -171,3 +172,38 @@ def test_op_error_pickles_with_its_code() -> None:
     assert copy.error_code == errors.DATA_LOSS
     assert copy.task == "/job:w/task:2"
     assert repr(copy) == repr(original)
+
+
+BUILT_INS = {
+    "InvalidArgumentError": ValueError,
+    "DeadlineExceededError": TimeoutError,
+    "NotFoundError": LookupError,
+    "PermissionDeniedError": PermissionError,
+    "UnauthenticatedError": PermissionError,
+    "UnimplementedError": NotImplementedError,
+    "UnavailableError": ConnectionError,
+    "FailedPreconditionError": RuntimeError,
+    "InternalError": RuntimeError,
+}
+
+
+@pytest.mark.parametrize(("name", "built_in"), BUILT_INS.items())
+def test_classes_are_also_the_built_in_that_fits(name: str, built_in: type[Exception]) -> None:
+    cls = getattr(errors, name)
+    assert issubclass(cls, built_in)
+    error = cls("it failed", task="/job:ps/task:0")
+    assert str(error) == "task /job:ps/task:0: it failed"
+    back = pickle.loads(pickle.dumps(error))
+    assert isinstance(back, built_in)
+    assert (type(back), str(back)) == (cls, str(error))
+
+
+def test_generic_handlers_catch_real_failures(local_server: distsrv.Server) -> None:
+    with pytest.raises(TimeoutError):
+        local_server.recv("never", source=local_server.task, timeout=0.05)
+    with pytest.raises(ValueError, match="task 5 is not defined"):
+        distsrv.Server({"worker": ["127.0.0.1:0"]}, "worker", 5, start=False)
+    with pytest.raises(NotImplementedError):
+        local_server.call(local_server.task, "no such op")
+    with pytest.raises(LookupError):
+        local_server.variable("missing", on=local_server.task).read(timeout=5)

@@ -6,6 +6,13 @@ peer exactly where ``except tf.errors.UnavailableError`` would in TensorFlow cod
 The names, codes and the code <-> class table are TensorFlow's (``tf.errors``); the constructor
 is simpler because distsrv has no graph ops: an error names the *task* where it happened, not a
 ``NodeDef``.
+
+Where a Python built-in exception means the same, the class is that too, so generic handlers
+catch it: ``InvalidArgumentError`` is a ``ValueError``, ``DeadlineExceededError`` a
+``TimeoutError``, ``NotFoundError`` a ``LookupError``, ``UnavailableError`` a
+``ConnectionError`` (an ``OSError``), ``PermissionDeniedError`` and ``UnauthenticatedError`` a
+``PermissionError``, ``UnimplementedError`` a ``NotImplementedError``, and
+``FailedPreconditionError`` and ``InternalError`` a ``RuntimeError``.
 """
 
 from __future__ import annotations
@@ -123,21 +130,21 @@ class UnknownError(OpError):
         super().__init__(message, UNKNOWN, task=task)
 
 
-class InvalidArgumentError(OpError):
+class InvalidArgumentError(OpError, ValueError):
     """An argument was wrong whatever the state of the system (bad address, bad protocol)."""
 
     def __init__(self, message: str, *, task: str | None = None) -> None:
         super().__init__(message, INVALID_ARGUMENT, task=task)
 
 
-class DeadlineExceededError(OpError):
+class DeadlineExceededError(OpError, TimeoutError):
     """A deadline expired before the operation completed (e.g. a ``recv`` timeout)."""
 
     def __init__(self, message: str, *, task: str | None = None) -> None:
         super().__init__(message, DEADLINE_EXCEEDED, task=task)
 
 
-class NotFoundError(OpError):
+class NotFoundError(OpError, LookupError):
     """A requested entity (a task, a variable, a handler) does not exist."""
 
     def __init__(self, message: str, *, task: str | None = None) -> None:
@@ -151,7 +158,7 @@ class AlreadyExistsError(OpError):
         super().__init__(message, ALREADY_EXISTS, task=task)
 
 
-class PermissionDeniedError(OpError):
+class PermissionDeniedError(OpError, PermissionError):
     """The caller is known but may not perform the operation."""
 
     def __init__(self, message: str, *, task: str | None = None) -> None:
@@ -165,7 +172,7 @@ class ResourceExhaustedError(OpError):
         super().__init__(message, RESOURCE_EXHAUSTED, task=task)
 
 
-class FailedPreconditionError(OpError):
+class FailedPreconditionError(OpError, RuntimeError):
     """The system is not in a state to perform the operation (e.g. the server is not running)."""
 
     def __init__(self, message: str, *, task: str | None = None) -> None:
@@ -186,21 +193,21 @@ class OutOfRangeError(OpError):
         super().__init__(message, OUT_OF_RANGE, task=task)
 
 
-class UnimplementedError(OpError):
+class UnimplementedError(OpError, NotImplementedError):
     """The operation is not implemented or not supported (e.g. an unknown handler name)."""
 
     def __init__(self, message: str, *, task: str | None = None) -> None:
         super().__init__(message, UNIMPLEMENTED, task=task)
 
 
-class InternalError(OpError):
+class InternalError(OpError, RuntimeError):
     """An invariant of distsrv itself was broken: a bug, not a usage error."""
 
     def __init__(self, message: str, *, task: str | None = None) -> None:
         super().__init__(message, INTERNAL, task=task)
 
 
-class UnavailableError(OpError):
+class UnavailableError(OpError, ConnectionError):
     """A peer cannot be reached right now (not started yet, or gone); retrying may help."""
 
     def __init__(self, message: str, *, task: str | None = None) -> None:
@@ -214,7 +221,7 @@ class DataLossError(OpError):
         super().__init__(message, DATA_LOSS, task=task)
 
 
-class UnauthenticatedError(OpError):
+class UnauthenticatedError(OpError, PermissionError):
     """The request lacks valid credentials (missing or wrong auth token)."""
 
     def __init__(self, message: str, *, task: str | None = None) -> None:
