@@ -625,16 +625,17 @@ def two_job_cluster() -> distsrv.ClusterSpec:
     return distsrv.ClusterSpec({"worker": addresses[:2], "chief": addresses[2:]})
 
 
-def test_a_job_group_and_the_whole_cluster() -> None:
+def test_the_callers_job_is_the_default_group_and_star_the_whole_cluster() -> None:
     with servers_of(two_job_cluster()) as servers:
         chief = servers[0]
         assert chief.task.startswith("/job:chief")
 
         def work(rank: int, server: distsrv.Server) -> tuple[Any, Any]:
-            everyone = server.all_gather(np.array([rank]), timeout=20)
+            everyone = server.all_gather(np.array([rank]), group="*", timeout=20)
             if server is chief:
                 return everyone, None
-            workers = server.all_reduce(np.array([rank * 100]), group="worker", timeout=20)
+            # By default, a collective's group is the caller's job.
+            workers = server.all_reduce(np.array([rank * 100]), timeout=20)
             return everyone, workers
 
         results = on_every_task(servers, work)

@@ -17,10 +17,11 @@ from distsrv.handles import CallHandle, RecvHandle, SendHandle
 from distsrv.messages import ClusterDef, JobDef, ServerDef
 from distsrv.peers import PeerEvent
 from distsrv.security import Security
-from distsrv.server import Server
+from distsrv.server import EVERY_TASK, Server
 from distsrv.variables import Variable
 
 __all__ = [
+    "EVERY_TASK",
     "CallContext",
     "CallHandle",
     "ClusterDef",

@@ -36,6 +36,8 @@ Status = Literal["created", "running", "closing", "closed", "failed"]
 #: The tasks of a collective: every task of the cluster (None), one job's tasks (its name), or
 #: the tasks listed.
 GroupLike = str | Sequence[TaskLike] | None
+#: The group of a collective that is every task of the cluster; no job may be named so.
+EVERY_TASK = "*"
 ReduceOp = Literal["sum", "mean", "max", "min", "prod"]
 
 _log = logging.getLogger("distsrv")
@@ -334,12 +336,15 @@ class Server:
 
     # -- collectives --------------------------------------------------------------------------
     #
-    # A collective runs over a group: every task of the cluster by default, a job's tasks, or
-    # the tasks listed. Every member must call the group's collectives in the same order, with
-    # the same op (which is not checked across members). A rank is a member's position in
-    # (job, index) order. Members that disagree on dtype or shape all raise InvalidArgumentError;
-    # a member lost mid-collective (gone, frozen, cut off) makes the others raise UnavailableError
-    # within ``config.peer_timeout``, one restarted AbortedError; ``timeout`` bounds the whole call.
+    # A collective runs over a group: the tasks of the caller's own job by default (as
+    # TensorFlow's collectives group by job: workers reduce among workers, without the ps), a
+    # job's tasks, every task of the cluster (EVERY_TASK, "*"), or the tasks listed. Every member
+    # must call the group's collectives in the same order, with the same op (which is not
+    # checked across members). A rank is a member's position in (job, index) order. Members that
+    # disagree on dtype or shape all raise InvalidArgumentError; a member lost mid-collective
+    # (gone, frozen, cut off) makes the others raise UnavailableError within
+    # ``config.peer_timeout``, one restarted AbortedError; one that fails it, AbortedError on the
+    # others; ``timeout`` bounds the whole call.
 
     def all_reduce(
         self,
@@ -402,9 +407,13 @@ class Server:
         """A handle to variable ``name`` on task ``on``, which another task may create later."""
         return Variable(self._native, name, _native.parse_task(on))
 
-    def _members(self, group: GroupLike) -> list[TaskLike] | None:
+    def _members(self, group: GroupLike) -> list[TaskLike]:
         if group is None:
-            return None
+            group = self._job_name
+        if group == EVERY_TASK:
+            return [
+                (job, index) for job in self._spec.jobs for index in self._spec.task_indices(job)
+            ]
         if isinstance(group, str):
             if group not in self._spec.jobs:
                 raise InvalidArgumentError(

@@ -40,7 +40,7 @@ from distsrv.examples.train import (
     train,
 )
 from distsrv.security import Security
-from distsrv.server import Server
+from distsrv.server import EVERY_TASK, Server
 from distsrv.variables import Variable
 
 __all__ = ["add_training_arguments", "worker", "worker_arguments"]
@@ -128,10 +128,12 @@ def _host_parameters(server: Server, args: argparse.Namespace) -> int:
     model = _model(args, load_digits())
     for name, value in model.views(model.parameters).items():
         server.create_variable(_variable_name(name), value, on=server.task)
-    server.barrier(timeout=STARTUP_TIMEOUT)  # the variables exist: the workers may start
+    server.barrier(
+        group=EVERY_TASK, timeout=STARTUP_TIMEOUT
+    )  # the variables exist: the workers may start
     print(f"hosting {len(model.shapes)} variables ({model.parameters.nbytes} bytes)", flush=True)
     # Everyone meets again once training is over: only then may the variables go.
-    server.barrier(timeout=None)
+    server.barrier(group=EVERY_TASK, timeout=None)
     print("the workers are done", flush=True)
     return 0
 
@@ -143,7 +145,9 @@ def _train(server: Server, args: argparse.Namespace) -> int:
     model = _model(args, data)
     traffic = Traffic()
     if args.ps:
-        server.barrier(timeout=STARTUP_TIMEOUT)  # the ps task has created the variables
+        server.barrier(
+            group=EVERY_TASK, timeout=STARTUP_TIMEOUT
+        )  # the ps task has created the variables
         apply = _parameter_server_sgd(server, model, args.learning_rate, traffic)
     else:
         apply = _all_reduce_sgd(server, args.learning_rate, traffic)
@@ -178,7 +182,9 @@ def _train(server: Server, args: argparse.Namespace) -> int:
         timeout=STEP_TIMEOUT,
     )
     if args.ps:
-        server.barrier(timeout=STEP_TIMEOUT)  # the workers are done: the ps task may stop
+        server.barrier(
+            group=EVERY_TASK, timeout=STEP_TIMEOUT
+        )  # the workers are done: the ps task may stop
     if rank == 0:
         _report(result, int(totals[0]), int(totals[1]), args, data)
     else:
