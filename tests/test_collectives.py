@@ -756,6 +756,19 @@ def test_a_member_that_never_calls_times_the_others_out(call: str) -> None:
         assert errors.DeadlineExceededError in {results[0][0], results[2][0]}, results
 
 
+def test_a_collective_without_a_timeout_is_held_to_the_configs() -> None:
+    assert distsrv.ServerConfig().collective_timeout == 30 * 60
+    config = distsrv.ServerConfig(connect_timeout=2.0, collective_timeout=0.5)
+    with servers_of(2, config) as servers:
+        started = time.monotonic()
+        with pytest.raises(errors.DeadlineExceededError, match="within 0.500s"):
+            servers[0].barrier()
+        assert time.monotonic() - started < 5
+        # A timeout given wins over the config's.
+        with pytest.raises(errors.DeadlineExceededError, match="within 0.200s"):
+            servers[0].all_reduce(np.ones(3), timeout=0.2)
+
+
 def test_members_that_wait_without_a_timeout_are_told_when_another_gives_up() -> None:
     # A barrier on one member and an all_reduce on the other never match: the member with a
     # timeout gives up, and tells the other through its heartbeat answers.

@@ -28,6 +28,10 @@ class ServerConfig:
     peer_timeout: float = _DEFAULTS["peer_timeout"]
     #: How long ``stop()`` lets in-flight calls finish before cutting them off.
     shutdown_grace: float = _DEFAULTS["shutdown_grace"]
+    #: How long a collective called without ``timeout=`` may take before it raises
+    #: ``DeadlineExceededError``: 30 minutes, torch.distributed's default, so that a member that
+    #: never joins fails the others in bounded time. Pass ``timeout=`` for another limit.
+    collective_timeout: float = _DEFAULTS["collective_timeout"]
     #: Largest single gRPC message accepted. Tensors travel in chunks, so this bounds a chunk,
     #: not a tensor.
     max_message_bytes: int = _DEFAULTS["max_message_bytes"]

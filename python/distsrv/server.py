@@ -344,7 +344,7 @@ class Server:
     # disagree on dtype or shape all raise InvalidArgumentError; a member lost mid-collective
     # (gone, frozen, cut off) makes the others raise UnavailableError within
     # ``config.peer_timeout``, one restarted AbortedError; one that fails it, AbortedError on the
-    # others; ``timeout`` bounds the whole call.
+    # others; ``timeout`` (``config.collective_timeout`` by default) bounds the whole call.
 
     def all_reduce(
         self,

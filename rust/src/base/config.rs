@@ -15,6 +15,9 @@ pub struct ServerConfig {
     pub peer_timeout: Duration,
     /// How long `stop()` lets in-flight calls finish before cutting them off.
     pub shutdown_grace: Duration,
+    /// How long a collective called without a timeout may take (torch.distributed's default):
+    /// a member that never joins fails the others in bounded time.
+    pub collective_timeout: Duration,
     /// Largest single gRPC message accepted (tensors are chunked, so this bounds a chunk).
     pub max_message_bytes: usize,
     /// Payload bytes per message of a tensor stream.
@@ -44,6 +47,7 @@ impl Default for ServerConfig {
             connect_timeout: Duration::from_secs(10),
             peer_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(5),
+            collective_timeout: Duration::from_secs(30 * 60),
             max_message_bytes: 64 << 20,
             chunk_bytes: 1 << 20,
             max_pending_bytes: DEFAULT_PENDING_BYTES.min(memory_limit() / 2),
@@ -129,6 +133,7 @@ impl ServerConfig {
     pub fn validate(&self) -> Result<()> {
         seconds("connect_timeout", self.connect_timeout.as_secs_f64())?;
         seconds("shutdown_grace", self.shutdown_grace.as_secs_f64())?;
+        seconds("collective_timeout", self.collective_timeout.as_secs_f64())?;
         seconds("peer_timeout", self.peer_timeout.as_secs_f64())?;
         if self.peer_timeout < MIN_PEER_TIMEOUT {
             return Err(Error::invalid_argument(format!(

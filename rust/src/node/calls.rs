@@ -193,7 +193,8 @@ impl Server {
         Group::new(&self.task().exchange, members)
     }
 
-    /// This task's part in the next collective of `group`, failing after `timeout` if given.
+    /// This task's part in the next collective of `group`, failing after `timeout` (the
+    /// config's `collective_timeout` when `None`).
     ///
     /// Takes the collective's sequence number: check whatever the call can refuse on its own
     /// before, since a call that took a number and then sent nothing leaves this task out of step
@@ -205,9 +206,10 @@ impl Server {
     ) -> Result<Blocking<Collective>> {
         let driver = self.on_caller()?;
         let task = self.task();
+        let timeout = timeout.unwrap_or(task.config.collective_timeout);
         let work = task
             .collectives
-            .begin(&task.exchange, &task.caller_peers, group, timeout);
+            .begin(&task.exchange, &task.caller_peers, group, Some(timeout));
         Ok(Blocking { driver, work })
     }
 

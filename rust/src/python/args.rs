@@ -69,6 +69,7 @@ impl<'a, 'py> FromPyObject<'a, 'py> for ConfigArgs {
             connect_timeout: seconds("connect_timeout")?,
             peer_timeout: seconds("peer_timeout")?,
             shutdown_grace: seconds("shutdown_grace")?,
+            collective_timeout: seconds("collective_timeout")?,
             max_message_bytes: int("max_message_bytes")? as usize,
             chunk_bytes: int("chunk_bytes")? as usize,
             max_pending_bytes: int("max_pending_bytes")?,
@@ -119,6 +120,10 @@ pub fn config_defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     defaults.set_item("connect_timeout", config.connect_timeout.as_secs_f64())?;
     defaults.set_item("peer_timeout", config.peer_timeout.as_secs_f64())?;
     defaults.set_item("shutdown_grace", config.shutdown_grace.as_secs_f64())?;
+    defaults.set_item(
+        "collective_timeout",
+        config.collective_timeout.as_secs_f64(),
+    )?;
     defaults.set_item("max_message_bytes", config.max_message_bytes)?;
     defaults.set_item("chunk_bytes", config.chunk_bytes)?;
     defaults.set_item("max_pending_bytes", config.max_pending_bytes)?;
