@@ -761,11 +761,11 @@ def test_a_collective_without_a_timeout_is_held_to_the_configs() -> None:
     config = distsrv.ServerConfig(connect_timeout=2.0, collective_timeout=0.5)
     with servers_of(2, config) as servers:
         started = time.monotonic()
-        with pytest.raises(errors.DeadlineExceededError, match="within 0.500s"):
+        with pytest.raises(errors.DeadlineExceededError, match=r"within 0\.500s"):
             servers[0].barrier()
         assert time.monotonic() - started < 5
         # A timeout given wins over the config's.
-        with pytest.raises(errors.DeadlineExceededError, match="within 0.200s"):
+        with pytest.raises(errors.DeadlineExceededError, match=r"within 0\.200s"):
             servers[0].all_reduce(np.ones(3), timeout=0.2)
 
 

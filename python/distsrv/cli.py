@@ -3,20 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
+import signal
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from types import FrameType
+from typing import TYPE_CHECKING, Any, NoReturn
 
+from distsrv import __version__
 from distsrv.examples.demo import add_training_arguments, worker_arguments
 from distsrv.examples.demo import worker as demo_worker_main
 from distsrv.security import TOKEN_ENV, Security
+
+if TYPE_CHECKING:
+    from distsrv.cluster import ClusterSpec
+    from distsrv.server import Server
 
 __all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="distsrv", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"distsrv {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser(
@@ -30,12 +40,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--timeout", type=float, default=120.0, help="seconds before giving up")
     add_training_arguments(demo)
 
-    serve = commands.add_parser("serve", help="run one task until interrupted")
+    serve = commands.add_parser(
+        "serve",
+        help="run one task until SIGTERM or Ctrl-C, then stop gracefully",
+        description="Serves one task until SIGTERM or Ctrl-C, then stops it gracefully and exits "
+        "0; bad configuration exits 2.",
+    )
     serve.add_argument(
-        "--cluster", help="a JSON file of job -> addresses (default: the TF_CONFIG variable)"
+        "--cluster",
+        help="a JSON file of job -> addresses, with --job and --task (default: the TF_CONFIG "
+        "variable)",
     )
     serve.add_argument("--job", help="this task's job (default: from TF_CONFIG)")
     serve.add_argument("--task", type=int, help="this task's index (default: from TF_CONFIG)")
+    serve.add_argument(
+        "--handlers",
+        action="append",
+        default=[],
+        metavar="MODULE:ATTR",
+        help="serve the operations of MODULE.ATTR, a dict of name -> callable or a function "
+        "returning one (repeatable)",
+    )
     _add_token_argument(serve)
 
     status = commands.add_parser(
@@ -85,27 +110,125 @@ def _security(args: argparse.Namespace) -> Security | None:
     return Security.from_env()
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from distsrv.cluster import ClusterSpec
-    from distsrv.server import Server
+class _BadConfig(Exception):
+    """What is wrong with ``distsrv serve``'s configuration: one line on stderr, exit status 2."""
 
-    if args.cluster:
-        with open(args.cluster) as file:
-            spec = ClusterSpec(json.load(file))
-        job, index = args.job, args.task
-    else:
-        spec, job, index = ClusterSpec.from_tf_config()
-        job = args.job or job
-        index = args.task if args.task is not None else index
-    server = Server(spec, job_name=job, task_index=index, security=_security(args))
-    print(f"distsrv: serving {server.task} at {server.target}", flush=True)
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that ``join()`` ends as it does on Ctrl-C; not an
+    ``Exception``, for the same reason ``KeyboardInterrupt`` is not."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> NoReturn:
+    raise _Terminated
+
+
+def _serve(args: argparse.Namespace) -> int:
     try:
+        server = _configured_server(args)
+    except _BadConfig as problem:
+        print(f"distsrv serve: {problem}", file=sys.stderr)
+        return 2
+    try:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+        print(f"distsrv: serving {server.task} at {server.target}", flush=True)
         server.join()
     except KeyboardInterrupt:
-        pass
-    finally:
+        stopped_by = "SIGINT"
+    except _Terminated:
+        stopped_by = "SIGTERM"
+    else:
+        # Nothing here stops the server, so join() returning means serving failed.
+        print(f"distsrv serve: {server.task} stopped serving ({server.status})", file=sys.stderr)
         server.stop()
+        return 1
+    # stop() cannot be interrupted: a second signal would only turn a clean exit into a traceback.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print(f"distsrv: stopping {server.task} ({stopped_by})", flush=True)
+    server.stop()
     return 0
+
+
+def _configured_server(args: argparse.Namespace) -> Server:
+    """The started server that ``args`` describe; raises _BadConfig naming what is wrong."""
+    from distsrv.errors import OpError
+    from distsrv.server import Server
+
+    handlers = _load_handlers(args.handlers)
+    spec, job, index = _cluster_and_task(args)
+    try:
+        return Server(
+            spec, job_name=job, task_index=index, handlers=handlers, security=_security(args)
+        )
+    except (OpError, ValueError, TypeError) as error:
+        # A job or task outside the cluster, an ambiguous task, a port in use, bad security.
+        raise _BadConfig(str(error)) from None
+
+
+def _cluster_and_task(args: argparse.Namespace) -> tuple[ClusterSpec, str | None, int | None]:
+    """The cluster and this task's job and index, from --cluster or from TF_CONFIG."""
+    from distsrv.cluster import ClusterSpec
+
+    if args.cluster is None:
+        if "TF_CONFIG" not in os.environ:
+            raise _BadConfig("no cluster: pass --cluster FILE --job JOB --task N, or set TF_CONFIG")
+        try:
+            spec, job, index = ClusterSpec.from_tf_config()
+        except ValueError as error:
+            raise _BadConfig(str(error)) from None
+        # The flags override TF_CONFIG's task.
+        job = job if args.job is None else args.job
+        index = index if args.task is None else args.task
+        return spec, job, index
+    missing = [
+        flag for flag, value in (("--job", args.job), ("--task", args.task)) if value is None
+    ]
+    if missing:
+        raise _BadConfig(f"--cluster needs {' and '.join(missing)}")
+    try:
+        with open(args.cluster) as file:
+            cluster = json.load(file)
+    except OSError as error:
+        raise _BadConfig(f"cannot read --cluster {args.cluster}: {error.strerror}") from None
+    except ValueError as error:  # JSONDecodeError, or UnicodeDecodeError for a binary file
+        raise _BadConfig(f"--cluster {args.cluster} is not JSON: {error}") from None
+    try:
+        return ClusterSpec(cluster), args.job, args.task
+    except (TypeError, ValueError) as error:
+        raise _BadConfig(
+            f"--cluster {args.cluster} is not a valid job -> addresses mapping: {error}"
+        ) from None
+
+
+def _load_handlers(specs: list[str]) -> dict[str, Callable[..., Any]]:
+    """The operations named by --handlers MODULE:ATTR, merged; the same name twice is refused,
+    since which one would serve it depends on the order of the flags."""
+    handlers: dict[str, Callable[..., Any]] = {}
+    for spec in specs:
+        module_name, _, attribute = spec.partition(":")
+        if not module_name or not attribute:
+            raise _BadConfig(f"--handlers {spec!r} is not MODULE:ATTR")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            raise _BadConfig(f"--handlers {spec}: {error}") from None
+        if not hasattr(module, attribute):
+            raise _BadConfig(f"--handlers {spec}: {module_name} has no {attribute!r}")
+        table = getattr(module, attribute)
+        if callable(table):
+            table = table()
+        if not isinstance(table, Mapping) or not all(
+            isinstance(name, str) and callable(handler) for name, handler in table.items()
+        ):
+            raise _BadConfig(
+                f"--handlers {spec}: not a dict of operation name -> callable, nor a function "
+                "returning one"
+            )
+        if repeated := handlers.keys() & table.keys():
+            raise _BadConfig(f"--handlers {spec}: {sorted(repeated)} given twice")
+        handlers.update(table)
+    return handlers
 
 
 def _status(addresses: list[str], timeout: float, security: Security | None) -> int:
