@@ -12,9 +12,10 @@
 //! shape all fail with `InvalidArgument`, since every member sees every member's description
 //! before reducing. A member lost mid-collective fails it with `Unavailable` on every member
 //! still waiting, within the peer timeout, and the collective's pieces that reached this task
-//! are dropped, now and on arrival. A member that gives up a collective says so in its
-//! heartbeat answers (the last [`ABANDONED_KEPT`] it gave up), so that a member still waiting
-//! in it, frozen while the others gave up, fails with `Aborted` when it runs again.
+//! are dropped, now and on arrival. A member whose collective fails, for whatever reason, says
+//! so in its heartbeat answers (the last [`ABANDONED_KEPT`] it gave up), so that a member still
+//! waiting in it (frozen while the others gave up, or waiting without a timeout) fails with
+//! `Aborted` too.
 //!
 //! Sequence numbers count per group *and* per incarnation of its members: a member that
 //! restarts counts from one again, and so do the others once they see it back, so the group
@@ -343,8 +344,9 @@ impl Collective {
         self.guarded("barrier", work).await
     }
 
-    /// Runs `work` once every member is up, until it ends, the timeout passes, or a member is
-    /// lost; a failed collective's pieces are dropped.
+    /// Runs `work` once every member is up, until it ends, the timeout passes, a member is lost
+    /// or another gives the collective up; a failed collective's pieces are dropped, and the
+    /// other members told.
     async fn guarded<T>(&self, what: &str, work: impl Future<Output = Result<T>>) -> Result<T> {
         let liveness = self.exchange.liveness();
         let work = async {
