@@ -90,10 +90,8 @@ impl Exchange {
         check_name(&name)?;
         if meta.byte_len() != Some(payload.len() as u64) {
             return Err(Error::invalid_argument(format!(
-                "{} bytes given for a {:?} tensor of shape {:?}",
+                "{} bytes given for a {meta} tensor",
                 payload.len(),
-                meta.dtype,
-                meta.shape
             )));
         }
         let key = TensorKey {

@@ -34,7 +34,7 @@ use crate::base::errors::{Error, Result, within};
 use crate::exchange::Exchange;
 use crate::proto::DataType;
 use crate::tensor::reduce::{self, ReduceOp};
-use crate::tensor::{Tensor, TensorBuf, TensorMeta, itemsize};
+use crate::tensor::{Tensor, TensorBuf, TensorMeta, dtype_name, itemsize};
 use crate::transport::Peers;
 
 /// A reduction goes all-to-all while each task sends at most this much that way; beyond, round
@@ -635,10 +635,10 @@ impl Layout {
             Ok(())
         } else {
             Err(Error::invalid_argument(format!(
-                "a peer sent a {:?} piece of {} bytes where a {:?} piece of {bytes} was due",
-                received.meta.dtype,
+                "a peer sent a {} piece of {} bytes where a {} piece of {bytes} was due",
+                dtype_name(received.meta.dtype),
                 received.data.len(),
-                self.dtype
+                dtype_name(self.dtype)
             )))
         }
     }

@@ -17,7 +17,7 @@ use pyo3::types::{PyTuple, PyType};
 
 use super::errors::to_py;
 use crate::base::errors::Error;
-use crate::tensor::{Tensor, TensorBuf, TensorMeta};
+use crate::tensor::{Tensor, TensorBuf, TensorMeta, dtype_name};
 
 /// How long a finished send may take to drop its last view of the memory (the transport lets go of
 /// frames a moment after the reply). Past it the memory is leaked rather than handed back early.
@@ -287,8 +287,8 @@ pub fn array_out(py: Python<'_>, tensor: Tensor) -> PyResult<Bound<'_, PyAny>> {
         .get_item(code)
         .map_err(|_| {
             to_py(Error::unimplemented(format!(
-                "a {:?} tensor arrived, which numpy here cannot hold (bfloat16 needs ml_dtypes)",
-                tensor.meta.dtype
+                "a {} tensor arrived, which numpy here cannot hold (bfloat16 needs ml_dtypes)",
+                dtype_name(tensor.meta.dtype)
             )))
         })?;
     let shape = PyTuple::new(py, &tensor.meta.shape)?;

@@ -103,29 +103,34 @@ impl TensorMeta {
     }
 }
 
+/// numpy's name of `dtype` ("float32"), as messages to users spell it.
+pub fn dtype_name(dtype: DataType) -> &'static str {
+    use DataType::*;
+    match dtype {
+        DtBool => "bool",
+        DtInt8 => "int8",
+        DtInt16 => "int16",
+        DtInt32 => "int32",
+        DtInt64 => "int64",
+        DtUint8 => "uint8",
+        DtUint16 => "uint16",
+        DtUint32 => "uint32",
+        DtUint64 => "uint64",
+        DtHalf => "float16",
+        DtBfloat16 => "bfloat16",
+        DtFloat => "float32",
+        DtDouble => "float64",
+        DtComplex64 => "complex64",
+        DtComplex128 => "complex128",
+        DtString => "string",
+        DtInvalid => "invalid",
+    }
+}
+
 impl std::fmt::Display for TensorMeta {
     /// numpy's spelling: "float32 (2, 3)".
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        use DataType::*;
-        let dtype = match self.dtype {
-            DtBool => "bool",
-            DtInt8 => "int8",
-            DtInt16 => "int16",
-            DtInt32 => "int32",
-            DtInt64 => "int64",
-            DtUint8 => "uint8",
-            DtUint16 => "uint16",
-            DtUint32 => "uint32",
-            DtUint64 => "uint64",
-            DtHalf => "float16",
-            DtBfloat16 => "bfloat16",
-            DtFloat => "float32",
-            DtDouble => "float64",
-            DtComplex64 => "complex64",
-            DtComplex128 => "complex128",
-            DtString => "string",
-            DtInvalid => "invalid",
-        };
+        let dtype = dtype_name(self.dtype);
         let dims: Vec<_> = self.shape.iter().map(u64::to_string).collect();
         let trailing = if dims.len() == 1 { "," } else { "" };
         write!(f, "{dtype} ({}{trailing})", dims.join(", "))

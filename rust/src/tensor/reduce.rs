@@ -7,6 +7,7 @@
 use bytemuck::Pod;
 use half::{bf16, f16};
 
+use super::meta::dtype_name;
 use crate::base::errors::{Error, Result};
 use crate::proto::DataType;
 
@@ -63,8 +64,9 @@ impl ReduceOp {
             Ok(())
         } else {
             Err(Error::invalid_argument(format!(
-                "{} is not defined for {dtype:?} tensors",
-                self.as_str()
+                "{} is not defined for {} tensors",
+                self.as_str(),
+                dtype_name(dtype)
             )))
         }
     }
@@ -135,7 +137,8 @@ pub fn add_scaled(dtype: DataType, acc: &mut [u8], other: &[u8], scale: f64) -> 
         }),
         _ => {
             return Err(Error::invalid_argument(format!(
-                "a scaled update needs a floating dtype, not {dtype:?}"
+                "a scaled update needs a floating dtype, not {}",
+                dtype_name(dtype)
             )));
         }
     }
