@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
-use prost::Message;
 use tonic::body::Body;
 use tonic::metadata::MetadataMap;
 use tonic::server::NamedService;
@@ -178,13 +177,7 @@ async fn serve_call(
         result: Some(result.await?),
         ..Default::default()
     };
-    let len = response.encoded_len();
-    if len > max_message {
-        return Err(Error::resource_exhausted(format!(
-            "the result is {len} bytes, past the limit of {max_message} (max_message_bytes)"
-        )));
-    }
-    Ok(values::frame_call(&response))
+    values::frame_call(&response, max_message)
 }
 
 /// The Worker service as served: SendTensor by hand (payload copied once, straight into the

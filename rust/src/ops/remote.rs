@@ -11,7 +11,6 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use prost::Message;
 use tokio::sync::watch;
 use tonic::metadata::MetadataMap;
 
@@ -173,14 +172,7 @@ impl Operations {
                     arrived: None,
                 });
             }
-            let len = request.encoded_len();
-            if len > self.max_message_bytes {
-                return Err(Error::resource_exhausted(format!(
-                    "the arguments are {len} bytes, past the limit of {} (max_message_bytes)",
-                    self.max_message_bytes
-                )));
-            }
-            let frames = values::frame_call(&request);
+            let frames = values::frame_call(&request, self.max_message_bytes)?;
             let answer = unary::post(
                 peers,
                 &to,

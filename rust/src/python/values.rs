@@ -160,7 +160,7 @@ pub fn decode_returned(py: Python<'_>, returned: Returned) -> PyResult<Bound<'_,
 }
 
 /// `value`, its large arrays left in `arrived` (the buffer it arrived in), where given.
-pub fn decode<'py>(
+fn decode<'py>(
     py: Python<'py>,
     value: proto::Value,
     arrived: Option<&Arrived>,

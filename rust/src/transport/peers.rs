@@ -189,7 +189,7 @@ impl Peers {
         Ok(self.credentials.on(channel.clone()))
     }
 
-    /// What a push by hand presents (see [`super::push`]).
+    /// What a request by hand presents (see [`super::unary`]).
     pub fn security(&self) -> &Security {
         &self.security
     }

@@ -85,9 +85,17 @@ pub fn check<M: CallMessage>(encoded: &[u8]) -> Result<()> {
         })
 }
 
-/// `message` gRPC-framed for sending: its arrays uncopied, the first aligned for the receiver.
-pub fn frame_call<M: CallMessage>(message: &M) -> Vec<Bytes> {
-    frame_scattered(message, Some(PADDING_FIELD))
+/// `message` gRPC-framed for sending: its arrays uncopied, the first aligned for the receiver;
+/// RESOURCE_EXHAUSTED if it is past `max` bytes (the sender's `max_message_bytes`).
+pub fn frame_call<M: CallMessage>(message: &M, max: usize) -> Result<Vec<Bytes>> {
+    let len = message.encoded_len();
+    if len > max {
+        return Err(Error::resource_exhausted(format!(
+            "{} are {len} bytes, past the limit of {max} (max_message_bytes)",
+            M::WHAT
+        )));
+    }
+    Ok(frame_scattered(message, Some(PADDING_FIELD)))
 }
 
 /// `encoded` decoded as an `M` once [`check`] admits it; `bytes` fields stay slices of it.
