@@ -2,7 +2,7 @@
 //! holds up no other, and a task can be waited for until it answers. A task may also be a stock
 //! TensorFlow server, asked at TensorFlow's path, so a mixed cluster can be inspected.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
 use futures::future::join_all;
@@ -141,14 +141,19 @@ async fn ask(task: &Task, other: &TaskId, limit: Duration) -> Result<TaskStatus>
 pub struct PeerWatch {
     now: VecDeque<PeerEvent>,
     events: Option<broadcast::Receiver<PeerEvent>>,
+    /// The last presence told of each task. A heartbeat's change that lands between subscribing
+    /// and reading the presences now is in both; events only ever report a change, so one that
+    /// repeats what was last told of its task is that one, told already.
+    told: HashMap<TaskId, Presence>,
 }
 
 impl PeerWatch {
     /// Starts watching every other task of `task`'s cluster.
     pub fn new(task: &Task) -> Self {
         let events = task.liveness.events();
-        let now = task.liveness.watch_all(&task.def.task);
-        let now = now
+        let now: VecDeque<PeerEvent> = task
+            .liveness
+            .watch_all(&task.def.task)
             .into_iter()
             .filter(|(_, presence)| *presence != Presence::Unknown)
             .map(|(task, presence)| PeerEvent {
@@ -157,7 +162,11 @@ impl PeerWatch {
                 previous: None,
             })
             .collect();
-        Self { now, events }
+        let told = now
+            .iter()
+            .map(|event| (event.task.clone(), event.presence.clone()))
+            .collect();
+        Self { now, events, told }
     }
 
     /// The next change; `None` once the server has stopped. Events a slow reader missed are
@@ -169,7 +178,13 @@ impl PeerWatch {
         let events = self.events.as_mut()?;
         loop {
             match events.recv().await {
-                Ok(event) => return Some(event),
+                Ok(event) => {
+                    if self.told.get(&event.task) == Some(&event.presence) {
+                        continue;
+                    }
+                    self.told.insert(event.task.clone(), event.presence.clone());
+                    return Some(event);
+                }
                 Err(broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(broadcast::error::RecvError::Closed) => return None,
             }
