@@ -1,7 +1,10 @@
 """distsrv's collectives beside their peers, in one run, 2 and 4 processes on 127.0.0.1.
 
 Each peer runs the same cases in every process: all_reduce (sum) of float32 tensors of 4 KiB,
-1 MiB and 64 MiB, an all_reduce of a single float32 (latency), and a barrier. Every process times
+1 MiB and 64 MiB, an all_reduce of a single float32 (latency), a barrier, and a training step's
+overlap: a 4 KiB all_reduce after a numpy matmul, then the same all_reduce started before the
+matmul and waited on after it (distsrv's ``iall_reduce``, MPI's ``Iallreduce``, gloo's
+``async_op=True``), with the matmul alone for the ideal, the larger of the two. Every process times
 each repetition of a case after a warm-up; a case's figure is the slowest process's median (and
 p99), since a collective is done only when its last member is. Algorithm bandwidth is the tensor's
 bytes over that time, as nccl-tests define it: comparable across process counts and algorithms.
@@ -47,12 +50,28 @@ HOST = "127.0.0.1"
 KiB, MiB = 1 << 10, 1 << 20
 SIZES = [4 * KiB, 1 * MiB, 64 * MiB]
 QUICK_SIZES = [4 * KiB, 1 * MiB]
-#: A case: ("all_reduce", bytes) or ("barrier", 0); one float32 is ("all_reduce", 4).
+#: A case: ("all_reduce", bytes) or ("barrier", 0); one float32 is ("all_reduce", 4); a
+#: training step's parts: ("matmul", 0) alone, ("step", bytes) with an all_reduce after it and
+#: ("overlapped", bytes) with one started before it.
 Case = tuple[str, int]
+#: The side of the square float32 matrices a step multiplies: about as long as a 4 KiB
+#: all_reduce on this kind of machine, on one BLAS thread (each process has one, as the
+#: processes share the cores: OpenBLAS threads spinning after a matmul would starve the peer's
+#: own threads).
+MATMUL_SIDE = 256
+ONE_BLAS_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+STEP_BYTES = 4 * KiB
+LABELS = {
+    "barrier": "barrier",
+    "matmul": "matmul alone",
+    "step": "matmul, all_reduce",
+    "overlapped": "matmul || all_reduce",
+}
 
 
 def cases(sizes: list[int]) -> list[Case]:
-    return [("all_reduce", size) for size in sizes] + [("all_reduce", 4), ("barrier", 0)]
+    steps = [("matmul", 0), ("step", STEP_BYTES), ("overlapped", STEP_BYTES)]
+    return [("all_reduce", size) for size in sizes] + [("all_reduce", 4), ("barrier", 0), *steps]
 
 
 def repetitions(size: int, quick: bool) -> tuple[int, int]:
@@ -77,6 +96,9 @@ class Distsrv:
 
     def all_reduce(self, array: np.ndarray) -> np.ndarray:
         return self.server.all_reduce(array, op="sum")
+
+    def start_all_reduce(self, array: np.ndarray) -> Callable[[], Any]:
+        return self.server.iall_reduce(array, op="sum").wait
 
     def barrier(self) -> None:
         self.server.barrier()
@@ -104,6 +126,11 @@ class Mpi:
         self.comm.Allreduce(array, self.result, op=self.mpi.SUM)
         return self.result
 
+    def start_all_reduce(self, array: np.ndarray) -> Callable[[], Any]:
+        if self.result.shape != array.shape:
+            self.result = np.empty_like(array)
+        return self.comm.Iallreduce(array, self.result, op=self.mpi.SUM).Wait
+
     def barrier(self) -> None:
         self.comm.Barrier()
 
@@ -128,6 +155,9 @@ class Gloo:
     def all_reduce(self, array: np.ndarray) -> np.ndarray:
         self.dist.all_reduce(self.torch.from_numpy(array))
         return array
+
+    def start_all_reduce(self, array: np.ndarray) -> Callable[[], Any]:
+        return self.dist.all_reduce(self.torch.from_numpy(array), async_op=True).wait
 
     def barrier(self) -> None:
         self.dist.barrier()
@@ -170,13 +200,28 @@ def rank_main(
 ) -> None:
     """One process of a peer: runs every case, writes each repetition's seconds as JSON."""
     transport = PEERS[peer](rank, ports)
+    matrix = np.ones((MATMUL_SIDE, MATMUL_SIDE), np.float32)
     results: dict[str, list[float]] = {}
     for op, size in case_list:
         warm, measured = repetitions(size, quick)
         array = np.ones(max(1, size // 4), dtype=np.float32)
-        run = (
-            transport.barrier if op == "barrier" else functools.partial(transport.all_reduce, array)
-        )
+
+        def step(array: np.ndarray = array) -> None:
+            np.matmul(matrix, matrix)
+            transport.all_reduce(array)
+
+        def overlapped(array: np.ndarray = array) -> None:
+            reduced = transport.start_all_reduce(array)
+            np.matmul(matrix, matrix)
+            reduced()
+
+        run = {
+            "barrier": transport.barrier,
+            "all_reduce": functools.partial(transport.all_reduce, array),
+            "matmul": functools.partial(np.matmul, matrix, matrix),
+            "step": step,
+            "overlapped": overlapped,
+        }[op]
         for _ in range(warm):
             run()
         samples = []
@@ -240,7 +285,8 @@ def run_peer(
             commands = [[*mpirun, sys.executable, *arguments]]
         else:
             commands = [[sys.executable, *arguments, "--rank", str(r)] for r in range(processes)]
-        children = [subprocess.Popen(command) for command in commands]
+        environment = {**os.environ, **ONE_BLAS_THREAD}
+        children = [subprocess.Popen(command, env=environment) for command in commands]
         try:
             for child in children:
                 if child.wait(timeout=600) != 0:
@@ -295,7 +341,8 @@ def main() -> None:
     print(
         f"distsrv {distsrv.__version__} ({_native.BUILD_PROFILE}), {os.cpu_count()} CPUs, "
         f"float32 all_reduce (sum) and barrier on {HOST}; the slowest process's median and p99; "
-        "algorithm bandwidth = tensor bytes / median"
+        f"algorithm bandwidth = tensor bytes / median; steps: a {MATMUL_SIDE}² float32 matmul "
+        f"and a {human(STEP_BYTES)} all_reduce"
     )
     peers = []
     for peer in args.peers:
@@ -314,7 +361,7 @@ def main() -> None:
         print("-" * len(header))
         for op, size in case_list:
             key = f"{op}:{size}"
-            label = "barrier" if op == "barrier" else f"all_reduce {human(size)}"
+            label = LABELS.get(op, f"all_reduce {human(size)}")
             for peer, result in results.items():
                 median, p99 = result[key]
                 ratio = ""

@@ -13,7 +13,7 @@ from distsrv.cluster import ClusterSpec
 from distsrv.config import ServerConfig
 from distsrv.devices import DeviceAttributes
 from distsrv.handlers import CallContext
-from distsrv.handles import CallHandle, RecvHandle, SendHandle
+from distsrv.handles import CallHandle, CollectiveHandle, RecvHandle, SendHandle
 from distsrv.messages import ClusterDef, JobDef, ServerDef
 from distsrv.peers import PeerEvent
 from distsrv.security import Security
@@ -26,6 +26,7 @@ __all__ = [
     "CallHandle",
     "ClusterDef",
     "ClusterSpec",
+    "CollectiveHandle",
     "DeviceAttributes",
     "JobDef",
     "PeerEvent",

@@ -63,7 +63,8 @@ class TensorBytes:
 class Pending:
     def fileno(self) -> int: ...
     def done(self) -> bool: ...
-    # None for a send, the array for a receive, the result for a call.
+    # None for a send, the array for a receive, the result for a call, the result (or None)
+    # of a collective.
     def wait(self, timeout: float | None = None) -> Any: ...
 
 @final
@@ -106,31 +107,26 @@ class Server:
     def isend(self, to: _Task, name: str, array: npt.ArrayLike) -> Pending: ...
     def recv(self, source: _Task, name: str, timeout: float | None = None) -> npt.NDArray[Any]: ...
     def irecv(self, source: _Task, name: str, timeout: float | None = None) -> Pending: ...
-    def all_reduce(
+    # kind: "all_reduce", "reduce_scatter", "all_gather", "broadcast", "barrier", "reduce",
+    # "gather", "scatter" or "all_to_all"; None where this member gets no result.
+    def collective(
         self,
+        kind: str,
         group: list[_Task] | None,
-        op: str,
-        array: npt.ArrayLike,
+        array: npt.ArrayLike | None = None,
+        op: str | None = None,
+        root: _Task | None = None,
         timeout: float | None = None,
-    ) -> npt.NDArray[Any]: ...
-    def reduce_scatter(
+    ) -> npt.NDArray[Any] | None: ...
+    def icollective(
         self,
+        kind: str,
         group: list[_Task] | None,
-        op: str,
-        array: npt.ArrayLike,
+        array: npt.ArrayLike | None = None,
+        op: str | None = None,
+        root: _Task | None = None,
         timeout: float | None = None,
-    ) -> npt.NDArray[Any]: ...
-    def all_gather(
-        self, group: list[_Task] | None, array: npt.ArrayLike, timeout: float | None = None
-    ) -> npt.NDArray[Any]: ...
-    def broadcast(
-        self,
-        group: list[_Task] | None,
-        root: _Task,
-        array: npt.ArrayLike | None,
-        timeout: float | None = None,
-    ) -> npt.NDArray[Any]: ...
-    def barrier(self, group: list[_Task] | None, timeout: float | None = None) -> None: ...
+    ) -> Pending: ...
     def variable_op(
         self,
         host: _Task,

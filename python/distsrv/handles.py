@@ -1,16 +1,19 @@
 """The handles of operations in flight, returned by :meth:`distsrv.Server.isend`,
-:meth:`~distsrv.Server.irecv` and :meth:`~distsrv.Server.icall`."""
+:meth:`~distsrv.Server.irecv`, :meth:`~distsrv.Server.icall` and the collectives' ``i`` forms
+(:meth:`~distsrv.Server.iall_reduce` and the rest)."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
+import numpy as np
 import numpy.typing as npt
 
 from distsrv import _native
+from distsrv.errors import InvalidArgumentError
 
-__all__ = ["CallHandle", "RecvHandle", "SendHandle"]
+__all__ = ["CallHandle", "CollectiveHandle", "RecvHandle", "SendHandle"]
 
 
 class _Handle:
@@ -76,3 +79,32 @@ class CallHandle(_Handle):
     async def wait_async(self) -> Any:
         await self._finished()
         return self._pending.wait(None)
+
+
+class CollectiveHandle(_Handle):
+    """A collective in flight. Dropping it does not cancel the collective: the other members
+    count on this one's part, so it runs to its end."""
+
+    def __init__(self, pending: _native.Pending, out: npt.NDArray[Any] | None = None) -> None:
+        super().__init__(pending)
+        self._out = out
+
+    def wait(self, timeout: float | None = None) -> npt.NDArray[Any] | None:
+        """Blocks until this member's part is done and returns its result (``out``, filled in,
+        if one was given; None where this member gets no result); re-raises the collective's
+        error."""
+        return fill(self._pending.wait(timeout), self._out)
+
+    async def wait_async(self) -> npt.NDArray[Any] | None:
+        await self._finished()
+        return fill(self._pending.wait(None), self._out)
+
+
+def fill(result: npt.NDArray[Any] | None, out: npt.NDArray[Any] | None) -> npt.NDArray[Any] | None:
+    """``result``, or ``out`` with ``result`` copied in when ``out`` is given."""
+    if out is None or result is None:
+        return result
+    if out.shape != result.shape:
+        raise InvalidArgumentError(f"out has shape {out.shape}; the result has {result.shape}")
+    np.copyto(out, result, casting="same_kind")
+    return out

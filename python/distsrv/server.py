@@ -16,7 +16,7 @@ from distsrv.config import ServerConfig
 from distsrv.devices import DeviceAttributes
 from distsrv.errors import InvalidArgumentError
 from distsrv.handlers import EventLoop, is_async, wants_context
-from distsrv.handles import CallHandle, RecvHandle, SendHandle
+from distsrv.handles import CallHandle, CollectiveHandle, RecvHandle, SendHandle, fill
 from distsrv.messages import ServerDef
 from distsrv.peers import PeerEvent, PeerState
 from distsrv.security import Security
@@ -338,13 +338,19 @@ class Server:
     #
     # A collective runs over a group: the tasks of the caller's own job by default (as
     # TensorFlow's collectives group by job: workers reduce among workers, without the ps), a
-    # job's tasks, every task of the cluster (EVERY_TASK, "*"), or the tasks listed. Every member
-    # must call the group's collectives in the same order, with the same op (which is not
-    # checked across members). A rank is a member's position in (job, index) order. Members that
-    # disagree on dtype or shape all raise InvalidArgumentError; a member lost mid-collective
-    # (gone, frozen, cut off) makes the others raise UnavailableError within
+    # job's tasks, every task of the cluster (EVERY_TASK, "*"), or the tasks listed. A member's
+    # rank is its position in the group: in the order listed, or by task index. Every member
+    # must call the group's collectives in the same order; members that called different ones,
+    # or one with another op, root, dtype, shape or order of the group, all raise
+    # InvalidArgumentError within one round trip, saying what each called. A member lost
+    # mid-collective (gone, frozen, cut off) makes the others raise UnavailableError within
     # ``config.peer_timeout``, one restarted AbortedError; one that fails it, AbortedError on the
-    # others; ``timeout`` (``config.collective_timeout`` by default) bounds the whole call.
+    # others. ``timeout`` (``config.collective_timeout`` by default) bounds the whole call, and
+    # its DeadlineExceededError names the members that never joined.
+    #
+    # Each collective has a non-blocking form (``iall_reduce``: a CollectiveHandle to wait on,
+    # so communication overlaps computation) and an asyncio one (``aall_reduce``); those that
+    # give a result take ``out=``, an array to write it into.
 
     def all_reduce(
         self,
@@ -353,10 +359,38 @@ class Server:
         *,
         group: GroupLike = None,
         timeout: float | None = None,
+        out: npt.NDArray[Any] | None = None,
     ) -> npt.NDArray[Any]:
         """The element-wise ``op`` of every member's ``array``: bitwise the same on every member.
-        A mean needs a floating or complex dtype; sum and prod of integers wrap as numpy's do."""
-        return self._native.all_reduce(self._members(group), op, array, timeout)
+        A mean needs a floating or complex dtype; sum and prod of integers wrap as numpy's do.
+        ``out`` may be ``array`` itself, for an in-place reduction."""
+        return _given(self._run("all_reduce", group, timeout, out, array, op=op))
+
+    def iall_reduce(
+        self,
+        array: npt.ArrayLike,
+        op: ReduceOp = "sum",
+        *,
+        group: GroupLike = None,
+        timeout: float | None = None,
+        out: npt.NDArray[Any] | None = None,
+    ) -> CollectiveHandle:
+        """:meth:`all_reduce`, started in the background. ``array`` must not change until the
+        handle is done."""
+        return self._start("all_reduce", group, timeout, out, array, op=op)
+
+    async def aall_reduce(
+        self,
+        array: npt.ArrayLike,
+        op: ReduceOp = "sum",
+        *,
+        group: GroupLike = None,
+        timeout: float | None = None,
+        out: npt.NDArray[Any] | None = None,
+    ) -> npt.NDArray[Any]:
+        """Awaitable :meth:`all_reduce`."""
+        handle = self.iall_reduce(array, op, group=group, timeout=timeout, out=out)
+        return _given(await handle.wait_async())
 
     def reduce_scatter(
         self,
@@ -365,16 +399,70 @@ class Server:
         *,
         group: GroupLike = None,
         timeout: float | None = None,
+        out: npt.NDArray[Any] | None = None,
     ) -> npt.NDArray[Any]:
         """This member's share of :meth:`all_reduce`: of ``n * m`` rows, rank ``r`` gets rows
         ``r * m`` to ``(r + 1) * m``."""
-        return self._native.reduce_scatter(self._members(group), op, array, timeout)
+        return _given(self._run("reduce_scatter", group, timeout, out, array, op=op))
+
+    def ireduce_scatter(
+        self,
+        array: npt.ArrayLike,
+        op: ReduceOp = "sum",
+        *,
+        group: GroupLike = None,
+        timeout: float | None = None,
+        out: npt.NDArray[Any] | None = None,
+    ) -> CollectiveHandle:
+        """:meth:`reduce_scatter`, started in the background."""
+        return self._start("reduce_scatter", group, timeout, out, array, op=op)
+
+    async def areduce_scatter(
+        self,
+        array: npt.ArrayLike,
+        op: ReduceOp = "sum",
+        *,
+        group: GroupLike = None,
+        timeout: float | None = None,
+        out: npt.NDArray[Any] | None = None,
+    ) -> npt.NDArray[Any]:
+        """Awaitable :meth:`reduce_scatter`."""
+        handle = self.ireduce_scatter(array, op, group=group, timeout=timeout, out=out)
+        return _given(await handle.wait_async())
 
     def all_gather(
-        self, array: npt.ArrayLike, *, group: GroupLike = None, timeout: float | None = None
+        self,
+        array: npt.ArrayLike,
+        *,
+        group: GroupLike = None,
+        timeout: float | None = None,
+        out: npt.NDArray[Any] | None = None,
     ) -> npt.NDArray[Any]:
         """Every member's ``array``, stacked in rank order: shape ``(members, *array.shape)``."""
-        return self._native.all_gather(self._members(group), array, timeout)
+        return _given(self._run("all_gather", group, timeout, out, array))
+
+    def iall_gather(
+        self,
+        array: npt.ArrayLike,
+        *,
+        group: GroupLike = None,
+        timeout: float | None = None,
+        out: npt.NDArray[Any] | None = None,
+    ) -> CollectiveHandle:
+        """:meth:`all_gather`, started in the background."""
+        return self._start("all_gather", group, timeout, out, array)
+
+    async def aall_gather(
+        self,
+        array: npt.ArrayLike,
+        *,
+        group: GroupLike = None,
+        timeout: float | None = None,
+        out: npt.NDArray[Any] | None = None,
+    ) -> npt.NDArray[Any]:
+        """Awaitable :meth:`all_gather`."""
+        handle = self.iall_gather(array, group=group, timeout=timeout, out=out)
+        return _given(await handle.wait_async())
 
     def broadcast(
         self,
@@ -383,14 +471,233 @@ class Server:
         *,
         group: GroupLike = None,
         timeout: float | None = None,
+        out: npt.NDArray[Any] | None = None,
     ) -> npt.NDArray[Any]:
         """``root``'s ``array`` on every member. Other members may pass None, or an array whose
-        dtype and shape are then checked against the root's."""
-        return self._native.broadcast(self._members(group), root, array, timeout)
+        dtype and shape are then checked against the root's (and which may be ``out`` too, to
+        receive in place)."""
+        return _given(self._run("broadcast", group, timeout, out, array, root=root))
+
+    def ibroadcast(
+        self,
+        array: npt.ArrayLike | None,
+        root: TaskLike,
+        *,
+        group: GroupLike = None,
+        timeout: float | None = None,
+        out: npt.NDArray[Any] | None = None,
+    ) -> CollectiveHandle:
+        """:meth:`broadcast`, started in the background."""
+        return self._start("broadcast", group, timeout, out, array, root=root)
+
+    async def abroadcast(
+        self,
+        array: npt.ArrayLike | None,
+        root: TaskLike,
+        *,
+        group: GroupLike = None,
+        timeout: float | None = None,
+        out: npt.NDArray[Any] | None = None,
+    ) -> npt.NDArray[Any]:
+        """Awaitable :meth:`broadcast`."""
+        handle = self.ibroadcast(array, root, group=group, timeout=timeout, out=out)
+        return _given(await handle.wait_async())
 
     def barrier(self, *, group: GroupLike = None, timeout: float | None = None) -> None:
         """Returns once every member has called it."""
-        self._native.barrier(self._members(group), timeout)
+        self._run("barrier", group, timeout, None, None)
+
+    def ibarrier(
+        self, *, group: GroupLike = None, timeout: float | None = None
+    ) -> CollectiveHandle:
+        """:meth:`barrier`, started in the background: the handle is done once every member has
+        called it."""
+        return self._start("barrier", group, timeout, None, None)
+
+    async def abarrier(self, *, group: GroupLike = None, timeout: float | None = None) -> None:
+        """Awaitable :meth:`barrier`."""
+        await self.ibarrier(group=group, timeout=timeout).wait_async()
+
+    def reduce(
+        self,
+        array: npt.ArrayLike,
+        root: TaskLike,
+        op: ReduceOp = "sum",
+        *,
+        group: GroupLike = None,
+        timeout: float | None = None,
+        out: npt.NDArray[Any] | None = None,
+    ) -> npt.NDArray[Any] | None:
+        """:meth:`all_reduce`'s result on ``root`` only; None on the other members."""
+        return self._run("reduce", group, timeout, out, array, op=op, root=root)
+
+    def ireduce(
+        self,
+        array: npt.ArrayLike,
+        root: TaskLike,
+        op: ReduceOp = "sum",
+        *,
+        group: GroupLike = None,
+        timeout: float | None = None,
+        out: npt.NDArray[Any] | None = None,
+    ) -> CollectiveHandle:
+        """:meth:`reduce`, started in the background."""
+        return self._start("reduce", group, timeout, out, array, op=op, root=root)
+
+    async def areduce(
+        self,
+        array: npt.ArrayLike,
+        root: TaskLike,
+        op: ReduceOp = "sum",
+        *,
+        group: GroupLike = None,
+        timeout: float | None = None,
+        out: npt.NDArray[Any] | None = None,
+    ) -> npt.NDArray[Any] | None:
+        """Awaitable :meth:`reduce`."""
+        handle = self.ireduce(array, root, op, group=group, timeout=timeout, out=out)
+        return await handle.wait_async()
+
+    def gather(
+        self,
+        array: npt.ArrayLike,
+        root: TaskLike,
+        *,
+        group: GroupLike = None,
+        timeout: float | None = None,
+        out: npt.NDArray[Any] | None = None,
+    ) -> npt.NDArray[Any] | None:
+        """:meth:`all_gather`'s result on ``root`` only; None on the other members."""
+        return self._run("gather", group, timeout, out, array, root=root)
+
+    def igather(
+        self,
+        array: npt.ArrayLike,
+        root: TaskLike,
+        *,
+        group: GroupLike = None,
+        timeout: float | None = None,
+        out: npt.NDArray[Any] | None = None,
+    ) -> CollectiveHandle:
+        """:meth:`gather`, started in the background."""
+        return self._start("gather", group, timeout, out, array, root=root)
+
+    async def agather(
+        self,
+        array: npt.ArrayLike,
+        root: TaskLike,
+        *,
+        group: GroupLike = None,
+        timeout: float | None = None,
+        out: npt.NDArray[Any] | None = None,
+    ) -> npt.NDArray[Any] | None:
+        """Awaitable :meth:`gather`."""
+        handle = self.igather(array, root, group=group, timeout=timeout, out=out)
+        return await handle.wait_async()
+
+    def scatter(
+        self,
+        array: npt.ArrayLike | None,
+        root: TaskLike,
+        *,
+        group: GroupLike = None,
+        timeout: float | None = None,
+        out: npt.NDArray[Any] | None = None,
+    ) -> npt.NDArray[Any]:
+        """Row ``r`` of ``root``'s ``array`` (whose first dimension is the group's size) on the
+        member of rank ``r``. The other members pass None."""
+        return _given(self._run("scatter", group, timeout, out, array, root=root))
+
+    def iscatter(
+        self,
+        array: npt.ArrayLike | None,
+        root: TaskLike,
+        *,
+        group: GroupLike = None,
+        timeout: float | None = None,
+        out: npt.NDArray[Any] | None = None,
+    ) -> CollectiveHandle:
+        """:meth:`scatter`, started in the background."""
+        return self._start("scatter", group, timeout, out, array, root=root)
+
+    async def ascatter(
+        self,
+        array: npt.ArrayLike | None,
+        root: TaskLike,
+        *,
+        group: GroupLike = None,
+        timeout: float | None = None,
+        out: npt.NDArray[Any] | None = None,
+    ) -> npt.NDArray[Any]:
+        """Awaitable :meth:`scatter`."""
+        handle = self.iscatter(array, root, group=group, timeout=timeout, out=out)
+        return _given(await handle.wait_async())
+
+    def all_to_all(
+        self,
+        array: npt.ArrayLike,
+        *,
+        group: GroupLike = None,
+        timeout: float | None = None,
+        out: npt.NDArray[Any] | None = None,
+    ) -> npt.NDArray[Any]:
+        """Row ``j`` of every member's ``array`` (whose first dimension is the group's size) goes
+        to the member of rank ``j``, which gets them stacked in rank order: ``result[i]`` is row
+        ``j`` of rank ``i``'s array, as ``np.stack(arrays, axis=1)[j]``."""
+        return _given(self._run("all_to_all", group, timeout, out, array))
+
+    def iall_to_all(
+        self,
+        array: npt.ArrayLike,
+        *,
+        group: GroupLike = None,
+        timeout: float | None = None,
+        out: npt.NDArray[Any] | None = None,
+    ) -> CollectiveHandle:
+        """:meth:`all_to_all`, started in the background."""
+        return self._start("all_to_all", group, timeout, out, array)
+
+    async def aall_to_all(
+        self,
+        array: npt.ArrayLike,
+        *,
+        group: GroupLike = None,
+        timeout: float | None = None,
+        out: npt.NDArray[Any] | None = None,
+    ) -> npt.NDArray[Any]:
+        """Awaitable :meth:`all_to_all`."""
+        handle = self.iall_to_all(array, group=group, timeout=timeout, out=out)
+        return _given(await handle.wait_async())
+
+    def _run(
+        self,
+        kind: str,
+        group: GroupLike,
+        timeout: float | None,
+        out: npt.NDArray[Any] | None,
+        array: npt.ArrayLike | None,
+        *,
+        op: str | None = None,
+        root: TaskLike | None = None,
+    ) -> npt.NDArray[Any] | None:
+        members = self._members(group)
+        result = self._native.collective(kind, members, array, op, root, timeout)
+        return fill(result, out)
+
+    def _start(
+        self,
+        kind: str,
+        group: GroupLike,
+        timeout: float | None,
+        out: npt.NDArray[Any] | None,
+        array: npt.ArrayLike | None,
+        *,
+        op: str | None = None,
+        root: TaskLike | None = None,
+    ) -> CollectiveHandle:
+        members = self._members(group)
+        pending = self._native.icollective(kind, members, array, op, root, timeout)
+        return CollectiveHandle(pending, out)
 
     # -- parameter-server variables -----------------------------------------------------------
 
@@ -487,6 +794,12 @@ class Server:
     ) -> Any:
         """Awaitable :meth:`call`."""
         return await self.icall(task, op, timeout=timeout, **kwargs).wait_async()
+
+
+def _given(result: npt.NDArray[Any] | None) -> npt.NDArray[Any]:
+    """The result of a collective that gives every member one."""
+    assert result is not None, "this collective gives every member a result"
+    return result
 
 
 def _is_loopback(address: str) -> bool:

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use distsrv::base::errors::{Code, Result};
 use distsrv::node::server::Server;
-use distsrv::ops::collectives::Group;
+use distsrv::ops::collectives::{Group, Kind};
 use distsrv::proto::DataType;
 use distsrv::tensor::reduce::ReduceOp;
 use distsrv::tensor::{Tensor, TensorMeta};
@@ -30,8 +30,11 @@ fn all_reduce(
         let collective = task
             .collectives
             .begin(&task.exchange, &task.peers, group, None);
-        let (meta, data) = make(rank);
-        collective.all_reduce(op, meta, data)
+        let given = make(rank);
+        async move {
+            let reduced = collective.run(Kind::AllReduce(op), Some(given)).await?;
+            Ok(reduced.expect("all_reduce gives every member a tensor"))
+        }
     });
     runtime.block_on(futures::future::join_all(calls))
 }

@@ -21,7 +21,7 @@ use crate::base::cluster::TaskId;
 use crate::base::config::ServerConfig;
 use crate::base::errors::{Code, Error, Result, within};
 use crate::inbox::Inbox;
-use crate::tensor::{Tensor, TensorBuf, TensorKey, TensorMeta, check_name};
+use crate::tensor::{Tensor, TensorBuf, TensorKey, TensorMeta, check_name, shown_name};
 use crate::transport::{Liveness, Peers, Shm, push, route};
 use crate::wire;
 use order::SendOrder;
@@ -126,7 +126,7 @@ impl Exchange {
                 }
             };
             let sent = liveness.guard(&to, sending).await;
-            sent.map_err(|e| e.context(format!("send of {:?} to {to}", key.name)))
+            sent.map_err(|e| e.context(format!("send of {} to {to}", shown_name(&key.name))))
         }))
     }
 

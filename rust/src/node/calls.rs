@@ -5,7 +5,7 @@
 //! its request and reads the answer with no hand-off to another thread either way. A wait for
 //! something that arrives on its own (`recv`, a variable's answer, the cluster's status) is
 //! polled by the calling thread while the server's runtime does the I/O. Work started in the
-//! background (`isend`, `irecv`, `icall`) runs on the server's runtime. The binding only waits.
+//! background (`isend`, `irecv`, `icall`, `icollective`) runs on the server's runtime. The binding only waits.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -211,6 +211,20 @@ impl Server {
             .collectives
             .begin(&task.exchange, &task.caller_peers, group, Some(timeout));
         Ok(Blocking { driver, work })
+    }
+
+    /// Like [`Server::collective`], in the background.
+    pub fn icollective(
+        &self,
+        group: Group,
+        timeout: Option<Duration>,
+    ) -> Result<Background<Collective>> {
+        let task = self.task();
+        let timeout = timeout.unwrap_or(task.config.collective_timeout);
+        let work = task
+            .collectives
+            .begin(&task.exchange, &task.peers, group, Some(timeout));
+        self.background(work)
     }
 
     /// Applies `op` ("read", "create", "assign", "assign_add", "sgd_step") to variable `name`

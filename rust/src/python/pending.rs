@@ -1,4 +1,4 @@
-//! Handles of operations started in the background (`isend`, `irecv`, `icall`).
+//! Handles of operations started in the background (`isend`, `irecv`, `icall`, `icollective`).
 
 use std::sync::Mutex;
 
@@ -19,6 +19,8 @@ pub enum Completed {
     Sent,
     Received(Tensor),
     Called(Returned),
+    /// A collective's result, where this member gets one.
+    Collected(Option<Tensor>),
 }
 
 enum Stage {
@@ -35,8 +37,9 @@ pub fn completion_pipe() -> PyResult<(std::io::PipeReader, std::io::PipeWriter)>
     std::io::pipe().map_err(|e| to_py(Error::internal(format!("cannot create a pipe: {e}"))))
 }
 
-/// A send, receive or call in flight (`isend` / `irecv` / `icall`). Dropping an unfinished
-/// receive or call cancels it; an unfinished send runs to its end.
+/// A send, receive, call or collective in flight (`isend` / `irecv` / `icall` / `icollective`).
+/// Dropping an unfinished receive or call cancels it; an unfinished send or collective runs to
+/// its end.
 #[pyclass(frozen, module = "distsrv._native")]
 pub struct Pending {
     runtime: Handle,
@@ -150,6 +153,8 @@ impl Pending {
             Completed::Sent => py.None(),
             Completed::Received(tensor) => array_out(py, tensor)?.unbind(),
             Completed::Called(returned) => values::decode_returned(py, returned)?.unbind(),
+            Completed::Collected(Some(tensor)) => array_out(py, tensor)?.unbind(),
+            Completed::Collected(None) => py.None(),
         })
     }
 }

@@ -15,16 +15,16 @@ use super::errors::{IntoPyResult, to_py};
 use super::handlers::PyHandler;
 use super::peers::PeerEvents;
 use super::pending::{Completed, OnDrop, Pending, completion_pipe};
-use super::tensor::{array_in, array_out};
+use super::tensor::{HeldBuffer, array_in, array_out};
 use super::values;
 use super::wait::{current_pid, in_slices, wait, wait_lending};
 use crate::base::cluster::{Cluster, Jobs, ServerDef, TaskId, format_address};
-use crate::base::errors::{Error, Result};
+use crate::base::errors::Error;
 use crate::base::security::Security;
 use crate::node::Server;
-use crate::ops::collectives::{Collective, Group};
+use crate::ops::collectives::{Group, Kind};
+use crate::tensor::TensorMeta;
 use crate::tensor::reduce::ReduceOp;
-use crate::tensor::{Tensor, TensorMeta};
 
 #[pyclass(frozen, name = "Server", module = "distsrv._native")]
 pub struct NativeServer {
@@ -194,93 +194,62 @@ impl NativeServer {
         ))
     }
 
-    /// The element-wise `op` ("sum", "mean", "max", "min", "prod") of every member's tensor;
-    /// `group` lists the members (every task when None).
-    #[pyo3(signature = (group, op, array, timeout=None))]
-    fn all_reduce<'py>(
+    /// This member's part in collective `kind` ("all_reduce", "reduce_scatter", "all_gather",
+    /// "broadcast", "barrier", "reduce", "gather", "scatter", "all_to_all") over `group` (its
+    /// members in rank order; every task when None), giving `array`, with `op` for those that
+    /// reduce and `root` for those that have one: the result, or None where this member gets
+    /// none.
+    #[pyo3(signature = (kind, group, array=None, op=None, root=None, timeout=None))]
+    #[allow(clippy::too_many_arguments)] // one per argument of the Python call
+    fn collective<'py>(
         &self,
         py: Python<'py>,
+        kind: &str,
         group: Option<Vec<TaskArg>>,
-        op: &str,
-        array: &Bound<'_, PyAny>,
-        timeout: Option<f64>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let op = ReduceOp::parse(op).into_py()?;
-        let given = Some(array);
-        let check = |_: &Group, meta: Option<&TensorMeta>| op.check(meta.expect("given").dtype);
-        self.collective(py, group, timeout, given, check, |run, given| {
-            let (meta, data) = given.expect("given above");
-            run.all_reduce(op, meta, data)
-        })
-    }
-
-    /// Rows `r*m .. (r+1)*m` of the reduction of every member's tensor, for the member of rank r.
-    #[pyo3(signature = (group, op, array, timeout=None))]
-    fn reduce_scatter<'py>(
-        &self,
-        py: Python<'py>,
-        group: Option<Vec<TaskArg>>,
-        op: &str,
-        array: &Bound<'_, PyAny>,
-        timeout: Option<f64>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let op = ReduceOp::parse(op).into_py()?;
-        let given = Some(array);
-        let check = |_: &Group, meta: Option<&TensorMeta>| op.check(meta.expect("given").dtype);
-        self.collective(py, group, timeout, given, check, |run, given| {
-            let (meta, data) = given.expect("given above");
-            run.reduce_scatter(op, meta, data)
-        })
-    }
-
-    /// Every member's tensor, stacked in rank order.
-    #[pyo3(signature = (group, array, timeout=None))]
-    fn all_gather<'py>(
-        &self,
-        py: Python<'py>,
-        group: Option<Vec<TaskArg>>,
-        array: &Bound<'_, PyAny>,
-        timeout: Option<f64>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let given = Some(array);
-        let check = |_: &Group, _: Option<&TensorMeta>| Ok(());
-        self.collective(py, group, timeout, given, check, |run, given| {
-            let (meta, data) = given.expect("given above");
-            run.all_gather(meta, data)
-        })
-    }
-
-    /// `root`'s tensor on every member; members other than the root may give None.
-    #[pyo3(signature = (group, root, array, timeout=None))]
-    fn broadcast<'py>(
-        &self,
-        py: Python<'py>,
-        group: Option<Vec<TaskArg>>,
-        root: TaskArg,
         array: Option<Bound<'_, PyAny>>,
+        op: Option<&str>,
+        root: Option<TaskArg>,
         timeout: Option<f64>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let root = root.0;
-        let given = array.as_ref();
-        let check = |group: &Group, _: Option<&TensorMeta>| group.rank_of(&root).map(drop);
-        let root_of_run = root.clone();
-        self.collective(py, group, timeout, given, check, |run, given| async move {
-            run.broadcast(&root_of_run, given).await
-        })
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let server = self.server()?;
+        let (kind, group, held, given) = prepare(server, kind, group, array, op, root)?;
+        let collective = server.collective(group, seconds(timeout)?).into_py()?;
+        let running = collective.map(|collective| collective.run(kind, given));
+        wait_lending(py, running, held.into_iter().collect())?
+            .into_py()?
+            .map(|tensor| array_out(py, tensor))
+            .transpose()
     }
 
-    /// Returns once every member has called it.
-    #[pyo3(signature = (group, timeout=None))]
-    fn barrier(
+    /// Like `collective`, but returns at once with a handle to wait on.
+    #[pyo3(signature = (kind, group, array=None, op=None, root=None, timeout=None))]
+    fn icollective(
         &self,
-        py: Python<'_>,
+        kind: &str,
         group: Option<Vec<TaskArg>>,
+        array: Option<Bound<'_, PyAny>>,
+        op: Option<&str>,
+        root: Option<TaskArg>,
         timeout: Option<f64>,
-    ) -> PyResult<()> {
+    ) -> PyResult<Pending> {
         let server = self.server()?;
-        let group = collective_group(server, group)?;
-        let collective = server.collective(group, seconds(timeout)?).into_py()?;
-        wait(py, collective.map(Collective::barrier))?.into_py()
+        let (kind, group, held, given) = prepare(server, kind, group, array, op, root)?;
+        let collective = server.icollective(group, seconds(timeout)?).into_py()?;
+        let (done, finished) = completion_pipe()?;
+        let (runtime, task) =
+            collective
+                .map(|collective| async move {
+                    collective.run(kind, given).await.map(Completed::Collected)
+                })
+                .spawn(finished);
+        // A collective left unwaited still runs: the group's members count on its messages.
+        Ok(Pending::new(
+            runtime,
+            task,
+            done,
+            held.into_iter().collect(),
+            OnDrop::RunToEnd,
+        ))
     }
 
     /// Applies `op` ("read", "create", "assign", "assign_add", "sgd_step") to variable `name`
@@ -446,38 +415,6 @@ impl NativeServer {
         }
         Ok(&self.server)
     }
-
-    /// Runs one collective over `group` with the `given` array lent to it, once `check` has found
-    /// nothing to refuse.
-    fn collective<'py, C, F, Fut>(
-        &self,
-        py: Python<'py>,
-        group: Option<Vec<TaskArg>>,
-        timeout: Option<f64>,
-        given: Option<&Bound<'_, PyAny>>,
-        check: C,
-        run: F,
-    ) -> PyResult<Bound<'py, PyAny>>
-    where
-        C: FnOnce(&Group, Option<&TensorMeta>) -> Result<()>,
-        F: FnOnce(Collective, Option<(TensorMeta, Bytes)>) -> Fut,
-        Fut: Future<Output = Result<Tensor>> + Send,
-    {
-        let server = self.server()?;
-        let (held, given) = match given {
-            Some(array) => {
-                let (meta, held, bytes) = array_in(array)?;
-                (Some(held), Some((meta, bytes)))
-            }
-            None => (None, None),
-        };
-        let group = collective_group(server, group)?;
-        check(&group, given.as_ref().map(|(meta, _)| meta)).into_py()?;
-        let collective = server.collective(group, seconds(timeout)?).into_py()?;
-        let running = collective.map(|collective| run(collective, given));
-        let done = wait_lending(py, running, held.into_iter().collect())?;
-        array_out(py, done.into_py()?)
-    }
 }
 
 impl Drop for NativeServer {
@@ -492,7 +429,31 @@ impl Drop for NativeServer {
     }
 }
 
-fn collective_group(server: &Server, members: Option<Vec<TaskArg>>) -> PyResult<Group> {
-    let members = members.map(|tasks| tasks.into_iter().map(|task| task.0).collect());
-    server.group(members).into_py()
+/// A collective call's arguments as the core takes them, checked for what this member can refuse
+/// alone.
+type Prepared = (Kind, Group, Option<HeldBuffer>, Option<(TensorMeta, Bytes)>);
+
+fn prepare(
+    server: &Server,
+    kind: &str,
+    group: Option<Vec<TaskArg>>,
+    array: Option<Bound<'_, PyAny>>,
+    op: Option<&str>,
+    root: Option<TaskArg>,
+) -> PyResult<Prepared> {
+    let op = op.map(ReduceOp::parse).transpose().into_py()?;
+    let kind = Kind::new(kind, op, root.map(|root| root.0)).into_py()?;
+    let (held, given) = match array {
+        Some(array) => {
+            let (meta, held, bytes) = array_in(&array)?;
+            (Some(held), Some((meta, bytes)))
+        }
+        None => (None, None),
+    };
+    let members = group.map(|tasks| tasks.into_iter().map(|task| task.0).collect());
+    let group = server.group(members).into_py()?;
+    group
+        .check(&kind, given.as_ref().map(|(meta, _)| meta))
+        .into_py()?;
+    Ok((kind, group, held, given))
 }

@@ -38,6 +38,19 @@ pub fn check_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// The names of collectives' messages begin so; messages show them as what they are, not by
+/// name.
+pub const COLLECTIVE_NAMES: &str = "/distsrv/collective/";
+
+/// A tensor's name as messages show it: quoted, or, for a collective's message, as such.
+pub fn shown_name(name: &str) -> String {
+    if name.starts_with(COLLECTIVE_NAMES) {
+        "a collective's message".to_owned()
+    } else {
+        format!("tensor {name:?}")
+    }
+}
+
 /// What a tensor is, apart from its bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorMeta {
@@ -152,7 +165,7 @@ pub struct TensorKey {
 
 impl std::fmt::Display for TensorKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "tensor {:?} from {}", self.name, self.source)
+        write!(f, "{} from {}", shown_name(&self.name), self.source)
     }
 }
 

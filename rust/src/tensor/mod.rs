@@ -8,7 +8,9 @@ pub mod reduce;
 pub mod segment;
 
 pub use buf::TensorBuf;
-pub use meta::{Tensor, TensorKey, TensorMeta, check_name, dtype_name, itemsize};
+pub use meta::{
+    COLLECTIVE_NAMES, Tensor, TensorKey, TensorMeta, check_name, dtype_name, itemsize, shown_name,
+};
 
 /// The most memory a pool of idle buffers (heap or shared) keeps for reuse.
 pub const POOL_BYTES: usize = 1 << 30;

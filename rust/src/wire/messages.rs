@@ -23,6 +23,12 @@ pub fn from_tensor_proto(tensor: proto::TensorProto) -> Result<(TensorMeta, Byte
     Ok((meta, tensor.tensor_content))
 }
 
+/// The dtype and shape a TensorProto describes, whatever bytes it holds.
+pub fn described(tensor: &proto::TensorProto) -> Result<TensorMeta> {
+    let shape = dims(&tensor.tensor_shape.clone().unwrap_or_default())?;
+    TensorMeta::checked(tensor.dtype, shape)
+}
+
 /// The header message of a tensor stream.
 pub fn header(key: &TensorKey, meta: &TensorMeta) -> proto::TensorHeader {
     proto::TensorHeader {

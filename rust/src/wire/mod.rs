@@ -15,4 +15,4 @@ pub use chunks::{Announced, ChunkParser};
 pub use framing::{
     Assembler, IN_PLACE_BYTES, frame_message, frame_scattered, tensor_chunks, tensor_frames,
 };
-pub use messages::{from_tensor_proto, header, parse_header, tensor_proto};
+pub use messages::{described, from_tensor_proto, header, parse_header, tensor_proto};
