@@ -94,6 +94,9 @@ def test_quick_collectives_benchmark_runs_every_case() -> None:
         "all_reduce 1 MiB distsrv",
         "all_reduce 1 float distsrv",
         "barrier distsrv",
+        "matmul alone distsrv",
+        "matmul, all_reduce distsrv",
+        "matmul || all_reduce distsrv",
     }, result.stdout
 
 

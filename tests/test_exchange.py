@@ -459,3 +459,123 @@ def test_receive_from_many_threads_while_stopping(pair) -> None:
         thread.join(timeout=10)
     assert len(outcomes) == 4
     assert all(isinstance(e, errors.CancelledError) for e in outcomes), outcomes
+
+
+# -- receiving from any source, objects ----------------------------------------------------------
+
+
+def test_recv_any_takes_whichever_source_sends_first() -> None:
+    spec = pair_cluster(3)
+    config = distsrv.ServerConfig(connect_timeout=2.0)
+    servers = [distsrv.Server(spec, "worker", index, config=config) for index in range(3)]
+    try:
+        receiver, first, second = servers
+        first.send("grad", np.array([1]), to=receiver.task)
+        source, array = receiver.recv_any("grad", timeout=10)
+        assert (source, int(array[0])) == ("/job:worker/task:1", 1)
+        second.send("grad", np.array([2]), to=receiver.task)
+        first.send("grad", np.array([3]), to=receiver.task)
+        sources = [B, ("worker", 2)]
+        got = [receiver.recv_any("grad", sources=sources, timeout=10) for _ in range(2)]
+        assert {(task, int(value[0])) for task, value in got} == {
+            ("/job:worker/task:1", 3),
+            ("/job:worker/task:2", 2),
+        }
+        with pytest.raises(errors.DeadlineExceededError, match="from any of 2 sources"):
+            receiver.recv_any("grad", sources=[B, ("worker", 2)], timeout=0.2)
+        with pytest.raises(errors.InvalidArgumentError, match="no sources"):
+            receiver.recv_any("grad", sources=[])
+    finally:
+        for server in servers:
+            server.stop(grace=0)
+
+
+def test_recv_any_loses_nothing_to_the_sources_it_did_not_take(pair) -> None:
+    a, b = pair
+    # Both sources' tensors are there at once: one is taken, the other stays for the next receive.
+    a.send("x", np.array([10]), to=b.task)
+    b.send("x", np.array([20]), to=b.task)
+    taken = [b.recv_any("x", sources=[A, B], timeout=10) for _ in range(2)]
+    assert sorted(int(array[0]) for _, array in taken) == [10, 20]
+    with pytest.raises(errors.DeadlineExceededError):
+        b.recv_any("x", sources=[A, B], timeout=0.1)
+
+
+def test_recv_any_outlives_a_lost_source() -> None:
+    spec = pair_cluster(3)
+    config = distsrv.ServerConfig(connect_timeout=2.0, peer_timeout=0.5)
+    receiver = distsrv.Server(spec, "worker", 0, config=config)
+    doomed = distsrv.Server(spec, "worker", 1, config=config)
+    survivor = distsrv.Server(spec, "worker", 2, config=config)
+    try:
+        receiver.wait_for_cluster(timeout=10)
+        got: list[tuple[str, np.ndarray]] = []
+        waiting = threading.Thread(target=lambda: got.append(receiver.recv_any("y", timeout=20)))
+        waiting.start()
+        doomed.stop(grace=0)
+        time.sleep(1.5)  # past peer_timeout: the lost source is waited on no more
+        survivor.send("y", np.array([5]), to=receiver.task)
+        waiting.join(20)
+        assert [(task, int(array[0])) for task, array in got] == [("/job:worker/task:2", 5)]
+        with pytest.raises(errors.UnavailableError):
+            receiver.recv_any("y", sources=[B], timeout=10)
+    finally:
+        for server in (receiver, doomed, survivor):
+            server.stop(grace=0)
+
+
+OBJECTS = [
+    None,
+    {"epoch": 3, "loss": 0.25, "tags": ["a", "b"], "ok": True, "raw": b"\x00\xff"},
+    [1, [2, [3, {"deep": "yes"}]]],
+    "plain text",
+]
+
+
+@pytest.mark.parametrize("value", OBJECTS, ids=["none", "dict", "nested", "str"])
+def test_objects_travel_by_the_value_codec(pair, value) -> None:
+    a, b = pair
+    a.send_object("config", value, to=b.task)
+    assert b.recv_object("config", source=A, timeout=10) == value
+
+
+def test_an_object_may_hold_arrays_and_tuples_arrive_as_lists(pair) -> None:
+    a, b = pair
+    a.send_object("state", {"weights": np.arange(4.0), "shape": (2, 2)}, to=b.task)
+    got = b.recv_object("state", source=A, timeout=10)
+    np.testing.assert_array_equal(got["weights"], np.arange(4.0))
+    assert got["shape"] == [2, 2]
+
+
+def test_objects_the_codec_cannot_carry_are_refused_before_sending(pair) -> None:
+    a, b = pair
+
+    class Custom:
+        pass
+
+    with pytest.raises(TypeError):
+        a.send_object("bad", Custom(), to=b.task)
+    with pytest.raises(TypeError):
+        a.send_object("bad", {1: "not a str key"}, to=b.task)
+    with pytest.raises(errors.DeadlineExceededError):
+        b.recv_object("bad", source=A, timeout=0.1)
+
+
+def test_a_tensor_that_is_not_an_object_is_refused_by_recv_object(pair) -> None:
+    a, b = pair
+    a.send("config", np.ones(3, np.float32), to=b.task)
+    with pytest.raises(errors.InvalidArgumentError, match="where an object was due"):
+        b.recv_object("config", source=A, timeout=10)
+    a.send("config", np.frombuffer(b"\xff\xff\xff", np.uint8), to=b.task)
+    with pytest.raises(errors.InvalidArgumentError, match="object's values"):
+        b.recv_object("config", source=A, timeout=10)
+
+
+def test_broadcast_object_gives_every_member_the_roots_value(pair) -> None:
+    a, b = pair
+    value = {"seed": 1234, "vocab": ["x", "y"]}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        root = pool.submit(a.broadcast_object, value, A, timeout=10)
+        other = pool.submit(b.broadcast_object, None, A, timeout=10)
+        assert root.result() == value
+        assert other.result() == value

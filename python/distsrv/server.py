@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType, TracebackType
 from typing import Any, Literal, cast
 
+import numpy as np
 import numpy.typing as npt
 
 from distsrv import _native, shutdown
@@ -323,6 +326,45 @@ class Server:
         """Starts a receive and returns at once; ``wait()`` on the handle for the array. Dropping
         the handle before it finishes cancels the receive."""
         return RecvHandle(self._native.irecv(source, name, timeout))
+
+    def recv_any(
+        self, name: str, sources: Iterable[TaskLike] | None = None, timeout: float | None = None
+    ) -> tuple[str, npt.NDArray[Any]]:
+        """The next tensor ``name`` from whichever of ``sources`` (every task of the cluster by
+        default) sends one first, as ``(source, array)``, ``source`` as "/job:<job>/task:<i>":
+        MPI's ``ANY_SOURCE``. A source lost meanwhile is waited on no more; ``UnavailableError``
+        only once every source is lost. ``DeadlineExceededError`` past ``timeout``."""
+        members = self._members(EVERY_TASK) if sources is None else list(sources)
+        return self._native.recv_any(members, name, timeout)
+
+    def send_object(
+        self, name: str, value: Any, to: TaskLike, *, timeout: float | None = None
+    ) -> None:
+        """Sends ``value`` to task ``to`` under ``name``, as :meth:`send` sends an array.
+        ``value`` is what a remote operation may take: None, bool, int, float, str, bytes,
+        lists and tuples, dicts with str keys, numpy arrays, nested (``TypeError`` for anything
+        else). It travels in the codec remote operations use, never pickle: a receiver runs no
+        code the value names."""
+        self.send(name, _encoded(value), to, timeout=timeout)
+
+    def recv_object(self, name: str, source: TaskLike, timeout: float | None = None) -> Any:
+        """The next value ``name`` task ``source`` sent with :meth:`send_object` (tuples arrive
+        as lists); ``InvalidArgumentError`` if what arrived is not one."""
+        return _decoded(self.recv(name, source, timeout))
+
+    def broadcast_object(
+        self,
+        value: Any,
+        root: TaskLike,
+        *,
+        group: GroupLike = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """``root``'s ``value`` (as :meth:`send_object` takes) on every member of ``group``;
+        the other members' ``value`` is ignored (pass None)."""
+        is_root = _native.parse_task(root) == (self._job_name, self._task_index)
+        given = _encoded(value) if is_root else None
+        return _decoded(self.broadcast(given, root, group=group, timeout=timeout))
 
     async def asend(self, name: str, array: npt.ArrayLike, to: TaskLike) -> None:
         """Awaitable :meth:`send`."""
@@ -714,6 +756,46 @@ class Server:
         """A handle to variable ``name`` on task ``on``, which another task may create later."""
         return Variable(self._native, name, _native.parse_task(on))
 
+    def variables(self, on: TaskLike, *, timeout: float | None = None) -> dict[str, Variable]:
+        """Every variable task ``on`` hosts, by name (in name order)."""
+        host = _native.parse_task(on)
+        listed = self._native.variable_op(host, "", "list", timeout=timeout)
+        return {name: Variable(self._native, name, host) for name, _, _ in listed}
+
+    def save_variables(
+        self, path: str | os.PathLike[str], on: TaskLike, *, timeout: float | None = None
+    ) -> list[str]:
+        """Writes every variable task ``on`` hosts to the file ``path``, an ``.npz`` archive as
+        numpy's ``savez`` writes (one array per variable, by name); the names saved. Each
+        variable is read atomically, but not all at one instant: save while no worker updates
+        them for a consistent checkpoint. Optimizer state is not saved."""
+        names = []
+        # As np.savez writes an .npz, without its keywords: a variable may be named
+        # "allow_pickle".
+        with zipfile.ZipFile(path, "w", allowZip64=True) as archive:
+            for name, variable in self.variables(on, timeout=timeout).items():
+                with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, variable.read(timeout=timeout))
+                names.append(name)
+        return names
+
+    def restore_variables(
+        self, path: str | os.PathLike[str], on: TaskLike, *, timeout: float | None = None
+    ) -> list[str]:
+        """Sets task ``on``'s variables to the values in the ``.npz`` file ``path`` (as
+        :meth:`save_variables` writes), creating those it lacks; the names restored. Its other
+        variables are left alone."""
+        host = _native.parse_task(on)
+        existing = self.variables(on, timeout=timeout)
+        with np.load(path, allow_pickle=False) as archive:
+            for name in archive.files:
+                value = archive[name]
+                if name in existing:
+                    existing[name].assign(value, timeout=timeout)
+                else:
+                    self._native.variable_op(host, name, "create", value, timeout=timeout)
+            return list(archive.files)
+
     def _members(self, group: GroupLike) -> list[TaskLike]:
         if group is None:
             group = self._job_name
@@ -794,6 +876,19 @@ class Server:
     ) -> Any:
         """Awaitable :meth:`call`."""
         return await self.icall(task, op, timeout=timeout, **kwargs).wait_async()
+
+
+def _encoded(value: Any) -> npt.NDArray[np.uint8]:
+    """``value`` encoded as remote operations' values are, as an array to send."""
+    return np.frombuffer(_native.encode_object(value), np.uint8)
+
+
+def _decoded(array: npt.NDArray[Any]) -> Any:
+    if array.dtype != np.uint8 or array.ndim != 1:
+        raise InvalidArgumentError(
+            f"a {array.dtype} array of shape {array.shape} arrived where an object was due"
+        )
+    return _native.decode_object(array.tobytes())
 
 
 def _given(result: npt.NDArray[Any] | None) -> npt.NDArray[Any]:

@@ -153,6 +153,54 @@ impl Exchange {
         })
     }
 
+    /// Receives the next tensor `name` from whichever of `sources` sends one first, waiting up
+    /// to `timeout`. A source lost or restarted meanwhile is waited on no more; the receive
+    /// fails with that error only once no source is left. Nothing is lost to the sources not
+    /// taken: a tensor one of them was handed goes back first in line.
+    pub async fn recv_any(
+        &self,
+        sources: Vec<TaskId>,
+        name: String,
+        timeout: Option<Duration>,
+    ) -> Result<(TaskId, Tensor)> {
+        check_name(&name)?;
+        if sources.is_empty() {
+            return Err(Error::invalid_argument("a receive from any of no sources"));
+        }
+        for source in &sources {
+            self.peers.cluster().require(source)?;
+        }
+        let shown = format!(
+            "no {} from any of {} sources",
+            shown_name(&name),
+            sources.len()
+        );
+        let mut receives: Vec<_> = sources
+            .into_iter()
+            .map(|source| {
+                let name = name.clone();
+                Box::pin(async move {
+                    let received = self.recv(source.clone(), name, None).await;
+                    (source, received)
+                })
+            })
+            .collect();
+        let first = async {
+            loop {
+                let ((source, received), _, others) = futures::future::select_all(receives).await;
+                match received {
+                    Ok(tensor) => return Ok((source, tensor)),
+                    Err(e) if others.is_empty() => return Err(e),
+                    Err(e) if matches!(e.code, Code::Unavailable | Code::Aborted) => {
+                        receives = others;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        within(timeout, shown, first).await
+    }
+
     /// Drops the tensors under names that start with `prefix`, those here and those to come:
     /// the pieces of a collective that failed.
     pub fn abandon(&self, prefix: &str) {

@@ -24,7 +24,7 @@ use crate::base::errors::{Error, Result, within};
 use crate::base::security::Security;
 use crate::ops::collectives::{Collective, Group};
 use crate::ops::remote::Returned;
-use crate::ops::variables::parse_op;
+use crate::ops::variables::{Reply, Step, parse_op};
 use crate::proto;
 use crate::tensor::{Tensor, TensorMeta};
 
@@ -188,6 +188,19 @@ impl Server {
         self.background(async move { task.exchange.recv(source, name, timeout).await })
     }
 
+    /// The next tensor `name` from whichever of `sources` sends one first (see
+    /// [`crate::exchange::Exchange::recv_any`]).
+    pub fn recv_any(
+        &self,
+        sources: Vec<TaskId>,
+        name: String,
+        timeout: Option<Duration>,
+    ) -> Result<Blocking<impl Future<Output = Result<(TaskId, Tensor)>> + Send + '_>> {
+        let driver = self.on_runtime()?;
+        let work = self.task().exchange.recv_any(sources, name, timeout);
+        Ok(Blocking { driver, work })
+    }
+
     /// The group of `members` (every task when `None`), which must include this task.
     pub fn group(&self, members: Option<Vec<TaskId>>) -> Result<Group> {
         Group::new(&self.task().exchange, members)
@@ -227,18 +240,18 @@ impl Server {
         self.background(work)
     }
 
-    /// Applies `op` ("read", "create", "assign", "assign_add", "sgd_step") to variable `name`
-    /// hosted on `host`; a read gives the value. Fails with DEADLINE_EXCEEDED past `timeout`
-    /// (`None`: while `host` is up).
+    /// Applies `op` (see [`parse_op`]) to variable `name` hosted on `host`, with `value` and
+    /// the `step`'s hyperparameters where it takes them. Fails with DEADLINE_EXCEEDED past
+    /// `timeout` (`None`: while `host` is up).
     pub fn variable(
         &self,
         host: TaskId,
         name: String,
         op: &str,
         value: Option<(TensorMeta, Bytes)>,
-        learning_rate: f64,
+        step: Step,
         timeout: Option<Duration>,
-    ) -> Result<Blocking<impl Future<Output = Result<Option<Tensor>>> + Send + '_>> {
+    ) -> Result<Blocking<impl Future<Output = Result<Reply>> + Send + '_>> {
         let op = parse_op(op)?;
         let driver = self.on_runtime()?;
         let task = self.task();
@@ -246,7 +259,7 @@ impl Server {
         let work = async move {
             let applied = task
                 .variables
-                .call(&task.peers, &host, name, op, value, learning_rate);
+                .call(&task.peers, &host, name, op, value, step);
             within(timeout, what, watched(task, &host, applied)).await
         };
         Ok(Blocking { driver, work })

@@ -146,7 +146,7 @@ impl Worker for Task {
         &self,
         request: Request<proto::VariableRequest>,
     ) -> Result<Response<proto::VariableResponse>, Status> {
-        Ok(Response::new(self.variables.apply(request.into_inner())?))
+        Ok(Response::new(self.variables.serve(request.into_inner())?))
     }
 
     // Call is served by `CallService`, with the codec that limits values before decoding them.

@@ -67,6 +67,22 @@ mod native {
         (task.0.job, task.0.index)
     }
 
+    /// `value` (what a remote operation may take or return) encoded for sending as bytes;
+    /// TypeError for anything else.
+    #[pyfunction]
+    fn encode_object<'py>(
+        py: Python<'py>,
+        value: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        Ok(PyBytes::new(py, &super::values::to_bytes(value)?))
+    }
+
+    /// The value `encoded` holds; InvalidArgumentError if it holds none.
+    #[pyfunction]
+    fn decode_object<'py>(py: Python<'py>, encoded: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+        super::values::from_bytes(py, encoded)
+    }
+
     /// Encodes jobs as a ClusterDef (TensorFlow's field numbers).
     #[pyfunction]
     fn cluster_def_to_bytes<'py>(py: Python<'py>, jobs: Jobs) -> PyResult<Bound<'py, PyBytes>> {

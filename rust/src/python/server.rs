@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::{PyBytes, PyDict, PyTuple};
 
 use super::args::{ConfigArgs, SecurityArgs, TaskArg, seconds};
 use super::devices::{DeviceTuple, device_tuple};
@@ -15,7 +15,7 @@ use super::errors::{IntoPyResult, to_py};
 use super::handlers::PyHandler;
 use super::peers::PeerEvents;
 use super::pending::{Completed, OnDrop, Pending, completion_pipe};
-use super::tensor::{HeldBuffer, array_in, array_out};
+use super::tensor::{HeldBuffer, array_in, array_out, numpy_dtype};
 use super::values;
 use super::wait::{current_pid, in_slices, wait, wait_lending};
 use crate::base::cluster::{Cluster, Jobs, ServerDef, TaskId, format_address};
@@ -23,6 +23,7 @@ use crate::base::errors::Error;
 use crate::base::security::Security;
 use crate::node::Server;
 use crate::ops::collectives::{Group, Kind};
+use crate::ops::variables::{Reply, Step};
 use crate::tensor::TensorMeta;
 use crate::tensor::reduce::ReduceOp;
 
@@ -176,6 +177,23 @@ impl NativeServer {
         array_out(py, wait(py, receiving)?.into_py()?)
     }
 
+    /// The next tensor `name` from whichever of `sources` sends one first: (its source, the
+    /// array).
+    #[pyo3(signature = (sources, name, timeout=None))]
+    fn recv_any<'py>(
+        &self,
+        py: Python<'py>,
+        sources: Vec<TaskArg>,
+        name: String,
+        timeout: Option<f64>,
+    ) -> PyResult<(String, Bound<'py, PyAny>)> {
+        let timeout = seconds(timeout)?;
+        let sources = sources.into_iter().map(|source| source.0).collect();
+        let receiving = self.server()?.recv_any(sources, name, timeout).into_py()?;
+        let (source, tensor) = wait(py, receiving)?.into_py()?;
+        Ok((source.to_string(), array_out(py, tensor)?))
+    }
+
     /// Like `recv`, but returns at once with a handle to wait on.
     #[pyo3(signature = (source, name, timeout=None))]
     fn irecv(&self, source: TaskArg, name: String, timeout: Option<f64>) -> PyResult<Pending> {
@@ -252,9 +270,14 @@ impl NativeServer {
         ))
     }
 
-    /// Applies `op` ("read", "create", "assign", "assign_add", "sgd_step") to variable `name`
-    /// hosted on `host`; a read gives the value.
-    #[pyo3(signature = (host, name, op, value=None, learning_rate=0.0, timeout=None))]
+    /// Applies `op` ("read", "create", "assign", "assign_add", "sgd_step", "momentum_step",
+    /// "adam_step", "delete", "describe", "list") to variable `name` hosted on `host`, with
+    /// `value` and the step's hyperparameters where it takes them. A read gives the value, a
+    /// describe (dtype, shape), a list [(name, dtype, shape)], the rest None.
+    #[pyo3(signature = (
+        host, name, op, value=None, *, learning_rate=0.0, momentum=0.0, nesterov=false,
+        beta1=0.0, beta2=0.0, epsilon=0.0, timeout=None,
+    ))]
     #[allow(clippy::too_many_arguments)] // one per argument of the Python call
     fn variable_op<'py>(
         &self,
@@ -264,8 +287,13 @@ impl NativeServer {
         op: &str,
         value: Option<Bound<'_, PyAny>>,
         learning_rate: f64,
+        momentum: f64,
+        nesterov: bool,
+        beta1: f64,
+        beta2: f64,
+        epsilon: f64,
         timeout: Option<f64>,
-    ) -> PyResult<Option<Bound<'py, PyAny>>> {
+    ) -> PyResult<Bound<'py, PyAny>> {
         let server = self.server()?;
         let timeout = seconds(timeout)?;
         let (held, value) = match value {
@@ -275,13 +303,39 @@ impl NativeServer {
             }
             None => (None, None),
         };
+        let step = Step {
+            learning_rate,
+            momentum,
+            nesterov,
+            beta1,
+            beta2,
+            epsilon,
+        };
         let applying = server
-            .variable(host.0, name, op, value, learning_rate, timeout)
+            .variable(host.0, name, op, value, step, timeout)
             .into_py()?;
-        wait_lending(py, applying, held.into_iter().collect())?
-            .into_py()?
-            .map(|tensor| array_out(py, tensor))
-            .transpose()
+        let described = |meta: TensorMeta| (numpy_dtype(py, meta.dtype), meta.shape);
+        let reply = wait_lending(py, applying, held.into_iter().collect())?.into_py()?;
+        Ok(match reply {
+            Reply::Done => py.None().into_bound(py),
+            Reply::Value(tensor) => array_out(py, tensor)?,
+            Reply::Described(meta) => {
+                let (dtype, shape) = described(meta);
+                (dtype?, PyTuple::new(py, shape)?)
+                    .into_pyobject(py)?
+                    .into_any()
+            }
+            Reply::Listed(variables) => {
+                let listed = variables
+                    .into_iter()
+                    .map(|(name, meta)| {
+                        let (dtype, shape) = described(meta);
+                        Ok((name, dtype?, PyTuple::new(py, shape)?))
+                    })
+                    .collect::<PyResult<Vec<_>>>()?;
+                listed.into_pyobject(py)?.into_any()
+            }
+        })
     }
 
     /// Tensors this task sent through shared memory and over gRPC, and received through shared

@@ -17,6 +17,7 @@ use pyo3::types::{PyTuple, PyType};
 
 use super::errors::to_py;
 use crate::base::errors::Error;
+use crate::proto::DataType;
 use crate::tensor::{Tensor, TensorBuf, TensorMeta, dtype_name};
 
 /// How long a finished send may take to drop its last view of the memory (the transport lets go of
@@ -254,6 +255,19 @@ static CODES: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static DTYPES: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static TO_WIRE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
+/// The numpy dtype of `dtype`; UnimplementedError where numpy here has none.
+pub fn numpy_dtype(py: Python<'_>, dtype: DataType) -> PyResult<Bound<'_, PyAny>> {
+    DTYPES
+        .import(py, "distsrv.tensors", "CODE_DTYPES")?
+        .get_item(dtype as i32)
+        .map_err(|_| {
+            to_py(Error::unimplemented(format!(
+                "a {} tensor arrived, which numpy here cannot hold (bfloat16 needs ml_dtypes)",
+                dtype_name(dtype)
+            )))
+        })
+}
+
 /// An array (anything numpy can make one of) as the wire lays it out: its dtype and shape, and
 /// its C-order bytes, held. A C-contiguous ndarray of a dtype the wire carries is lent as it is,
 /// read here; anything else goes through `distsrv.tensors.to_wire`, which makes such an array of
@@ -281,16 +295,7 @@ pub fn array_in(array: &Bound<'_, PyAny>) -> PyResult<(TensorMeta, HeldBuffer, B
 
 /// A received tensor as an ordinary writable numpy array over its buffer: nothing is copied.
 pub fn array_out(py: Python<'_>, tensor: Tensor) -> PyResult<Bound<'_, PyAny>> {
-    let code = tensor.meta.dtype as i32;
-    let dtype = DTYPES
-        .import(py, "distsrv.tensors", "CODE_DTYPES")?
-        .get_item(code)
-        .map_err(|_| {
-            to_py(Error::unimplemented(format!(
-                "a {} tensor arrived, which numpy here cannot hold (bfloat16 needs ml_dtypes)",
-                dtype_name(tensor.meta.dtype)
-            )))
-        })?;
+    let dtype = numpy_dtype(py, tensor.meta.dtype)?;
     let shape = PyTuple::new(py, &tensor.meta.shape)?;
     let data = Bound::new(py, TensorBytes::new(tensor.data))?;
     NDARRAY

@@ -154,6 +154,19 @@ fn encode_array(array: &Bound<'_, PyAny>, arrays: &mut Arrays) -> PyResult<proto
     Ok(wire::tensor_proto(&meta, data))
 }
 
+/// `value` as the bytes of one encoded [`proto::Value`], as objects travel in tensors.
+pub fn to_bytes(value: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
+    Ok(prost::Message::encode_to_vec(&encode(value)?))
+}
+
+/// The value [`to_bytes`] encoded; InvalidArgumentError if `encoded` is not one or passes the
+/// values limits.
+pub fn from_bytes<'py>(py: Python<'py>, encoded: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+    let value = wire::values::decode_checked::<proto::Value>(Bytes::copy_from_slice(encoded))
+        .map_err(to_py)?;
+    decode(py, value, None)
+}
+
 /// A call's result, its large arrays left where they arrived.
 pub fn decode_returned(py: Python<'_>, returned: Returned) -> PyResult<Bound<'_, PyAny>> {
     decode(py, returned.value, returned.arrived.as_ref())

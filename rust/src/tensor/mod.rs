@@ -1,7 +1,9 @@
 //! Tensors in memory: what a tensor is ([`meta`]), its payload buffers ([`buf`]), shared-memory
-//! segments a same-host peer writes into ([`segment`]), and element-wise reductions ([`reduce`]).
+//! segments a same-host peer writes into ([`segment`]), element-wise reductions ([`reduce`]) and
+//! casts ([`cast`]).
 
 pub mod buf;
+pub mod cast;
 pub mod meta;
 pub mod recycle;
 pub mod reduce;

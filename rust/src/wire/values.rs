@@ -64,6 +64,12 @@ impl CallMessage for proto::CallResponse {
     const WHAT: &'static str = "the call's result";
 }
 
+/// An object sent as a tensor's bytes (`send_object`, `broadcast_object`).
+impl CallMessage for proto::Value {
+    const SHAPE: Shape = Shape::Value;
+    const WHAT: &'static str = "the object's values";
+}
+
 /// Refuses `encoded` (an `M`) if it is malformed, nests values deeper than
 /// [`MAX_VALUE_DEPTH`] or holds more than [`MAX_VALUE_ITEMS`] values and entries.
 pub fn check<M: CallMessage>(encoded: &[u8]) -> Result<()> {
