@@ -207,3 +207,14 @@ def test_generic_handlers_catch_real_failures(local_server: distsrv.Server) -> N
         local_server.call(local_server.task, "no such op")
     with pytest.raises(LookupError):
         local_server.variable("missing", on=local_server.task).read(timeout=5)
+
+
+def test_the_same_mistake_raises_the_same_error_whatever_its_spelling(
+    local_server: distsrv.Server,
+) -> None:
+    for task_index in (5, -1):
+        with pytest.raises(errors.InvalidArgumentError):
+            distsrv.Server({"worker": ["127.0.0.1:0"]}, "worker", task_index, start=False)
+    for to in ("worker1", ("worker", 7), "/job:nope/task:0"):
+        with pytest.raises(errors.InvalidArgumentError):
+            local_server.send("x", [1], to=to)

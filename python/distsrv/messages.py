@@ -18,6 +18,7 @@ from types import MappingProxyType
 from typing import TypeAlias
 
 from . import _native
+from .errors import InvalidArgumentError
 
 __all__ = ["ClusterDef", "JobDef", "ServerDef"]
 
@@ -44,7 +45,7 @@ def _check_int(value: object, what: str, maximum: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{what} must be an int, not {type(value).__name__}")
     if not 0 <= value <= maximum:
-        raise ValueError(f"{what} {value} is out of range [0, {maximum}]")
+        raise InvalidArgumentError(f"{what} {value} is out of range [0, {maximum}]")
     return value
 
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyString, PyTuple};
 
@@ -165,9 +165,7 @@ impl<'a, 'py> FromPyObject<'a, 'py> for TaskArg {
 
     fn extract(task: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
         if let Ok(name) = task.cast::<PyString>() {
-            return TaskId::parse(&name.to_cow()?)
-                .map(Self)
-                .map_err(|e| PyValueError::new_err(e.message));
+            return TaskId::parse(&name.to_cow()?).map(Self).map_err(to_py);
         }
         if let Ok(pair) = task.cast::<PyTuple>()
             && pair.len() == 2
