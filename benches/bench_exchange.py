@@ -36,7 +36,7 @@ import numpy as np
 
 import distsrv
 from distsrv import _native
-from distsrv.examples.launch import free_ports
+from distsrv.launch import free_ports
 
 HOST = "127.0.0.1"
 KiB, MiB = 1 << 10, 1 << 20

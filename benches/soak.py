@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 import distsrv
-from distsrv.examples.launch import run_local_cluster
+from distsrv.launch import launch
 
 #: The demo's 64-64-10 MLP has this many parameters: its gradient, all-reduced each step.
 GRADIENT_FLOATS = 64 * 64 + 64 + 64 * 10 + 10
@@ -103,8 +103,8 @@ def main() -> None:
     if args.worker:
         sys.exit(worker(args.seconds))
     command = [sys.executable, __file__, "--worker", "--seconds", str(args.seconds)]
-    status = run_local_cluster(
-        {"worker": args.workers}, command, timeout=args.seconds + 120, secure=True
+    status = launch(
+        command, {"worker": args.workers}, timeout=args.seconds + 120, security="temporary"
     )
     sys.exit(status)
 

@@ -61,7 +61,7 @@ def channel(local_server: distsrv.Server) -> Iterator[grpc.Channel]:
 
 def pair_cluster(count: int = 2) -> distsrv.ClusterSpec:
     """A cluster of ``count`` workers on free ports of 127.0.0.1."""
-    from distsrv.examples.launch import free_ports
+    from distsrv.launch import free_ports
 
     return distsrv.ClusterSpec({"worker": [f"127.0.0.1:{p}" for p in free_ports(count)]})
 

@@ -16,7 +16,7 @@ from conftest import pair_cluster
 
 import distsrv
 from distsrv import errors
-from distsrv.examples.launch import free_ports
+from distsrv.launch import free_ports
 
 
 @contextlib.contextmanager

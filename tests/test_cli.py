@@ -19,7 +19,7 @@ import pytest
 from conftest import read_line
 
 import distsrv
-from distsrv.examples.launch import free_ports
+from distsrv.launch import free_ports
 
 TIMEOUT = 30
 DISTSRV = [sys.executable, "-m", "distsrv"]

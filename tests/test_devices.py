@@ -23,7 +23,7 @@ from conftest import pair_cluster, read_line
 
 import distsrv
 from distsrv.errors import DeadlineExceededError, UnavailableError
-from distsrv.examples.launch import free_ports
+from distsrv.launch import free_ports
 
 HAS_NVIDIA_GPU = (
     pathlib.Path("/proc/driver/nvidia/gpus").exists()

@@ -23,7 +23,7 @@ from conftest import read_line
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import distsrv
-from distsrv.examples.launch import free_ports
+from distsrv.launch import free_ports
 
 # What a Rust panic, an abort or a crash in a child would print.
 CRASH_SIGNS = (

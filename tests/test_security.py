@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 import distsrv
 from distsrv import errors
-from distsrv.examples.launch import free_ports
+from distsrv.launch import free_ports
 
 TOKEN = "a-cluster-token-0123456789"
 # TensorFlow's services, served at paths of their own (not in reflection's descriptors).

@@ -29,7 +29,7 @@ import pytest
 
 import distsrv
 from distsrv import errors
-from distsrv.examples.launch import free_ports
+from distsrv.launch import free_ports
 
 HAS_PROC = os.path.isdir("/proc/self/task")
 

@@ -14,7 +14,7 @@ from conftest import pair_cluster
 
 import distsrv
 from distsrv import _native
-from distsrv.examples.launch import free_ports
+from distsrv.launch import free_ports
 
 with warnings.catch_warnings():
     # TensorFlow's import warns about its own dependencies; the suite turns warnings into errors.

@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 import distsrv
 from distsrv import _native
-from distsrv.examples.launch import free_ports
+from distsrv.launch import free_ports
 
 GET_STATUS = "/tensorflow.WorkerService/GetStatus"
 CREATE_SESSION = "/tensorflow.MasterService/CreateSession"

@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 import distsrv
-from distsrv.examples.launch import free_ports
+from distsrv.launch import free_ports
 
 WORKER = "distsrv.v1.Worker"
 HEALTH = "grpc.health.v1.Health"

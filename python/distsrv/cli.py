@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from distsrv import __version__
 from distsrv.examples.demo import add_training_arguments, worker_arguments
 from distsrv.examples.demo import worker as demo_worker_main
+from distsrv.launch import launch as launch_tasks
+from distsrv.launch import parse_jobs
 from distsrv.security import TOKEN_ENV, Security
 
 if TYPE_CHECKING:
@@ -72,13 +74,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     _add_token_argument(status)
 
+    launch = commands.add_parser(
+        "launch",
+        help="run a command once per task of a local cluster, as torchrun does",
+        description="Runs COMMAND once per task, each with its cluster in TF_CONFIG "
+        "(distsrv.ClusterSpec.from_tf_config() reads it), its output prefixed with its task. "
+        "The first task to fail is named and the others stopped; SIGINT and SIGTERM are passed "
+        "on to every task. Exits 0 when every task exits 0.",
+    )
+    launch.add_argument(
+        "--jobs", required=True, metavar="JOB=N,...", help="the cluster's jobs: worker=4,ps=1"
+    )
+    launch.add_argument("--host", default="127.0.0.1", help="the tasks' host (default 127.0.0.1)")
+    launch.add_argument("--timeout", type=float, help="seconds before giving up (default none)")
+    launch.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        metavar="K",
+        help="restart a failed task up to K times on the same address (default 0)",
+    )
+    launch.add_argument(
+        "--security",
+        choices=["temporary"],
+        help="give the tasks a fresh CA, certificates and token (DISTSRV_TOKEN, DISTSRV_TLS_*)",
+    )
+    launch.add_argument("--log-dir", help="also write each task's output to DIR/JOB-INDEX.log")
+    launch.add_argument(
+        "--threads-per-task",
+        type=int,
+        metavar="N",
+        help="BLAS and OpenMP threads of each task (default: its share of the cores, unless "
+        "OMP_NUM_THREADS and the like are set)",
+    )
+    launch.add_argument(
+        "task_command", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="what each task runs"
+    )
+
     demo_worker = commands.add_parser("demo-worker", help=argparse.SUPPRESS)
     add_training_arguments(demo_worker)
 
     args = parser.parse_args(argv)
+    if args.command == "launch":
+        return _launch(launch, args)
     if args.command == "demo":
-        from distsrv.examples.launch import run_local_cluster
-
         if args.workers < 1:
             parser.error("--workers must be at least 1")
         if args.epochs < 1 or args.batch_size < 1 or args.hidden < 1:
@@ -87,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--crash-worker must name a worker, 0 to {args.workers - 1}")
         jobs = {"ps": 1, "worker": args.workers} if args.ps else {"worker": args.workers}
         command = [sys.executable, "-m", "distsrv", "demo-worker", *worker_arguments(args)]
-        return run_local_cluster(jobs, command, timeout=args.timeout, secure=True)
+        return launch_tasks(command, jobs, timeout=args.timeout, security="temporary")
     if args.command == "demo-worker":
         return demo_worker_main(args)
     if args.command == "serve":
@@ -95,6 +134,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "status":
         return _status(args.addresses, args.timeout, _security(args))
     raise AssertionError(args.command)
+
+
+def _launch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    command = args.task_command
+    command = command[1:] if command[:1] == ["--"] else command
+    if not command:
+        parser.error("launch needs a command after --")
+    try:
+        jobs = parse_jobs(args.jobs)
+    except ValueError as error:
+        parser.error(f"--jobs: {error}")
+    if args.max_restarts < 0:
+        parser.error("--max-restarts must be at least 0")
+    if args.threads_per_task is not None and args.threads_per_task < 1:
+        parser.error("--threads-per-task must be at least 1")
+    return launch_tasks(
+        command,
+        jobs,
+        host=args.host,
+        timeout=args.timeout,
+        max_restarts=args.max_restarts,
+        security=args.security,
+        log_dir=args.log_dir,
+        threads=args.threads_per_task,
+    )
 
 
 def _add_token_argument(parser: argparse.ArgumentParser) -> None:
