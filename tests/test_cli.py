@@ -238,3 +238,21 @@ def test_version() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"distsrv {distsrv.__version__}\n"
+
+
+@pytest.mark.parametrize("command", [[], ["launch"], ["serve"], ["demo"], ["status"]])
+def test_help_is_plain_text_and_lists_only_real_commands(command: list[str]) -> None:
+    result = subprocess.run(
+        [*DISTSRV, *command, "--help"],
+        capture_output=True,
+        text=True,
+        env=environment(),
+        timeout=TIMEOUT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "==SUPPRESS==" not in result.stdout
+    assert "``" not in result.stdout
+    assert "demo-worker" not in result.stdout
+    if not command:
+        for listed in ("demo", "launch", "serve", "status"):
+            assert f"    {listed} " in result.stdout

@@ -579,3 +579,40 @@ def test_broadcast_object_gives_every_member_the_roots_value(pair) -> None:
         other = pool.submit(b.broadcast_object, None, A, timeout=10)
         assert root.result() == value
         assert other.result() == value
+
+
+def test_import_leaves_ml_dtypes_until_bfloat16_is_used() -> None:
+    script = textwrap.dedent(
+        """
+        import sys
+        import numpy as np
+        import distsrv
+        assert "ml_dtypes" not in sys.modules, "imported with distsrv"
+        server = distsrv.Server.create_local_server()
+        server.send("f", np.ones(2, np.float32), to=server.task)
+        server.recv("f", source=server.task, timeout=10)
+        assert "ml_dtypes" not in sys.modules, "imported by a float32 exchange"
+        import ml_dtypes
+        server.send("b", np.array([1.5, -2.0], ml_dtypes.bfloat16), to=server.task)
+        got = server.recv("b", source=server.task, timeout=10)
+        print(got.dtype, got.tolist())
+        server.stop()
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["bfloat16", "[1.5,", "-2.0]"]
+
+
+def test_a_bfloat16_arriving_loads_its_dtype() -> None:
+    # The receiving side of a bfloat16 tensor may never have imported ml_dtypes itself.
+    script = (
+        "import sys, distsrv; print(distsrv.tensors.CODE_DTYPES[14], 'ml_dtypes' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["bfloat16", "True"]

@@ -104,6 +104,15 @@ def test_server_def_bytes() -> None:
     )
     assert server_def.SerializeToString() == expected
     assert expected.endswith(b"\x2a\x04grpc\x30\xae\x11")  # protocol (5), port (6) = 2222
+    # protobuf's keyword, which callers of TensorFlow's messages pass.
+    for deterministic in (True, False):
+        assert server_def.SerializeToString(deterministic=deterministic) == expected
+        assert (
+            TWO_JOBS.SerializeToString(deterministic=deterministic)
+            == expected[2:][: len(TWO_JOBS.SerializeToString())]
+        )
+        job = TWO_JOBS.job[0]
+        assert job.SerializeToString(deterministic=deterministic) == job.SerializeToString()
 
 
 def test_server_def_bytes_omit_zero_task_index_and_port() -> None:

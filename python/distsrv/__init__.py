@@ -6,7 +6,7 @@ Servers find each other, move numpy arrays between them by name over gRPC, reduc
 """
 
 # tensors up front: the native layer reads its dtype tables at the first send or receive, and
-# importing them (ml_dtypes among them) there would stall that first exchange for most of a second.
+# importing them there would stall that first exchange.
 from distsrv import errors, handlers, tensors
 from distsrv._native import __version__
 from distsrv.cluster import ClusterSpec

@@ -27,9 +27,13 @@ __all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="distsrv", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="distsrv",
+        description="An in-process server for distributed training: run the demo, launch a "
+        "local cluster, serve one task, or ask running tasks how they are.",
+    )
     parser.add_argument("--version", action="version", version=f"distsrv {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser(
         "demo",
@@ -111,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "task_command", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="what each task runs"
     )
 
-    demo_worker = commands.add_parser("demo-worker", help=argparse.SUPPRESS)
+    # Listed nowhere (no help): what `distsrv demo` runs in each task.
+    demo_worker = commands.add_parser("demo-worker")
     add_training_arguments(demo_worker)
 
     args = parser.parse_args(argv)

@@ -105,8 +105,9 @@ class JobDef:
         # A mappingproxy cannot be pickled; rebuild from a plain dict.
         return (JobDef, (self.name, dict(self.tasks)))
 
-    def SerializeToString(self) -> bytes:
-        """The protobuf bytes of this ``tensorflow.JobDef``."""
+    def SerializeToString(self, *, deterministic: bool = False) -> bytes:
+        """The protobuf bytes of this ``tensorflow.JobDef``, always deterministic (in order),
+        whatever protobuf's ``deterministic`` keyword says."""
         # A ClusterDef holding one job is the key of field 1, a length, then exactly the JobDef's
         # bytes: strip that frame rather than keep a second encoder in Python.
         framed = ClusterDef(job=(self,)).SerializeToString()
@@ -152,8 +153,9 @@ class ClusterDef:
     def _from_jobs(cls, jobs: Mapping[str, Mapping[int, str]]) -> ClusterDef:
         return cls(job=tuple(JobDef(name, tasks) for name, tasks in jobs.items()))
 
-    def SerializeToString(self) -> bytes:
-        """The protobuf bytes of this ``tensorflow.ClusterDef``."""
+    def SerializeToString(self, *, deterministic: bool = False) -> bytes:
+        """The protobuf bytes of this ``tensorflow.ClusterDef``, always deterministic (in order),
+        whatever protobuf's ``deterministic`` keyword says."""
         return _native.cluster_def_to_bytes(self._jobs())
 
     @classmethod
@@ -192,8 +194,9 @@ class ServerDef:
             f"task_index={self.task_index!r}, protocol={self.protocol!r}, port={self.port!r})"
         )
 
-    def SerializeToString(self) -> bytes:
-        """The protobuf bytes of this ``tensorflow.ServerDef``."""
+    def SerializeToString(self, *, deterministic: bool = False) -> bytes:
+        """The protobuf bytes of this ``tensorflow.ServerDef``, always deterministic (in order),
+        whatever protobuf's ``deterministic`` keyword says."""
         return _native.server_def_to_bytes(
             self.cluster._jobs(), self.job_name, self.task_index, self.protocol, self.port
         )
