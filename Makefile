@@ -45,6 +45,21 @@ test: lint fuzz-check ## Set up and run every check and test: Rust and Python
 	cargo test
 	cargo bench --no-run
 	python -m pytest
+	$(MAKE) --no-print-directory wheel-check
+
+WHEEL_VENV := target/wheel-venv
+
+.PHONY: wheel
+wheel: $(VENV)/.installed ## Build the release wheel (abi3, Python 3.11+) into target/wheels
+	rm -rf target/wheels
+	maturin build --quiet --release --out target/wheels
+
+.PHONY: wheel-check
+wheel-check: wheel ## Install the wheel alone in a fresh virtualenv and use it there, outside the checkout
+	rm -rf $(WHEEL_VENV)
+	python3 -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install --quiet target/wheels/distsrv-*.whl
+	cd /tmp && env -u PYTHONPATH -u VIRTUAL_ENV $(abspath $(WHEEL_VENV))/bin/python $(abspath tests/wheel_smoke.py)
 
 # Decoders of peer bytes under coverage-guided fuzzing (fuzz/): libFuzzer through cargo-fuzz,
 # which builds on the stable toolchain with RUSTC_BOOTSTRAP.

@@ -18,6 +18,7 @@ from typing import Any, Protocol, TypeAlias
 
 from . import _native
 from .messages import ClusterDef, JobDef
+from .rendezvous import rendezvous
 from .slurm import slurm_addresses, slurm_int
 
 __all__ = ["ClusterLike", "ClusterSpec"]
@@ -356,6 +357,92 @@ class ClusterSpec:
                 own_job, own_index = job_name, rank - start
             start += count
         return cls(cluster), own_job, own_index
+
+    @classmethod
+    def rendezvous(
+        cls,
+        coordinator: str,
+        job: str,
+        task_index: int,
+        num_tasks: int | Mapping[str, int],
+        *,
+        coordinator_task: tuple[str, int] | None = None,
+        host: str | None = None,
+        token: str | None = None,
+        timeout: float = 300.0,
+    ) -> ClusterSpec:
+        """The whole cluster, for a task that knows only its own place, the cluster's size and
+        one coordinator address, as torchrun, Kubernetes JobSets and Ray give them.
+
+        Every task calls it: the coordinator task (``coordinator_task``, by default task 0 of
+        the first job) listens on ``coordinator`` ("host:port"); each task takes a free port of
+        ``host`` (by default, the address this host reaches the coordinator from) and registers
+        it there, and all get the same spec back once every task has registered. Build the
+        :class:`Server` on it at once: the port is free, not held.
+
+        Args:
+          coordinator: where the coordinator task listens, "host:port".
+          job, task_index: this task.
+          num_tasks: the size of ``job`` (the only job), or job name -> number of tasks.
+          token: the cluster's token (``Security.token``): registrations without it are refused
+            with ``UnauthenticatedError``, and an answer without it is not believed. It never
+            travels: each side proves it holds it with an HMAC over the other's fresh nonce.
+          timeout: seconds for the whole rendezvous.
+
+        Raises:
+          InvalidArgumentError: this task is not one of ``num_tasks``, or two processes
+            registered as the same task (every task then fails).
+          DeadlineExceededError: not every task registered within ``timeout``; the coordinator
+            names the missing ones.
+        """
+        tasks = {job: num_tasks} if isinstance(num_tasks, int) else dict(num_tasks)
+        if coordinator_task is None:
+            coordinator_task = (next(iter(tasks), job), 0)
+        cluster = rendezvous(
+            coordinator,
+            job,
+            task_index,
+            tasks,
+            coordinator_task=coordinator_task,
+            host=host,
+            token=token,
+            timeout=timeout,
+        )
+        return cls(cluster)
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, *, timeout: float = 300.0
+    ) -> tuple[ClusterSpec, str, int, str]:
+        """This task's cluster from whatever started it: ``(spec, job, task index, source)``,
+        ``source`` saying which it used. Tries, in order, ``TF_CONFIG`` (TensorFlow, Kubeflow,
+        ``distsrv launch``), Slurm (``SLURM_PROCID``; see :meth:`from_slurm`), and torchrun's
+        variables (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``: a
+        :meth:`rendezvous` of one job "worker" at the master, with ``DISTSRV_TOKEN`` if set).
+
+        Raises:
+          ValueError: none of them is set.
+        """
+        env = os.environ if env is None else env
+        if "TF_CONFIG" in env:
+            spec, job, index = cls.from_tf_config(env["TF_CONFIG"])
+            if job is None or index is None:
+                raise ValueError("TF_CONFIG names no task (its 'task' key)")
+            return spec, job, index, "TF_CONFIG"
+        if "SLURM_PROCID" in env:
+            spec, job, index = cls.from_slurm(env)
+            return spec, job, index, "Slurm"
+        torchrun = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        if all(name in env for name in torchrun):
+            rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+            coordinator = f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+            token = env.get("DISTSRV_TOKEN") or None  # security.TOKEN_ENV, a layer up
+            spec = cls.rendezvous(coordinator, "worker", rank, world, token=token, timeout=timeout)
+            return spec, "worker", rank, "torchrun"
+        raise ValueError(
+            "no cluster in the environment: set TF_CONFIG, run under Slurm, or set RANK, "
+            "WORLD_SIZE, MASTER_ADDR and MASTER_PORT"
+        )
 
 
 def _load_tf_config(env: str | Mapping[str, Any] | None) -> Mapping[str, Any]:
