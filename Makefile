@@ -43,7 +43,7 @@ lint: develop ## Formatting, clippy, ruff, mypy, the import contracts and the st
 .PHONY: test
 test: lint fuzz-check ## Set up and run every check and test: Rust and Python
 	cargo test
-	cargo bench --no-run
+	cargo bench -- --quick --noplot
 	python -m pytest
 	$(MAKE) --no-print-directory wheel-check
 

@@ -169,14 +169,15 @@ def _tasks(
     names = [f"/job:{job}/task:{index}" for job, index in pairs]
     securities = Security.temporary_for_tasks(names, hosts=(host,)) if security else {}
     ports = iter(free_ports(len(pairs), host))
-    cluster = {job: [f"{host}:{next(ports)}" for _ in range(count)] for job, count in jobs.items()}
+    at = f"[{host}]" if ":" in host else host
+    cluster = {job: [f"{at}:{next(ports)}" for _ in range(count)] for job, count in jobs.items()}
     per_task = str(threads if threads is not None else threads_per_task(len(pairs)))
     tasks = []
     for (job, index), name in zip(pairs, names, strict=True):
-        environment = {name: per_task for name in THREAD_VARIABLES}
+        environment = dict.fromkeys(THREAD_VARIABLES, per_task)
         environment.update(os.environ)
         if threads is not None:
-            environment.update({name: per_task for name in THREAD_VARIABLES})
+            environment.update(dict.fromkeys(THREAD_VARIABLES, per_task))
         if name in securities:
             environment.update(securities[name].env())
         environment.update(

@@ -636,18 +636,7 @@ impl Collective {
         let n = self.size();
         if data.len() * (n - 1) <= ALL_TO_ALL_BYTES {
             let arrivals = self.meet(head, |_| Some(data.clone())).await?;
-            let mut acc = TensorBuf::from_slice(&self.payload(&arrivals, 0, data.len())?);
-            for rank in 1..n {
-                let other = self.payload(&arrivals, rank, data.len())?;
-                reduce::combine(op, meta.dtype, acc.as_mut_slice(), &other)?;
-            }
-            if op == ReduceOp::Mean {
-                reduce::divide(meta.dtype, acc.as_mut_slice(), n);
-            }
-            return Ok(Tensor {
-                meta: meta.clone(),
-                data: acc,
-            });
+            return self.reduced(op, meta, &arrivals);
         }
         self.meet(head, |_| None).await?;
         let layout = Layout::new(meta, n);
@@ -734,18 +723,7 @@ impl Collective {
             if !is_root {
                 return Ok(None);
             }
-            let mut acc = TensorBuf::from_slice(&self.payload(&arrivals, 0, data.len())?);
-            for rank in 1..n {
-                let other = self.payload(&arrivals, rank, data.len())?;
-                reduce::combine(op, meta.dtype, acc.as_mut_slice(), &other)?;
-            }
-            if op == ReduceOp::Mean {
-                reduce::divide(meta.dtype, acc.as_mut_slice(), n);
-            }
-            return Ok(Some(Tensor {
-                meta: meta.clone(),
-                data: acc,
-            }));
+            return self.reduced(op, meta, &arrivals).map(Some);
         }
         // Large: the ring's reduce-scatter, then every member's segment to the root.
         self.meet(head, |_| None).await?;
@@ -805,6 +783,24 @@ impl Collective {
         Ok(Tensor {
             meta,
             data: TensorBuf::from_slice(&bytes),
+        })
+    }
+
+    /// The reduction of every member's payload for this one (each a `meta` tensor), in rank
+    /// order, so that every member that computes it gets the same bits.
+    fn reduced(&self, op: ReduceOp, meta: &TensorMeta, arrivals: &[Arrival]) -> Result<Tensor> {
+        let size = byte_len(meta);
+        let mut acc = TensorBuf::from_slice(&self.payload(arrivals, 0, size)?);
+        for rank in 1..self.size() {
+            let other = self.payload(arrivals, rank, size)?;
+            reduce::combine(op, meta.dtype, acc.as_mut_slice(), &other)?;
+        }
+        if op == ReduceOp::Mean {
+            reduce::divide(meta.dtype, acc.as_mut_slice(), self.size());
+        }
+        Ok(Tensor {
+            meta: meta.clone(),
+            data: acc,
         })
     }
 
