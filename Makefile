@@ -41,11 +41,18 @@ lint: develop ## Formatting, clippy, ruff, mypy, the import contracts and the st
 	python -m mypy.stubtest distsrv._native --allowlist .stubtest-allowlist
 
 .PHONY: test
-test: lint fuzz-check ## Set up and run every check and test: Rust and Python
+test: lint fuzz-check slurm-tools ## Set up and run every check and test: Rust and Python
 	cargo test
 	cargo bench -- --quick --noplot
 	python -m pytest
 	$(MAKE) --no-print-directory wheel-check
+
+# tests/test_slurm.py runs the main job under a one-node Slurm it starts and stops; as root (CI),
+# Debian's slurm-wlm and munge are installed for it.
+.PHONY: slurm-tools
+slurm-tools:
+	@if [ "$$(id -u)" = 0 ]; then tests/slurm/cluster.sh install; \
+	else echo "not root: tests/test_slurm.py will be skipped"; fi
 
 WHEEL_VENV := target/wheel-venv
 

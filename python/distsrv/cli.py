@@ -118,6 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Listed nowhere (no help): what `distsrv demo` runs in each task.
     demo_worker = commands.add_parser("demo-worker")
     add_training_arguments(demo_worker)
+    demo_worker.add_argument(
+        "--slurm-port", type=int, default=8888, help="under Slurm, the first task's port on a node"
+    )
 
     args = parser.parse_args(argv)
     if args.command == "launch":

@@ -412,11 +412,16 @@ class ClusterSpec:
 
     @classmethod
     def from_env(
-        cls, env: Mapping[str, str] | None = None, *, timeout: float = 300.0
+        cls,
+        env: Mapping[str, str] | None = None,
+        *,
+        slurm_port: int = 8888,
+        timeout: float = 300.0,
     ) -> tuple[ClusterSpec, str, int, str]:
         """This task's cluster from whatever started it: ``(spec, job, task index, source)``,
         ``source`` saying which it used. Tries, in order, ``TF_CONFIG`` (TensorFlow, Kubeflow,
-        ``distsrv launch``), Slurm (``SLURM_PROCID``; see :meth:`from_slurm`), and torchrun's
+        ``distsrv launch``), Slurm (``SLURM_PROCID``; see :meth:`from_slurm`, whose ``port``
+        ``slurm_port`` is), and torchrun's
         variables (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``: a
         :meth:`rendezvous` of one job "worker" at the master, with ``DISTSRV_TOKEN`` if set).
 
@@ -430,7 +435,7 @@ class ClusterSpec:
                 raise ValueError("TF_CONFIG names no task (its 'task' key)")
             return spec, job, index, "TF_CONFIG"
         if "SLURM_PROCID" in env:
-            spec, job, index = cls.from_slurm(env)
+            spec, job, index = cls.from_slurm(env, port=slurm_port)
             return spec, job, index, "Slurm"
         torchrun = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
         if all(name in env for name in torchrun):

@@ -97,12 +97,18 @@ class Traffic:
 
 
 def worker(args: argparse.Namespace) -> int:
-    spec, job, index = ClusterSpec.from_tf_config()
-    if job is None or index is None:
-        raise SystemExit("TF_CONFIG must name this task (its 'task' key)")
+    """One task of the main job, its place from ``TF_CONFIG`` (``distsrv demo``, Kubeflow) or
+    Slurm (``srun ... distsrv demo-worker``)."""
+    try:
+        spec, job, index, source = ClusterSpec.from_env(slurm_port=args.slurm_port)
+    except ValueError as error:
+        raise SystemExit(f"distsrv demo-worker: {error}") from None
     # The launcher hands every task the cluster's token and TLS (`distsrv demo` makes them).
     with Server(spec, job_name=job, task_index=index, security=Security.from_env()) as server:
-        print(f"serving {server.task} at {server.target} (pid {os.getpid()})", flush=True)
+        print(
+            f"serving {server.task} at {server.target} (pid {os.getpid()}, cluster from {source})",
+            flush=True,
+        )
         try:
             server.wait_for_cluster(timeout=STARTUP_TIMEOUT)
             if job == "ps":
