@@ -87,6 +87,8 @@ class Server:
             raise TypeError(f"security must be a distsrv.Security, not {type(security).__name__}")
         self._security = security
         self._config = config or ServerConfig()
+        # What the core logs ("distsrv.*" loggers) follows the logging configuration of now.
+        _native.reset_logging()
         definition = _make_server_def(server_or_cluster_def, job_name, task_index, protocol)
         if definition.protocol not in ("grpc",):
             raise InvalidArgumentError(

@@ -185,6 +185,11 @@ impl Server {
             Ok(serving) => {
                 state.serving = Some(serving);
                 self.lifecycle.set(&mut state, Status::Running);
+                // Logged with no lock held: a record may wait for Python's GIL, which a thread
+                // waiting for this lock may hold.
+                drop(state);
+                let address = self.server_def().cluster.address(self.task_id());
+                log::info!("{} serving at {}", self.task_id(), address.unwrap_or("?"));
                 Ok(())
             }
             Err(error) => {
@@ -316,6 +321,8 @@ impl Server {
         let mut state = self.lifecycle.lock();
         if state.status == Status::Closing {
             self.lifecycle.set(&mut state, Status::Closed);
+            drop(state); // as at start, logged with no lock held
+            log::info!("{} stopped", self.task_id());
         }
     }
 

@@ -39,9 +39,19 @@ mod native {
     #[pymodule_export]
     use super::wait::blocked_threads;
 
+    /// Clears what the bridge to Python's logging cached of its loggers and levels.
+    static LOGGING: std::sync::OnceLock<pyo3_log::ResetHandle> = std::sync::OnceLock::new();
+
     #[pymodule_init]
     fn init(module: &Bound<'_, PyModule>) -> PyResult<()> {
         module.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        // The core's log records go to Python's logging, as loggers "distsrv.<module>" (quiet
+        // until the application shows INFO). Levels are cached, so that a record nobody shows
+        // costs no GIL on a runtime thread.
+        let logger = pyo3_log::Logger::new(module.py(), pyo3_log::Caching::LoggersAndLevels)?;
+        if let Ok(reset) = logger.install() {
+            let _ = LOGGING.set(reset);
+        }
         // Benchmarks refuse to time a debug build.
         module.add(
             "BUILD_PROFILE",
@@ -52,6 +62,14 @@ mod native {
             },
         )?;
         Ok(())
+    }
+
+    /// Rereads Python's logging configuration, as each new server does.
+    #[pyfunction]
+    fn reset_logging() {
+        if let Some(reset) = LOGGING.get() {
+            reset.reset();
+        }
     }
 
     /// Splits "host:port" (IPv6 in brackets) into host and port; ValueError if it is not one.

@@ -352,6 +352,14 @@ async fn beat(connections: Arc<Vec<Arc<Peers>>>, task: TaskId, peer_timeout: Dur
                     Presence::Up(incarnation) => last_up.filter(|known| known != incarnation),
                     _ => None,
                 };
+                match (&found, previous) {
+                    (Presence::Up(now), Some(before)) => {
+                        log::info!("{task} restarted: incarnation {before:x}, now {now:x}");
+                    }
+                    (Presence::Up(now), None) => log::info!("{task} is up (incarnation {now:x})"),
+                    (Presence::Lost { why, .. }, _) => log::info!("{task} {why}"),
+                    (Presence::Unknown, _) => {}
+                }
                 let _ = tell.events.send(PeerEvent {
                     task: task.clone(),
                     presence: found.clone(),
