@@ -31,7 +31,7 @@ def accuracies(stdout: str) -> tuple[float, float]:
 
 
 def pids(stdout: str) -> list[int]:
-    return [int(pid) for pid in re.findall(r"serving \S+ at \S+ \(pid (\d+)\)", stdout)]
+    return [int(pid) for pid in re.findall(r"serving \S+ at \S+ \(pid (\d+)[,)]", stdout)]
 
 
 def alive(pid: int) -> bool:
