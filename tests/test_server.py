@@ -337,7 +337,9 @@ def test_a_port_in_use_is_unavailable_naming_the_address(
             distsrv.Server({"worker": [f"127.0.0.1:{port}"]}, start=start)
         assert info.value.error_code == errors.UNAVAILABLE
         if HAS_PROC:
-            assert distsrv_threads() == threads, "a failed construction left threads running"
+            # An earlier test's runtime may still be winding down: fewer threads is fine.
+            left = wait_until(lambda: distsrv_threads() <= threads)
+            assert left, f"a failed construction left threads running: {thread_names()}"
     # Nothing of the failed attempt holds on: once the port is free the same cluster works.
     server = make_server({"worker": [f"127.0.0.1:{port}"]})
     assert server.port == port
