@@ -22,6 +22,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from distsrv import _native
 from distsrv.errors import (
     DeadlineExceededError,
     InvalidArgumentError,
@@ -84,10 +85,10 @@ def rendezvous(
 
 
 def _split(address: str) -> tuple[str, int]:
-    host, colon, port = address.rpartition(":")
-    if not colon or not port.isdigit():
-        raise InvalidArgumentError(f"the coordinator {address!r} is not host:port")
-    return host.strip("[]"), int(port)
+    try:
+        return _native.parse_address(address)
+    except ValueError as error:
+        raise InvalidArgumentError(f"the coordinator: {error}") from None
 
 
 def _join(host: str, port: int) -> str:
