@@ -16,14 +16,14 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 .PHONY: develop
-develop: $(VENV)/.installed ## Build the extension (dev profile) into .venv with the test extras
+develop: $(VENV)/.installed ## Build the extension (dev profile) into .venv with the test, torch and jax extras
 	rm -f python/distsrv/_native*.so
-	maturin develop --quiet --extras test
+	maturin develop --quiet --extras test,torch,jax
 
 .PHONY: develop-release
 develop-release: $(VENV)/.installed ## Build the extension optimised, for benchmarks
 	rm -f python/distsrv/_native*.so
-	maturin develop --quiet --release --extras test
+	maturin develop --quiet --release --extras test,torch,jax
 
 .PHONY: demo
 demo: develop ## Set up and run the main job: a local cluster at work

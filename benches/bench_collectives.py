@@ -14,7 +14,7 @@ Peers:
 - MPI: mpi4py's ``Allreduce`` / ``Barrier`` over OpenMPI, started by ``mpirun``, once with its TCP
   transport on the loopback interface (the same wire as distsrv) and once with its defaults
   (shared memory between processes of one host, the HPC reference);
-- torch.distributed's gloo backend, when torch is installed (``pip install '.[bench-torch]'``).
+- torch.distributed's gloo backend, when torch is installed (``pip install '.[torch]'``).
 A peer whose software is missing is skipped with a message.
 
     python benches/bench_collectives.py            # all sizes, 2 and 4 processes, all peers
@@ -248,7 +248,7 @@ def rank_main(
 def available(peer: str) -> str | None:
     """Why ``peer`` cannot run here, or None."""
     if peer == "gloo" and importlib.util.find_spec("torch") is None:
-        return "torch is not installed: pip install '.[bench-torch]'"
+        return "torch is not installed: pip install '.[torch]'"
     if peer.startswith("mpi"):
         if importlib.util.find_spec("mpi4py") is None:
             return "mpi4py is not installed: pip install '.[bench-mpi]'"

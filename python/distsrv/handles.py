@@ -12,6 +12,7 @@ import numpy.typing as npt
 
 from distsrv import _native
 from distsrv.errors import InvalidArgumentError
+from distsrv.interop import TensorLike, like, writable_view
 
 __all__ = ["CallHandle", "CollectiveHandle", "RecvHandle", "SendHandle"]
 
@@ -58,14 +59,22 @@ class SendHandle(_Handle):
 class RecvHandle(_Handle):
     """A receive in flight."""
 
+    def __init__(
+        self, pending: _native.Pending, out: TensorLike | None = None, prototype: Any = None
+    ) -> None:
+        super().__init__(pending)
+        self._out = out
+        self._prototype = prototype
+
     def wait(self, timeout: float | None = None) -> npt.NDArray[Any]:
-        """Blocks until the tensor is here and returns it; re-raises the receive's error."""
-        result: npt.NDArray[Any] = self._pending.wait(timeout)
+        """Blocks until the tensor is here and returns it (``out``, filled in, if one was given;
+        in ``like``'s kind if that was given); re-raises the receive's error."""
+        result: npt.NDArray[Any] = fill(self._pending.wait(timeout), self._out, self._prototype)
         return result
 
     async def wait_async(self) -> npt.NDArray[Any]:
         await self._finished()
-        result: npt.NDArray[Any] = self._pending.wait(None)
+        result: npt.NDArray[Any] = fill(self._pending.wait(None), self._out, self._prototype)
         return result
 
 
@@ -85,26 +94,45 @@ class CollectiveHandle(_Handle):
     """A collective in flight. Dropping it does not cancel the collective: the other members
     count on this one's part, so it runs to its end."""
 
-    def __init__(self, pending: _native.Pending, out: npt.NDArray[Any] | None = None) -> None:
+    def __init__(
+        self, pending: _native.Pending, out: TensorLike | None = None, prototype: Any = None
+    ) -> None:
         super().__init__(pending)
         self._out = out
+        self._prototype = prototype
 
     def wait(self, timeout: float | None = None) -> npt.NDArray[Any] | None:
         """Blocks until this member's part is done and returns its result (``out``, filled in,
-        if one was given; None where this member gets no result); re-raises the collective's
-        error."""
-        return fill(self._pending.wait(timeout), self._out)
+        if one was given; else in the kind of the array given: a torch tensor for a torch
+        tensor; None where this member gets no result); re-raises the collective's error."""
+        result: npt.NDArray[Any] | None = fill(
+            self._pending.wait(timeout), self._out, self._prototype
+        )
+        return result
 
     async def wait_async(self) -> npt.NDArray[Any] | None:
         await self._finished()
-        return fill(self._pending.wait(None), self._out)
-
-
-def fill(result: npt.NDArray[Any] | None, out: npt.NDArray[Any] | None) -> npt.NDArray[Any] | None:
-    """``result``, or ``out`` with ``result`` copied in when ``out`` is given."""
-    if out is None or result is None:
+        result: npt.NDArray[Any] | None = fill(self._pending.wait(None), self._out, self._prototype)
         return result
-    if out.shape != result.shape:
-        raise InvalidArgumentError(f"out has shape {out.shape}; the result has {result.shape}")
-    np.copyto(out, result, casting="same_kind")
+
+
+def writable(out: TensorLike | None) -> TensorLike | None:
+    """``out``, once it is known to be writable memory: checked before an operation starts, so
+    that a wrong ``out`` fails at once rather than after the tensor is taken."""
+    if out is not None:
+        writable_view(out)
+    return out
+
+
+def fill(result: npt.NDArray[Any] | None, out: TensorLike | None, prototype: Any = None) -> Any:
+    """``out`` with ``result`` copied in when ``out`` is given, else ``result`` in
+    ``prototype``'s kind (a numpy array when that is None)."""
+    if result is None:
+        return None
+    if out is None:
+        return like(result, prototype)
+    target = writable_view(out)
+    if target.shape != result.shape:
+        raise InvalidArgumentError(f"out has shape {target.shape}; the result has {result.shape}")
+    np.copyto(target, result, casting="same_kind")
     return out

@@ -31,7 +31,7 @@ from distsrv.errors import (
     UnavailableError,
 )
 
-__all__ = ["rendezvous"]
+__all__ = ["host_towards", "rendezvous"]
 
 #: What a registration or an answer may hold, at most: a line of JSON.
 MAX_LINE_BYTES = 1 << 20
@@ -71,7 +71,7 @@ def rendezvous(
             f"the coordinator task {coordinator_task} is not one of the tasks"
         )
     coordinator_host, coordinator_port = _split(coordinator)
-    own_host = host or _host_towards(coordinator_host, coordinator_port)
+    own_host = host or host_towards(coordinator_host, coordinator_port)
     address = _join(own_host, _free_port(own_host))
     deadline = time.monotonic() + timeout
     key = token.encode() if token is not None else None
@@ -95,7 +95,7 @@ def _join(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _host_towards(host: str, port: int) -> str:
+def host_towards(host: str, port: int) -> str:
     """The local address the route to ``host`` leaves from (a UDP connect sends nothing)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as probe:

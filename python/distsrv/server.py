@@ -19,7 +19,15 @@ from distsrv.config import ServerConfig
 from distsrv.devices import DeviceAttributes
 from distsrv.errors import InvalidArgumentError
 from distsrv.handlers import EventLoop, is_async, wants_context
-from distsrv.handles import CallHandle, CollectiveHandle, RecvHandle, SendHandle, fill
+from distsrv.handles import (
+    CallHandle,
+    CollectiveHandle,
+    RecvHandle,
+    SendHandle,
+    fill,
+    writable,
+)
+from distsrv.interop import TensorLike
 from distsrv.messages import ServerDef
 from distsrv.peers import PeerEvent, PeerState
 from distsrv.security import Security
@@ -312,32 +320,64 @@ class Server:
         one restarted ``AbortedError``."""
         self._native.send(to, name, array, timeout)
 
-    def recv(self, name: str, source: TaskLike, timeout: float | None = None) -> npt.NDArray[Any]:
+    def recv(
+        self,
+        name: str,
+        source: TaskLike,
+        timeout: float | None = None,
+        *,
+        like: TensorLike | None = None,
+        out: TensorLike | None = None,
+    ) -> npt.NDArray[Any]:
         """The next tensor ``name`` sent by task ``source``, waiting up to ``timeout`` seconds
         (``DeadlineExceededError`` past it). A source that is not up raises ``UnavailableError``
         unless it comes up within ``config.connect_timeout``; one lost while waited on raises it
-        within ``config.peer_timeout``, one restarted ``AbortedError``."""
-        return self._native.recv(source, name, timeout)
+        within ``config.peer_timeout``, one restarted ``AbortedError``.
+
+        A numpy array over the received bytes; in ``like``'s kind where given (a torch tensor
+        over the same bytes for a torch tensor, a JAX array for a JAX one); or written into
+        ``out`` (a numpy array or torch tensor of the tensor's shape), which is returned."""
+        out = writable(out)
+        result: npt.NDArray[Any] = fill(self._native.recv(source, name, timeout), out, like)
+        return result
 
     def isend(self, name: str, array: npt.ArrayLike, to: TaskLike) -> SendHandle:
         """Starts a send and returns at once; ``wait()`` on the handle for its acknowledgement.
         The array must not be modified until then."""
         return SendHandle(self._native.isend(to, name, array))
 
-    def irecv(self, name: str, source: TaskLike, timeout: float | None = None) -> RecvHandle:
-        """Starts a receive and returns at once; ``wait()`` on the handle for the array. Dropping
-        the handle before it finishes cancels the receive."""
-        return RecvHandle(self._native.irecv(source, name, timeout))
+    def irecv(
+        self,
+        name: str,
+        source: TaskLike,
+        timeout: float | None = None,
+        *,
+        like: TensorLike | None = None,
+        out: TensorLike | None = None,
+    ) -> RecvHandle:
+        """Starts a receive and returns at once; ``wait()`` on the handle for the array (as
+        :meth:`recv` gives it). Dropping the handle before it finishes cancels the receive."""
+        out = writable(out)
+        return RecvHandle(self._native.irecv(source, name, timeout), out, like)
 
     def recv_any(
-        self, name: str, sources: Iterable[TaskLike] | None = None, timeout: float | None = None
+        self,
+        name: str,
+        sources: Iterable[TaskLike] | None = None,
+        timeout: float | None = None,
+        *,
+        like: TensorLike | None = None,
+        out: TensorLike | None = None,
     ) -> tuple[str, npt.NDArray[Any]]:
         """The next tensor ``name`` from whichever of ``sources`` (every task of the cluster by
         default) sends one first, as ``(source, array)``, ``source`` as "/job:<job>/task:<i>":
         MPI's ``ANY_SOURCE``. A source lost meanwhile is waited on no more; ``UnavailableError``
-        only once every source is lost. ``DeadlineExceededError`` past ``timeout``."""
+        only once every source is lost. ``DeadlineExceededError`` past ``timeout``. ``like`` and
+        ``out`` as for :meth:`recv`."""
         members = self._members(EVERY_TASK) if sources is None else list(sources)
-        return self._native.recv_any(members, name, timeout)
+        out = writable(out)
+        source, array = self._native.recv_any(members, name, timeout)
+        return source, fill(array, out, like)
 
     def send_object(
         self, name: str, value: Any, to: TaskLike, *, timeout: float | None = None
@@ -403,11 +443,15 @@ class Server:
         *,
         group: GroupLike = None,
         timeout: float | None = None,
-        out: npt.NDArray[Any] | None = None,
+        out: TensorLike | None = None,
+        inplace: bool = False,
     ) -> npt.NDArray[Any]:
         """The element-wise ``op`` of every member's ``array``: bitwise the same on every member.
         A mean needs a floating or complex dtype; sum and prod of integers wrap as numpy's do.
-        ``out`` may be ``array`` itself, for an in-place reduction."""
+        The result comes in ``array``'s kind (a torch tensor for a torch tensor); it is written
+        into ``out`` where given, and into ``array`` itself with ``inplace=True``, as torch's
+        ``all_reduce`` does."""
+        out = _in_place(array, out, inplace)
         return _given(self._run("all_reduce", group, timeout, out, array, op=op))
 
     def iall_reduce(
@@ -417,10 +461,12 @@ class Server:
         *,
         group: GroupLike = None,
         timeout: float | None = None,
-        out: npt.NDArray[Any] | None = None,
+        out: TensorLike | None = None,
+        inplace: bool = False,
     ) -> CollectiveHandle:
         """:meth:`all_reduce`, started in the background. ``array`` must not change until the
         handle is done."""
+        out = _in_place(array, out, inplace)
         return self._start("all_reduce", group, timeout, out, array, op=op)
 
     async def aall_reduce(
@@ -430,10 +476,11 @@ class Server:
         *,
         group: GroupLike = None,
         timeout: float | None = None,
-        out: npt.NDArray[Any] | None = None,
+        out: TensorLike | None = None,
+        inplace: bool = False,
     ) -> npt.NDArray[Any]:
         """Awaitable :meth:`all_reduce`."""
-        handle = self.iall_reduce(array, op, group=group, timeout=timeout, out=out)
+        handle = self.iall_reduce(array, op, group=group, timeout=timeout, out=out, inplace=inplace)
         return _given(await handle.wait_async())
 
     def reduce_scatter(
@@ -443,7 +490,7 @@ class Server:
         *,
         group: GroupLike = None,
         timeout: float | None = None,
-        out: npt.NDArray[Any] | None = None,
+        out: TensorLike | None = None,
     ) -> npt.NDArray[Any]:
         """This member's share of :meth:`all_reduce`: of ``n * m`` rows, rank ``r`` gets rows
         ``r * m`` to ``(r + 1) * m``."""
@@ -456,7 +503,7 @@ class Server:
         *,
         group: GroupLike = None,
         timeout: float | None = None,
-        out: npt.NDArray[Any] | None = None,
+        out: TensorLike | None = None,
     ) -> CollectiveHandle:
         """:meth:`reduce_scatter`, started in the background."""
         return self._start("reduce_scatter", group, timeout, out, array, op=op)
@@ -468,7 +515,7 @@ class Server:
         *,
         group: GroupLike = None,
         timeout: float | None = None,
-        out: npt.NDArray[Any] | None = None,
+        out: TensorLike | None = None,
     ) -> npt.NDArray[Any]:
         """Awaitable :meth:`reduce_scatter`."""
         handle = self.ireduce_scatter(array, op, group=group, timeout=timeout, out=out)
@@ -480,7 +527,7 @@ class Server:
         *,
         group: GroupLike = None,
         timeout: float | None = None,
-        out: npt.NDArray[Any] | None = None,
+        out: TensorLike | None = None,
     ) -> npt.NDArray[Any]:
         """Every member's ``array``, stacked in rank order: shape ``(members, *array.shape)``."""
         return _given(self._run("all_gather", group, timeout, out, array))
@@ -491,7 +538,7 @@ class Server:
         *,
         group: GroupLike = None,
         timeout: float | None = None,
-        out: npt.NDArray[Any] | None = None,
+        out: TensorLike | None = None,
     ) -> CollectiveHandle:
         """:meth:`all_gather`, started in the background."""
         return self._start("all_gather", group, timeout, out, array)
@@ -502,7 +549,7 @@ class Server:
         *,
         group: GroupLike = None,
         timeout: float | None = None,
-        out: npt.NDArray[Any] | None = None,
+        out: TensorLike | None = None,
     ) -> npt.NDArray[Any]:
         """Awaitable :meth:`all_gather`."""
         handle = self.iall_gather(array, group=group, timeout=timeout, out=out)
@@ -515,7 +562,7 @@ class Server:
         *,
         group: GroupLike = None,
         timeout: float | None = None,
-        out: npt.NDArray[Any] | None = None,
+        out: TensorLike | None = None,
     ) -> npt.NDArray[Any]:
         """``root``'s ``array`` on every member. Other members may pass None, or an array whose
         dtype and shape are then checked against the root's (and which may be ``out`` too, to
@@ -529,7 +576,7 @@ class Server:
         *,
         group: GroupLike = None,
         timeout: float | None = None,
-        out: npt.NDArray[Any] | None = None,
+        out: TensorLike | None = None,
     ) -> CollectiveHandle:
         """:meth:`broadcast`, started in the background."""
         return self._start("broadcast", group, timeout, out, array, root=root)
@@ -541,7 +588,7 @@ class Server:
         *,
         group: GroupLike = None,
         timeout: float | None = None,
-        out: npt.NDArray[Any] | None = None,
+        out: TensorLike | None = None,
     ) -> npt.NDArray[Any]:
         """Awaitable :meth:`broadcast`."""
         handle = self.ibroadcast(array, root, group=group, timeout=timeout, out=out)
@@ -570,7 +617,7 @@ class Server:
         *,
         group: GroupLike = None,
         timeout: float | None = None,
-        out: npt.NDArray[Any] | None = None,
+        out: TensorLike | None = None,
     ) -> npt.NDArray[Any] | None:
         """:meth:`all_reduce`'s result on ``root`` only; None on the other members."""
         return self._run("reduce", group, timeout, out, array, op=op, root=root)
@@ -583,7 +630,7 @@ class Server:
         *,
         group: GroupLike = None,
         timeout: float | None = None,
-        out: npt.NDArray[Any] | None = None,
+        out: TensorLike | None = None,
     ) -> CollectiveHandle:
         """:meth:`reduce`, started in the background."""
         return self._start("reduce", group, timeout, out, array, op=op, root=root)
@@ -596,7 +643,7 @@ class Server:
         *,
         group: GroupLike = None,
         timeout: float | None = None,
-        out: npt.NDArray[Any] | None = None,
+        out: TensorLike | None = None,
     ) -> npt.NDArray[Any] | None:
         """Awaitable :meth:`reduce`."""
         handle = self.ireduce(array, root, op, group=group, timeout=timeout, out=out)
@@ -609,7 +656,7 @@ class Server:
         *,
         group: GroupLike = None,
         timeout: float | None = None,
-        out: npt.NDArray[Any] | None = None,
+        out: TensorLike | None = None,
     ) -> npt.NDArray[Any] | None:
         """:meth:`all_gather`'s result on ``root`` only; None on the other members."""
         return self._run("gather", group, timeout, out, array, root=root)
@@ -621,7 +668,7 @@ class Server:
         *,
         group: GroupLike = None,
         timeout: float | None = None,
-        out: npt.NDArray[Any] | None = None,
+        out: TensorLike | None = None,
     ) -> CollectiveHandle:
         """:meth:`gather`, started in the background."""
         return self._start("gather", group, timeout, out, array, root=root)
@@ -633,7 +680,7 @@ class Server:
         *,
         group: GroupLike = None,
         timeout: float | None = None,
-        out: npt.NDArray[Any] | None = None,
+        out: TensorLike | None = None,
     ) -> npt.NDArray[Any] | None:
         """Awaitable :meth:`gather`."""
         handle = self.igather(array, root, group=group, timeout=timeout, out=out)
@@ -646,7 +693,7 @@ class Server:
         *,
         group: GroupLike = None,
         timeout: float | None = None,
-        out: npt.NDArray[Any] | None = None,
+        out: TensorLike | None = None,
     ) -> npt.NDArray[Any]:
         """Row ``r`` of ``root``'s ``array`` (whose first dimension is the group's size) on the
         member of rank ``r``. The other members pass None."""
@@ -659,7 +706,7 @@ class Server:
         *,
         group: GroupLike = None,
         timeout: float | None = None,
-        out: npt.NDArray[Any] | None = None,
+        out: TensorLike | None = None,
     ) -> CollectiveHandle:
         """:meth:`scatter`, started in the background."""
         return self._start("scatter", group, timeout, out, array, root=root)
@@ -671,7 +718,7 @@ class Server:
         *,
         group: GroupLike = None,
         timeout: float | None = None,
-        out: npt.NDArray[Any] | None = None,
+        out: TensorLike | None = None,
     ) -> npt.NDArray[Any]:
         """Awaitable :meth:`scatter`."""
         handle = self.iscatter(array, root, group=group, timeout=timeout, out=out)
@@ -683,7 +730,7 @@ class Server:
         *,
         group: GroupLike = None,
         timeout: float | None = None,
-        out: npt.NDArray[Any] | None = None,
+        out: TensorLike | None = None,
     ) -> npt.NDArray[Any]:
         """Row ``j`` of every member's ``array`` (whose first dimension is the group's size) goes
         to the member of rank ``j``, which gets them stacked in rank order: ``result[i]`` is row
@@ -696,7 +743,7 @@ class Server:
         *,
         group: GroupLike = None,
         timeout: float | None = None,
-        out: npt.NDArray[Any] | None = None,
+        out: TensorLike | None = None,
     ) -> CollectiveHandle:
         """:meth:`all_to_all`, started in the background."""
         return self._start("all_to_all", group, timeout, out, array)
@@ -707,7 +754,7 @@ class Server:
         *,
         group: GroupLike = None,
         timeout: float | None = None,
-        out: npt.NDArray[Any] | None = None,
+        out: TensorLike | None = None,
     ) -> npt.NDArray[Any]:
         """Awaitable :meth:`all_to_all`."""
         handle = self.iall_to_all(array, group=group, timeout=timeout, out=out)
@@ -718,30 +765,34 @@ class Server:
         kind: str,
         group: GroupLike,
         timeout: float | None,
-        out: npt.NDArray[Any] | None,
+        out: TensorLike | None,
         array: npt.ArrayLike | None,
         *,
         op: str | None = None,
         root: TaskLike | None = None,
     ) -> npt.NDArray[Any] | None:
         members = self._members(group)
-        result = self._native.collective(kind, members, array, op, root, timeout)
-        return fill(result, out)
+        out = writable(out)
+        given: npt.NDArray[Any] | None = fill(
+            self._native.collective(kind, members, array, op, root, timeout), out, array
+        )
+        return given
 
     def _start(
         self,
         kind: str,
         group: GroupLike,
         timeout: float | None,
-        out: npt.NDArray[Any] | None,
+        out: TensorLike | None,
         array: npt.ArrayLike | None,
         *,
         op: str | None = None,
         root: TaskLike | None = None,
     ) -> CollectiveHandle:
         members = self._members(group)
+        out = writable(out)
         pending = self._native.icollective(kind, members, array, op, root, timeout)
-        return CollectiveHandle(pending, out)
+        return CollectiveHandle(pending, out, array)
 
     # -- parameter-server variables -----------------------------------------------------------
 
@@ -891,6 +942,15 @@ def _decoded(array: npt.NDArray[Any]) -> Any:
             f"a {array.dtype} array of shape {array.shape} arrived where an object was due"
         )
     return _native.decode_object(array.tobytes())
+
+
+def _in_place(array: Any, out: TensorLike | None, inplace: bool) -> TensorLike | None:
+    """Where a result goes: ``array`` itself with ``inplace``, else ``out``."""
+    if not inplace:
+        return out
+    if out is not None:
+        raise ValueError("give out= or inplace=True, not both")
+    return array
 
 
 def _given(result: npt.NDArray[Any] | None) -> npt.NDArray[Any]:

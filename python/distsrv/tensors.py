@@ -7,6 +7,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from distsrv.interop import as_array
+
 __all__ = ["dtype_code", "supported_dtypes", "to_wire"]
 
 #: TensorFlow's DataType code of bfloat16, the one dtype numpy has only through ml_dtypes.
@@ -88,12 +90,13 @@ def dtype_code(dtype: npt.DTypeLike) -> int:
         ) from None
 
 
-def to_wire(array: npt.ArrayLike) -> tuple[int, list[int], npt.NDArray[Any]]:
+def to_wire(array: Any) -> tuple[int, list[int], npt.NDArray[Any]]:
     """(dtype code, shape, a C-contiguous native-endian array of it) for sending; copies only when
-    the array is not such an array already. The native layer lends a C-contiguous ndarray
+    the array is not such an array already (a torch tensor, a JAX array or any DLPack tensor in
+    CPU memory is read in place). The native layer lends a C-contiguous ndarray
     of a dtype in ``DTYPE_CODES`` as it is, and comes here for everything else; it makes received
     arrays with ``CODE_DTYPES``."""
-    array = np.asarray(array)
+    array = as_array(array)
     code = dtype_code(array.dtype)
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))

@@ -6,6 +6,7 @@
 
 use bytes::Bytes;
 use pyo3::exceptions::PyTypeError;
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{
@@ -84,7 +85,7 @@ fn encode_at(
     } else if let Ok(dict) = value.cast::<PyDict>() {
         let entries = encode_entries(dict, deeper(depth)?, arrays)?;
         Kind::DictValue(proto::DictValue { entries })
-    } else if is_numpy(value)? {
+    } else if is_array(value)? {
         Kind::TensorValue(encode_array(value, arrays)?)
     } else {
         return Err(PyTypeError::new_err(format!(
@@ -128,10 +129,13 @@ fn deeper(depth: usize) -> PyResult<usize> {
     Ok(depth + 1)
 }
 
-fn is_numpy(value: &Bound<'_, PyAny>) -> PyResult<bool> {
+/// A numpy array or scalar, or another framework's tensor (torch, JAX: anything with DLPack),
+/// which travels as the array `distsrv.interop` reads it as.
+fn is_array(value: &Bound<'_, PyAny>) -> PyResult<bool> {
     let py = value.py();
     Ok(value.is_instance(NDARRAY.import(py, "numpy", "ndarray")?)?
-        || value.is_instance(NUMPY_SCALAR.import(py, "numpy", "generic")?)?)
+        || value.is_instance(NUMPY_SCALAR.import(py, "numpy", "generic")?)?
+        || value.hasattr(intern!(py, "__dlpack__"))?)
 }
 
 /// An array (or numpy scalar, which becomes a 0-d array; `numpy.float64` is a float already) as

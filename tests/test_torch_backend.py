@@ -1,0 +1,77 @@
+"""distsrv as a torch.distributed backend (python/distsrv/torch.py): torch's collectives against
+their expected values on 2 and 3 processes, DDP training matching gloo's, a timeout as torch's
+error. Each rank is a process running tests/torch_ranks.py."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from distsrv.launch import free_ports
+
+torch = pytest.importorskip(
+    "torch", reason="torch is installed by `make develop` (the torch extra)"
+)
+
+RANKS = pathlib.Path(__file__).with_name("torch_ranks.py")
+
+
+def run_ranks(
+    scenario: str, backend: str, world: int, *, env_init: bool = False, output: str = ""
+) -> list[str]:
+    """Runs ``world`` ranks of ``scenario`` to their end; every rank's output."""
+    port = free_ports(1)[0]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if env_init:
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        init_method = "env://"
+    else:
+        init_method = f"tcp://127.0.0.1:{port}"
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(RANKS), scenario, backend, str(rank), str(world), init_method]
+            + ([f"{output}.{rank}"] if output else []),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(world)
+    ]
+    outputs = []
+    try:
+        for rank, process in enumerate(processes):
+            out, _ = process.communicate(timeout=90)
+            assert process.returncode == 0, f"rank {rank} of {scenario} failed:\n{out}"
+            assert f"ok {scenario}" in out, out
+            outputs.append(out)
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+    return outputs
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_torch_collectives_give_their_expected_values(world: int) -> None:
+    run_ranks("collectives", "distsrv", world, env_init=world == 2)
+
+
+def test_ddp_over_distsrv_trains_as_over_gloo(tmp_path: pathlib.Path) -> None:
+    run_ranks("ddp", "distsrv", 2, output=str(tmp_path / "distsrv"))
+    run_ranks("ddp", "gloo", 2, output=str(tmp_path / "gloo"))
+    ours = [torch.load(tmp_path / f"distsrv.{rank}") for rank in range(2)]
+    gloo = [torch.load(tmp_path / f"gloo.{rank}") for rank in range(2)]
+    for name, value in ours[0].items():
+        torch.testing.assert_close(ours[1][name], value, rtol=0, atol=0)  # replicas agree
+        torch.testing.assert_close(value, gloo[0][name], rtol=1e-12, atol=1e-12)
+    untrained = torch.nn.Linear(4 * 6 * 6, 10)
+    assert ours[0]["3.weight"].shape == untrained.weight.shape
+
+
+def test_a_collective_past_the_group_timeout_is_torch_s_backend_error() -> None:
+    run_ranks("timeout", "distsrv", 2)
