@@ -14,7 +14,9 @@ Peers:
 - MPI: mpi4py's ``Allreduce`` / ``Barrier`` over OpenMPI, started by ``mpirun``, once with its TCP
   transport on the loopback interface (the same wire as distsrv) and once with its defaults
   (shared memory between processes of one host, the HPC reference);
-- torch.distributed's gloo backend, when torch is installed (``pip install '.[torch]'``).
+- torch.distributed's gloo backend, and torch.distributed on distsrv's backend
+  (``distsrv.torch``: torch tensors, torch's calls), when torch is installed
+  (``pip install '.[torch]'``).
 A peer whose software is missing is skipped with a message.
 
     python benches/bench_collectives.py            # all sizes, 2 and 4 processes, all peers
@@ -138,18 +140,22 @@ class Mpi:
         self.comm.Barrier()
 
 
-class Gloo:
-    """Reduces in place, gloo's own form (the timed loop's sums overflow to inf: same speed)."""
+class TorchDistributed:
+    """torch.distributed's own calls on a backend: gloo, or distsrv's (``distsrv.torch``).
+    Reduces in place, torch's form (the timed loop's sums overflow to inf: same speed)."""
 
-    def __init__(self, rank: int | None, ports: list[int]) -> None:
+    def __init__(self, backend: str, rank: int | None, ports: list[int]) -> None:
         import torch
         import torch.distributed as dist
+
+        if backend == "distsrv":
+            import distsrv.torch  # noqa: F401 (registers the backend)
 
         assert rank is not None
         self.rank, self.world = rank, len(ports)
         self.torch, self.dist = torch, dist
         dist.init_process_group(
-            "gloo", init_method=f"tcp://{HOST}:{ports[0]}", rank=rank, world_size=len(ports)
+            backend, init_method=f"tcp://{HOST}:{ports[0]}", rank=rank, world_size=len(ports)
         )
 
     def all_reduce(self, array: np.ndarray) -> np.ndarray:
@@ -170,13 +176,15 @@ PEERS: dict[str, Callable[[int | None, list[int]], Any]] = {
     "distsrv": Distsrv,
     "mpi-tcp": Mpi,
     "mpi": Mpi,
-    "gloo": Gloo,
+    "gloo": functools.partial(TorchDistributed, "gloo"),
+    "distsrv-torch": functools.partial(TorchDistributed, "distsrv"),
 }
 NAMES = {
     "distsrv": "distsrv",
     "mpi-tcp": "MPI (TCP lo)",
     "mpi": "MPI (shm)",
     "gloo": "torch gloo",
+    "distsrv-torch": "torch on distsrv",
 }
 MPI_TRANSPORTS = {
     # OpenMPI's TCP byte transfer layer on loopback only, through ob1 (not UCX, which would pick
@@ -247,7 +255,7 @@ def rank_main(
 
 def available(peer: str) -> str | None:
     """Why ``peer`` cannot run here, or None."""
-    if peer == "gloo" and importlib.util.find_spec("torch") is None:
+    if peer in ("gloo", "distsrv-torch") and importlib.util.find_spec("torch") is None:
         return "torch is not installed: pip install '.[torch]'"
     if peer.startswith("mpi"):
         if importlib.util.find_spec("mpi4py") is None:

@@ -61,6 +61,28 @@ def test_all_reduce_training_matches_the_single_process_run() -> None:
     assert len(set(finals)) == 1, out
 
 
+def test_torch_ddp_over_distsrv_matches_gloo_and_one_process() -> None:
+    pytest.importorskip("torch", reason="`make develop` installs torch (the torch extra)")
+    result = demo("--framework", "torch", "--workers", "2", "--epochs", "3", timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    runs = dict(re.findall(r"\[worker:0\] (.+?): +test accuracy ([\d.]+)%, [\d.]+ ms/step", out))
+    assert set(runs) == {"DDP over distsrv", "DDP over gloo", "one process"}, out
+    accuracy = {name: float(value) for name, value in runs.items()}
+    assert accuracy["DDP over distsrv"] >= 85.0, out
+    # The same global batches and mean gradients: only the order of float additions differs.
+    assert abs(accuracy["DDP over distsrv"] - accuracy["DDP over gloo"]) <= 1.0, out
+    assert abs(accuracy["DDP over distsrv"] - accuracy["one process"]) <= 1.0, out
+    assert re.search(r"distsrv step time [\d.]+x gloo's", out), out
+    assert "[worker:1] done: test accuracy" in out, out
+
+
+def test_torch_demo_refuses_the_numpy_model_s_options() -> None:
+    result = demo("--framework", "torch", "--ps")
+    assert result.returncode == 2
+    assert "--ps and --crash-worker are for the numpy model" in result.stderr
+
+
 def test_parameter_server_training_matches_the_single_process_run() -> None:
     result = demo("--ps", "--workers", "2", "--epochs", "4")
     assert result.returncode == 0, result.stdout + result.stderr

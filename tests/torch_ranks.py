@@ -90,6 +90,16 @@ def collectives(rank: int, world: int) -> None:
     request.wait()
     assert_close(incoming, torch.full((3,), before + 0.5))
 
+    # A subgroup of the first and last ranks: its ranks are its own, its tasks the world's.
+    ends = dist.new_group([0, world - 1])
+    if rank in (0, world - 1):
+        tensor = torch.full((2,), float(rank))
+        dist.all_reduce(tensor, group=ends)
+        assert_close(tensor, torch.full((2,), float(world - 1)))
+        data = torch.full((2,), float(rank))
+        dist.broadcast(data, src=world - 1, group=ends)  # src is a global rank
+        assert_close(data, torch.full((2,), float(world - 1)))
+
     with pytest.raises(ValueError, match="BAND"):
         dist.all_reduce(torch.ones(1, dtype=torch.int32), op=dist.ReduceOp.BAND)
 

@@ -40,7 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="train a small model data-parallel on a local cluster (the main job)",
         description="Trains an MLP on handwritten digits with N worker processes on 127.0.0.1, "
         "all-reducing the gradients each step (or pushing them to a parameter server with --ps), "
-        "and compares the result with the same training in a single process.",
+        "and compares the result with the same training in a single process; with --framework "
+        "torch, a CNN under PyTorch's DistributedDataParallel over distsrv and over gloo.",
     )
     demo.add_argument("-n", "--workers", type=int, default=3, help="worker processes (default 3)")
     demo.add_argument("--timeout", type=float, default=120.0, help="seconds before giving up")
@@ -132,10 +133,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--epochs, --batch-size and --hidden must be at least 1")
         if args.crash_worker is not None and not 0 <= args.crash_worker < args.workers:
             parser.error(f"--crash-worker must name a worker, 0 to {args.workers - 1}")
+        if args.framework == "torch" and (args.ps or args.crash_worker is not None):
+            parser.error("--ps and --crash-worker are for the numpy model")
         jobs = {"ps": 1, "worker": args.workers} if args.ps else {"worker": args.workers}
         command = [sys.executable, "-m", "distsrv", "demo-worker", *worker_arguments(args)]
         return launch_tasks(command, jobs, timeout=args.timeout, security="temporary")
     if args.command == "demo-worker":
+        if args.framework == "torch":
+            # torch takes a second to import: only its workers pay for it.
+            from distsrv.examples import torch_demo
+
+            return torch_demo.worker(args)
         return demo_worker_main(args)
     if args.command == "serve":
         return _serve(args)

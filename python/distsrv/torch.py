@@ -45,8 +45,9 @@ __all__ = ["BACKEND", "ProcessGroup"]
 
 #: The name to give ``torch.distributed.init_process_group``.
 BACKEND = "distsrv"
-#: The job every rank's task belongs to.
-JOB = "rank"
+#: The job of every rank's task: ``/job:worker/task:<global rank>``, the names that the
+#: per-task certificates of ``distsrv launch --jobs worker=N --security temporary`` carry.
+JOB = "worker"
 
 _OPS: dict[Any, ReduceOp] = {
     dist.ReduceOp.SUM: "sum",
@@ -128,16 +129,31 @@ class _Completer:
 class ProcessGroup(dist.ProcessGroup):
     """A torch process group whose ranks are the tasks of one distsrv cluster."""
 
-    def __init__(self, store: Store, rank: int, world_size: int, timeout: timedelta) -> None:
+    def __init__(
+        self,
+        store: Store,
+        rank: int,
+        world_size: int,
+        timeout: timedelta,
+        global_ranks: Sequence[int] | None = None,
+    ) -> None:
         super().__init__(rank, world_size)
         self._timeout = timeout.total_seconds()
+        # A subgroup's ranks are its own; its tasks are named by their ranks in the world.
+        self._global_ranks = list(global_ranks or range(world_size))
         host = _own_host(store)
         port = free_ports(1, host)[0]
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         store.set(f"distsrv/{rank}", address)
-        addresses = [store.get(f"distsrv/{other}").decode() for other in range(world_size)]
+        tasks = {
+            self._global_ranks[other]: store.get(f"distsrv/{other}").decode()
+            for other in range(world_size)
+        }
         self._server = Server(
-            {JOB: addresses}, job_name=JOB, task_index=rank, security=Security.from_env()
+            {JOB: tasks},
+            job_name=JOB,
+            task_index=self._global_ranks[rank],
+            security=Security.from_env(),
         )
         self._server.wait_for_cluster(self._timeout)
         self._collectives = _Completer(f"distsrv-torch-{rank}-collectives")
@@ -172,7 +188,7 @@ class ProcessGroup(dist.ProcessGroup):
         timeout = self._seconds(opts)
         handles = [
             self._server.ibroadcast(
-                t if self.rank() == root else None, _task(root), timeout=timeout, out=t
+                t if self.rank() == root else None, self._task(root), timeout=timeout, out=t
             )
             for t in tensors
         ]
@@ -239,7 +255,7 @@ class ProcessGroup(dist.ProcessGroup):
         handles = [
             self._server.ireduce(
                 t,
-                _task(root),
+                self._task(root),
                 _op(opts.reduceOp),
                 timeout=self._seconds(opts),
                 out=t if is_root else None,
@@ -251,7 +267,7 @@ class ProcessGroup(dist.ProcessGroup):
     def gather(self, outputs: list[Tensors], inputs: Tensors, opts: Any) -> Work:
         root = opts.rootRank
         handles = [
-            self._server.igather(t, _task(root), timeout=self._seconds(opts)) for t in inputs
+            self._server.igather(t, self._task(root), timeout=self._seconds(opts)) for t in inputs
         ]
 
         def finish() -> Tensors:
@@ -269,7 +285,7 @@ class ProcessGroup(dist.ProcessGroup):
         handles = [
             self._server.iscatter(
                 torch.stack(inputs[index]) if is_root else None,
-                _task(root),
+                self._task(root),
                 timeout=self._seconds(opts),
                 out=o,
             )
@@ -320,7 +336,7 @@ class ProcessGroup(dist.ProcessGroup):
     # -- point to point ---------------------------------------------------------------------
 
     def send(self, tensors: Tensors, dstRank: int, tag: int) -> Work:
-        handles = [self._server.isend(_message(tag), t, _task(dstRank)) for t in tensors]
+        handles = [self._server.isend(_message(tag), t, self._task(dstRank)) for t in tensors]
 
         def finish() -> Tensors:
             for handle in handles:
@@ -331,7 +347,8 @@ class ProcessGroup(dist.ProcessGroup):
 
     def recv(self, tensors: Tensors, srcRank: int, tag: int) -> Work:
         handles = [
-            self._server.irecv(_message(tag), _task(srcRank), self._timeout, out=t) for t in tensors
+            self._server.irecv(_message(tag), self._task(srcRank), self._timeout, out=t)
+            for t in tensors
         ]
 
         def finish() -> Tensors:
@@ -343,7 +360,7 @@ class ProcessGroup(dist.ProcessGroup):
 
     def recv_anysource(self, tensors: Tensors, tag: int) -> Work:
         def finish() -> Tensors:
-            others = [_task(r) for r in range(self.size()) if r != self.rank()]
+            others = [self._task(r) for r in range(self.size()) if r != self.rank()]
             for t in tensors:
                 self._server.recv_any(_message(tag), others, self._timeout, out=t)
             return tensors
@@ -359,6 +376,9 @@ class ProcessGroup(dist.ProcessGroup):
             return results
 
         return self._collectives.submit(finish)
+
+    def _task(self, rank: int) -> tuple[str, int]:
+        return (JOB, self._global_ranks[rank])
 
     def _seconds(self, opts: Any) -> float:
         """The operation's timeout: its own where torch set one, else the group's."""
@@ -387,10 +407,6 @@ def _op(reduce_op: Any) -> ReduceOp:
     )
 
 
-def _task(rank: int) -> tuple[str, int]:
-    return (JOB, rank)
-
-
 def _message(tag: int) -> str:
     return f"torch.distributed/{tag}"
 
@@ -400,8 +416,14 @@ def _copy_rows(rows: Any, targets: Tensors) -> None:
         target.copy_(row)
 
 
-def _create(store: Store, rank: int, world_size: int, timeout: timedelta) -> ProcessGroup:
-    return ProcessGroup(store, rank, world_size, timeout)
+def _create(options: Any, backend_options: Any) -> ProcessGroup:
+    return ProcessGroup(
+        options.store,
+        options.group_rank,
+        options.group_size,
+        options.timeout,
+        options.global_ranks_in_group,
+    )
 
 
-dist.Backend.register_backend(BACKEND, _create, devices=["cpu"])
+dist.Backend.register_backend(BACKEND, _create, extended_api=True, devices=["cpu"])

@@ -43,8 +43,10 @@ from distsrv.security import Security
 from distsrv.server import EVERY_TASK, Server
 from distsrv.variables import Variable
 
-__all__ = ["add_training_arguments", "worker", "worker_arguments"]
+__all__ = ["add_training_arguments", "learning_rate", "worker", "worker_arguments"]
 
+#: The default SGD step size of each framework's model.
+LEARNING_RATES = {"numpy": 0.3, "torch": 0.05}
 #: How long a task waits for the others to start, and a step's collective for its peers.
 STARTUP_TIMEOUT = 60.0
 STEP_TIMEOUT = 30.0
@@ -61,7 +63,19 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size", type=int, default=64, help="global batch, split over the workers (64)"
     )
-    parser.add_argument("--learning-rate", type=float, default=0.3, help="SGD step size (0.3)")
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        help=f"SGD step size (default {LEARNING_RATES['numpy']}, "
+        f"{LEARNING_RATES['torch']} with momentum for torch)",
+    )
+    parser.add_argument(
+        "--framework",
+        choices=list(LEARNING_RATES),
+        default="numpy",
+        help="numpy: an MLP whose gradients distsrv all-reduces; torch: a CNN under PyTorch's "
+        "DistributedDataParallel over distsrv's torch.distributed backend, beside gloo",
+    )
     parser.add_argument("--hidden", type=int, default=64, help="hidden units of the MLP (64)")
     parser.add_argument("--seed", type=int, default=0, help="initialisation and shuffling (0)")
     parser.add_argument(
@@ -77,7 +91,8 @@ def worker_arguments(args: argparse.Namespace) -> list[str]:
     arguments = [
         f"--epochs={args.epochs}",
         f"--batch-size={args.batch_size}",
-        f"--learning-rate={args.learning_rate!r}",
+        f"--learning-rate={learning_rate(args)!r}",
+        f"--framework={args.framework}",
         f"--hidden={args.hidden}",
         f"--seed={args.seed}",
     ]
@@ -86,6 +101,12 @@ def worker_arguments(args: argparse.Namespace) -> list[str]:
     if args.crash_worker is not None:
         arguments.append(f"--crash-worker={args.crash_worker}")
     return arguments
+
+
+def learning_rate(args: argparse.Namespace) -> float:
+    """The step size given, or the framework's default."""
+    given: float | None = args.learning_rate
+    return LEARNING_RATES[args.framework] if given is None else given
 
 
 @dataclass
@@ -154,9 +175,9 @@ def _train(server: Server, args: argparse.Namespace) -> int:
         server.barrier(
             group=EVERY_TASK, timeout=STARTUP_TIMEOUT
         )  # the ps task has created the variables
-        apply = _parameter_server_sgd(server, model, args.learning_rate, traffic)
+        apply = _parameter_server_sgd(server, model, learning_rate(args), traffic)
     else:
-        apply = _all_reduce_sgd(server, args.learning_rate, traffic)
+        apply = _all_reduce_sgd(server, learning_rate(args), traffic)
     if args.crash_worker == rank:
         apply = _crash_after(3, apply)
 
@@ -265,7 +286,7 @@ def _report(
         data,
         epochs=args.epochs,
         batch_size=args.batch_size,
-        apply=sgd(args.learning_rate),
+        apply=sgd(learning_rate(args)),
         seed=args.seed,
     )
     difference = (result.test_accuracy - reference.test_accuracy) * 100
