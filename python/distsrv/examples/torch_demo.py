@@ -18,6 +18,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import PrefixStore, TCPStore
 from torch.nn.parallel import DistributedDataParallel
 
 import distsrv.torch
@@ -75,7 +76,7 @@ def train(
             loss = torch.nn.functional.cross_entropy(
                 model(images[mine]), labels[mine], reduction="sum"
             ) * (num_ranks / len(batch))
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             steps += 1
     elapsed = time.perf_counter() - started
@@ -97,13 +98,13 @@ def worker(args: argparse.Namespace) -> int:
     world = spec.num_tasks("worker")
     host, port = spec.task_address("worker", 0).rsplit(":", 1)
     torch.set_num_threads(1)
-    store = dist.TCPStore(host.strip("[]"), int(port), world, is_master=rank == 0, timeout=TIMEOUT)
+    store = TCPStore(host.strip("[]"), int(port), world, is_master=rank == 0, timeout=TIMEOUT)
     data = load_digits()
     runs = {}
     for backend in (distsrv.torch.BACKEND, "gloo"):
         dist.init_process_group(
             backend,
-            store=dist.PrefixStore(backend, store),
+            store=PrefixStore(backend, store),
             rank=rank,
             world_size=world,
             timeout=TIMEOUT,
