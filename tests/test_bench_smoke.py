@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pathlib
+import re
 import subprocess
 import sys
+
+import pytest
 
 BENCHES = pathlib.Path(__file__).resolve().parent.parent / "benches"
 BENCH = BENCHES / "bench_exchange.py"
@@ -121,3 +124,35 @@ def test_quick_handlers_benchmark_runs_and_prints_ratios() -> None:
     # Each row: p50 and p99 in µs, calls/s from 1 and 8 threads; grpcio's ends with the ratios.
     assert rows["distsrv"][1].endswith("µs")
     assert rows["Python"][-1].endswith("x"), result.stdout
+
+
+def test_quick_collectives_benchmark_runs_torch_on_distsrv_beside_gloo() -> None:
+    pytest.importorskip("torch", reason="`make develop` installs torch (the torch extra)")
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHES / "bench_collectives.py"),
+            *("--quick", "--allow-debug", "--peers", "distsrv-torch", "gloo"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.lstrip().startswith("2 ")]
+    peers = {" ".join(row[3:-3]) for row in rows if row[1:3] == ["all_reduce", "4"]}
+    assert peers == {"torch on distsrv", "torch gloo"}, result.stdout
+
+
+def test_quick_ddp_benchmark_times_distsrv_gloo_and_one_process() -> None:
+    pytest.importorskip("torch", reason="`make develop` installs torch (the torch extra)")
+    result = subprocess.run(
+        [sys.executable, str(BENCHES / "bench_ddp.py"), "--quick", "--allow-debug"],
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
+    assert result.returncode == 0, result.stderr
+    runs = re.findall(r"^\s+2  (.+?)\s+([\d.]+)\s+([\d.]+)x$", result.stdout, re.MULTILINE)
+    assert [run for run, _, _ in runs] == ["DDP over distsrv", "DDP over gloo", "one process"]
+    assert all(float(ms) > 0 for _, ms, _ in runs), result.stdout

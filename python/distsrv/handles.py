@@ -14,7 +14,7 @@ from distsrv import _native
 from distsrv.errors import InvalidArgumentError
 from distsrv.interop import TensorLike, like, writable_view
 
-__all__ = ["CallHandle", "CollectiveHandle", "RecvHandle", "SendHandle"]
+__all__ = ["CallHandle", "CollectiveHandle", "Destination", "RecvHandle", "SendHandle"]
 
 
 class _Handle:
@@ -59,22 +59,19 @@ class SendHandle(_Handle):
 class RecvHandle(_Handle):
     """A receive in flight."""
 
-    def __init__(
-        self, pending: _native.Pending, out: TensorLike | None = None, prototype: Any = None
-    ) -> None:
+    def __init__(self, pending: _native.Pending, destination: Destination) -> None:
         super().__init__(pending)
-        self._out = out
-        self._prototype = prototype
+        self._destination = destination
 
     def wait(self, timeout: float | None = None) -> npt.NDArray[Any]:
         """Blocks until the tensor is here and returns it (``out``, filled in, if one was given;
         in ``like``'s kind if that was given); re-raises the receive's error."""
-        result: npt.NDArray[Any] = fill(self._pending.wait(timeout), self._out, self._prototype)
+        result: npt.NDArray[Any] = self._destination.fill(self._pending.wait(timeout))
         return result
 
     async def wait_async(self) -> npt.NDArray[Any]:
         await self._finished()
-        result: npt.NDArray[Any] = fill(self._pending.wait(None), self._out, self._prototype)
+        result: npt.NDArray[Any] = self._destination.fill(self._pending.wait(None))
         return result
 
 
@@ -94,45 +91,47 @@ class CollectiveHandle(_Handle):
     """A collective in flight. Dropping it does not cancel the collective: the other members
     count on this one's part, so it runs to its end."""
 
-    def __init__(
-        self, pending: _native.Pending, out: TensorLike | None = None, prototype: Any = None
-    ) -> None:
+    def __init__(self, pending: _native.Pending, destination: Destination) -> None:
         super().__init__(pending)
-        self._out = out
-        self._prototype = prototype
+        self._destination = destination
 
     def wait(self, timeout: float | None = None) -> npt.NDArray[Any] | None:
         """Blocks until this member's part is done and returns its result (``out``, filled in,
         if one was given; else in the kind of the array given: a torch tensor for a torch
         tensor; None where this member gets no result); re-raises the collective's error."""
-        result: npt.NDArray[Any] | None = fill(
-            self._pending.wait(timeout), self._out, self._prototype
-        )
+        result: npt.NDArray[Any] | None = self._destination.fill(self._pending.wait(timeout))
         return result
 
     async def wait_async(self) -> npt.NDArray[Any] | None:
         await self._finished()
-        result: npt.NDArray[Any] | None = fill(self._pending.wait(None), self._out, self._prototype)
+        result: npt.NDArray[Any] | None = self._destination.fill(self._pending.wait(None))
         return result
 
 
-def writable(out: TensorLike | None) -> TensorLike | None:
-    """``out``, once it is known to be writable memory: checked before an operation starts, so
-    that a wrong ``out`` fails at once rather than after the tensor is taken."""
-    if out is not None:
-        writable_view(out)
-    return out
+class Destination:
+    """Where an operation's result goes: into ``out`` (through a writable numpy view of it,
+    made and checked before the operation starts, so that a wrong ``out`` fails at once rather
+    than after a tensor is taken), else into a new array in ``prototype``'s kind."""
 
+    __slots__ = ("_out", "_prototype", "_view")
 
-def fill(result: npt.NDArray[Any] | None, out: TensorLike | None, prototype: Any = None) -> Any:
-    """``out`` with ``result`` copied in when ``out`` is given, else ``result`` in
-    ``prototype``'s kind (a numpy array when that is None)."""
-    if result is None:
-        return None
-    if out is None:
-        return like(result, prototype)
-    target = writable_view(out)
-    if target.shape != result.shape:
-        raise InvalidArgumentError(f"out has shape {target.shape}; the result has {result.shape}")
-    np.copyto(target, result, casting="same_kind")
-    return out
+    def __init__(
+        self, out: TensorLike | None, prototype: Any = None, view: npt.NDArray[Any] | None = None
+    ) -> None:
+        self._out = out
+        self._prototype = prototype
+        self._view = view if view is not None or out is None else writable_view(out)
+
+    def fill(self, result: npt.NDArray[Any] | None) -> Any:
+        """``out`` with ``result`` copied in when ``out`` was given, else ``result`` in the
+        prototype's kind; None for no result."""
+        if result is None:
+            return None
+        if self._view is None:
+            return like(result, self._prototype)
+        if self._view.shape != result.shape:
+            raise InvalidArgumentError(
+                f"out has shape {self._view.shape}; the result has {result.shape}"
+            )
+        np.copyto(self._view, result, casting="same_kind")
+        return self._out

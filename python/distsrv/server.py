@@ -19,15 +19,8 @@ from distsrv.config import ServerConfig
 from distsrv.devices import DeviceAttributes
 from distsrv.errors import InvalidArgumentError
 from distsrv.handlers import EventLoop, is_async, wants_context
-from distsrv.handles import (
-    CallHandle,
-    CollectiveHandle,
-    RecvHandle,
-    SendHandle,
-    fill,
-    writable,
-)
-from distsrv.interop import TensorLike
+from distsrv.handles import CallHandle, CollectiveHandle, Destination, RecvHandle, SendHandle
+from distsrv.interop import TensorLike, as_array
 from distsrv.messages import ServerDef
 from distsrv.peers import PeerEvent, PeerState
 from distsrv.security import Security
@@ -318,7 +311,7 @@ class Server:
         ``DeadlineExceededError`` past ``timeout`` seconds; with none, waits as long as ``to``
         is up: a peer lost meanwhile raises ``UnavailableError`` within ``config.peer_timeout``,
         one restarted ``AbortedError``."""
-        self._native.send(to, name, array, timeout)
+        self._native.send(to, name, as_array(array), timeout)
 
     def recv(
         self,
@@ -337,14 +330,14 @@ class Server:
         A numpy array over the received bytes; in ``like``'s kind where given (a torch tensor
         over the same bytes for a torch tensor, a JAX array for a JAX one); or written into
         ``out`` (a numpy array or torch tensor of the tensor's shape), which is returned."""
-        out = writable(out)
-        result: npt.NDArray[Any] = fill(self._native.recv(source, name, timeout), out, like)
+        destination = Destination(out, like)
+        result: npt.NDArray[Any] = destination.fill(self._native.recv(source, name, timeout))
         return result
 
     def isend(self, name: str, array: npt.ArrayLike, to: TaskLike) -> SendHandle:
         """Starts a send and returns at once; ``wait()`` on the handle for its acknowledgement.
         The array must not be modified until then."""
-        return SendHandle(self._native.isend(to, name, array))
+        return SendHandle(self._native.isend(to, name, as_array(array)))
 
     def irecv(
         self,
@@ -357,8 +350,8 @@ class Server:
     ) -> RecvHandle:
         """Starts a receive and returns at once; ``wait()`` on the handle for the array (as
         :meth:`recv` gives it). Dropping the handle before it finishes cancels the receive."""
-        out = writable(out)
-        return RecvHandle(self._native.irecv(source, name, timeout), out, like)
+        destination = Destination(out, like)
+        return RecvHandle(self._native.irecv(source, name, timeout), destination)
 
     def recv_any(
         self,
@@ -375,9 +368,9 @@ class Server:
         only once every source is lost. ``DeadlineExceededError`` past ``timeout``. ``like`` and
         ``out`` as for :meth:`recv`."""
         members = self._members(EVERY_TASK) if sources is None else list(sources)
-        out = writable(out)
+        destination = Destination(out, like)
         source, array = self._native.recv_any(members, name, timeout)
-        return source, fill(array, out, like)
+        return source, destination.fill(array)
 
     def send_object(
         self, name: str, value: Any, to: TaskLike, *, timeout: float | None = None
@@ -772,11 +765,10 @@ class Server:
         root: TaskLike | None = None,
     ) -> npt.NDArray[Any] | None:
         members = self._members(group)
-        out = writable(out)
-        given: npt.NDArray[Any] | None = fill(
-            self._native.collective(kind, members, array, op, root, timeout), out, array
-        )
-        return given
+        given, destination = _prepared(array, out)
+        result = self._native.collective(kind, members, given, op, root, timeout)
+        filled: npt.NDArray[Any] | None = destination.fill(result)
+        return filled
 
     def _start(
         self,
@@ -790,9 +782,9 @@ class Server:
         root: TaskLike | None = None,
     ) -> CollectiveHandle:
         members = self._members(group)
-        out = writable(out)
-        pending = self._native.icollective(kind, members, array, op, root, timeout)
-        return CollectiveHandle(pending, out, array)
+        given, destination = _prepared(array, out)
+        pending = self._native.icollective(kind, members, given, op, root, timeout)
+        return CollectiveHandle(pending, destination)
 
     # -- parameter-server variables -----------------------------------------------------------
 
@@ -942,6 +934,17 @@ def _decoded(array: npt.NDArray[Any]) -> Any:
             f"a {array.dtype} array of shape {array.shape} arrived where an object was due"
         )
     return _native.decode_object(array.tobytes())
+
+
+def _prepared(array: Any, out: TensorLike | None) -> tuple[Any, Destination]:
+    """A collective's array as the native layer reads it, and where its result goes. A torch
+    or JAX tensor becomes a numpy view of its memory here, once, which the native layer lends
+    without calling back into Python; an in-place result is written through the same view."""
+    if array is None or isinstance(array, np.ndarray):
+        return array, Destination(out, array)
+    view = as_array(array)
+    reuse = out is array and view.flags.writeable
+    return view, Destination(out, array, view if reuse else None)
 
 
 def _in_place(array: Any, out: TensorLike | None, inplace: bool) -> TensorLike | None:

@@ -61,24 +61,33 @@ Tensors = list[torch.Tensor]
 
 
 class Work(TorchWork):
-    """An operation in flight, done when its future is: torch's ``Work``."""
+    """An operation in flight: torch's ``Work``. Its finish (waiting for its distsrv handles,
+    then giving the tensors its future holds) runs once, in the first thread that needs it: the
+    caller of ``wait()``, with no thread between it and distsrv, or, once someone holds the
+    future or polls, the group's completer thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, finish: Callable[[], Tensors], completer: _Completer) -> None:
         super().__init__()
+        self._finish: Callable[[], Tensors] | None = finish
+        self._completer = completer
+        self._claim = threading.Lock()
         self._future: torch.futures.Future[Tensors] = torch.futures.Future()
 
     def wait(self, timeout: timedelta | None = None) -> bool:
-        self._future.wait()
+        self.complete()
+        self._future.wait()  # raises the operation's error
         return True
 
     def get_future(self) -> torch.futures.Future[Tensors]:
+        self._in_background()
         return self._future
 
     def is_completed(self) -> bool:
+        self._in_background()
         return self._future.done()
 
     def is_success(self) -> bool:
-        return self.exception() is None if self._future.done() else False
+        return self.is_completed() and self.exception() is None
 
     def exception(self) -> BaseException | None:
         if not self._future.done():
@@ -89,41 +98,51 @@ class Work(TorchWork):
             return error
         return None
 
+    def complete(self) -> None:
+        """Runs the finish here, unless another thread has taken it (then returns at once)."""
+        with self._claim:
+            finish, self._finish = self._finish, None
+        if finish is None:
+            return
+        try:
+            tensors = finish()
+        except OpError as error:
+            failure = dist.DistBackendError(f"distsrv: {type(error).__name__}: {error}")
+            failure.__cause__ = error
+            # torch's stub types set_exception's argument as the future's value.
+            self._future.set_exception(failure)  # type: ignore[arg-type]
+        except Exception as error:
+            self._future.set_exception(error)  # type: ignore[arg-type]
+        else:
+            self._future.set_result(tensors)
+
+    def _in_background(self) -> None:
+        if self._finish is not None:
+            self._completer.submit(self)
+
 
 class _Completer:
-    """One thread that finishes operations in the order they were issued: a finish waits for
-    its distsrv handles and gives the tensors the operation's future holds."""
+    """One thread that completes, in the order they were handed to it, the operations whose
+    future someone holds (DDP chains its gradient buckets' futures)."""
 
     def __init__(self, name: str) -> None:
-        self._queue: queue.SimpleQueue[tuple[Callable[[], Tensors], Work] | None] = (
-            queue.SimpleQueue()
-        )
+        self._queue: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, finish: Callable[[], Tensors]) -> Work:
-        work = Work()
-        self._queue.put((finish, work))
-        return work
+    def work(self, finish: Callable[[], Tensors]) -> Work:
+        return Work(finish, self)
+
+    def submit(self, work: Work) -> None:
+        self._queue.put(work)
 
     def stop(self) -> None:
         self._queue.put(None)
         self._thread.join()
 
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            finish, work = item
-            try:
-                tensors = finish()
-            except OpError as error:
-                failure = dist.DistBackendError(f"distsrv: {type(error).__name__}: {error}")
-                failure.__cause__ = error
-                # torch's stub types set_exception's argument as the future's value.
-                work.get_future().set_exception(failure)  # type: ignore[arg-type]
-            except Exception as error:
-                work.get_future().set_exception(error)  # type: ignore[arg-type]
-            else:
-                work.get_future().set_result(tensors)
+        while (work := self._queue.get()) is not None:
+            work.complete()
 
 
 class ProcessGroup(dist.ProcessGroup):
@@ -176,122 +195,97 @@ class ProcessGroup(dist.ProcessGroup):
 
     def allreduce(self, tensors: Tensors, opts: Any) -> Work:
         op = _op(opts.reduceOp)
-        timeout = self._seconds(opts)
-        handles = [self._server.iall_reduce(t, op, timeout=timeout, inplace=True) for t in tensors]
-        return self._collective(handles, tensors)
+        waits = [self._start(opts, "all_reduce", t, op, inplace=True) for t in tensors]
+        return self._collective(waits, tensors)
 
     def allreduce_coalesced(self, tensors: Tensors, opts: Any) -> Work:
         return self.allreduce(tensors, opts)
 
     def broadcast(self, tensors: Tensors, opts: Any) -> Work:
-        root = opts.rootRank
-        timeout = self._seconds(opts)
-        handles = [
-            self._server.ibroadcast(
-                t if self.rank() == root else None, self._task(root), timeout=timeout, out=t
-            )
-            for t in tensors
+        root, is_root = self._root(opts)
+        waits = [
+            self._start(opts, "broadcast", t if is_root else None, root, out=t) for t in tensors
         ]
-        return self._collective(handles, tensors)
+        return self._collective(waits, tensors)
 
     def allgather(self, outputs: list[Tensors], inputs: Tensors, opts: Any) -> Work:
-        timeout = self._seconds(opts)
-        handles = [self._server.iall_gather(t, timeout=timeout) for t in inputs]
+        waits = [self._start(opts, "all_gather", t) for t in inputs]
 
         def finish() -> Tensors:
-            for handle, targets in zip(handles, outputs, strict=True):
-                _copy_rows(handle.wait(), targets)
+            for wait, targets in zip(waits, outputs, strict=True):
+                _copy_rows(wait(), targets)
             return [t for targets in outputs for t in targets]
 
-        return self._collectives.submit(finish)
+        return self._collectives.work(finish)
+
+    def allgather_coalesced(self, outputs: list[Tensors], inputs: Tensors, opts: Any) -> Work:
+        return self.allgather(outputs, inputs, opts)
 
     def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any) -> Work:
-        rows = output.view(self.size(), *input.shape)
-        handle = self._server.iall_gather(input, timeout=self._seconds(opts), out=rows)
-        return self._collective([handle], [output])
+        return self.all_gather_single_coalesced([output], [input], opts)
 
     def all_gather_single_coalesced(self, outputs: Tensors, inputs: Tensors, opts: Any) -> Work:
-        timeout = self._seconds(opts)
-        handles = [
-            self._server.iall_gather(t, timeout=timeout, out=o.view(self.size(), *t.shape))
+        waits = [
+            self._start(opts, "all_gather", t, out=o.view(self.size(), *t.shape))
             for o, t in zip(outputs, inputs, strict=True)
         ]
-        return self._collective(handles, outputs)
+        return self._collective(waits, outputs)
 
     def reduce_scatter(self, outputs: Tensors, inputs: list[Tensors], opts: Any) -> Work:
         op = _op(opts.reduceOp)
-        timeout = self._seconds(opts)
-        handles = [
-            self._server.ireduce_scatter(
-                torch.stack(shares), op, timeout=timeout, out=o.view(1, *o.shape)
-            )
+        waits = [
+            self._start(opts, "reduce_scatter", torch.stack(shares), op, out=o.view(1, *o.shape))
             for o, shares in zip(outputs, inputs, strict=True)
         ]
-        return self._collective(handles, outputs)
+        return self._collective(waits, outputs)
 
     def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any) -> Work:
-        handle = self._server.ireduce_scatter(
-            input.view(self.size(), *output.shape),
-            _op(opts.reduceOp),
-            timeout=self._seconds(opts),
-            out=output.view(1, *output.shape),
-        )
-        return self._collective([handle], [output])
+        return self.reduce_scatter_single_coalesced([output], [input], opts)
 
     def reduce_scatter_single_coalesced(self, outputs: Tensors, inputs: Tensors, opts: Any) -> Work:
         op = _op(opts.reduceOp)
-        timeout = self._seconds(opts)
-        handles = [
-            self._server.ireduce_scatter(
-                i.view(self.size(), *o.shape), op, timeout=timeout, out=o.view(1, *o.shape)
+        waits = [
+            self._start(
+                opts,
+                "reduce_scatter",
+                i.view(self.size(), *o.shape),
+                op,
+                out=o.view(1, *o.shape),
             )
             for o, i in zip(outputs, inputs, strict=True)
         ]
-        return self._collective(handles, outputs)
+        return self._collective(waits, outputs)
 
     def reduce(self, tensors: Tensors, opts: Any) -> Work:
-        root = opts.rootRank
-        is_root = self.rank() == root
-        handles = [
-            self._server.ireduce(
-                t,
-                self._task(root),
-                _op(opts.reduceOp),
-                timeout=self._seconds(opts),
-                out=t if is_root else None,
-            )
-            for t in tensors
+        root, is_root = self._root(opts)
+        op = _op(opts.reduceOp)
+        waits = [
+            self._start(opts, "reduce", t, root, op, out=t if is_root else None) for t in tensors
         ]
-        return self._collective(handles, tensors)
+        return self._collective(waits, tensors)
 
     def gather(self, outputs: list[Tensors], inputs: Tensors, opts: Any) -> Work:
-        root = opts.rootRank
-        handles = [
-            self._server.igather(t, self._task(root), timeout=self._seconds(opts)) for t in inputs
-        ]
+        root, _ = self._root(opts)
+        waits = [self._start(opts, "gather", t, root) for t in inputs]
 
         def finish() -> Tensors:
-            for index, handle in enumerate(handles):
-                gathered = handle.wait()
+            for wait, targets in zip(waits, outputs or [[]] * len(waits), strict=True):
+                gathered = wait()
                 if gathered is not None:
-                    _copy_rows(gathered, outputs[index])
+                    _copy_rows(gathered, targets)
             return [t for targets in outputs for t in targets]
 
-        return self._collectives.submit(finish)
+        return self._collectives.work(finish)
 
     def scatter(self, outputs: Tensors, inputs: list[Tensors], opts: Any) -> Work:
-        root = opts.rootRank
-        is_root = self.rank() == root
-        handles = [
-            self._server.iscatter(
-                torch.stack(inputs[index]) if is_root else None,
-                self._task(root),
-                timeout=self._seconds(opts),
-                out=o,
+        root, is_root = self._root(opts)
+        waits = [
+            self._start(
+                opts, "scatter", torch.stack(inputs[index]) if is_root else None, root, out=o
             )
             for index, o in enumerate(outputs)
         ]
-        return self._collective(handles, outputs)
+        return self._collective(waits, outputs)
 
     def all_to_all_single(
         self,
@@ -303,24 +297,18 @@ class ProcessGroup(dist.ProcessGroup):
     ) -> Work:
         if len(set(output_split_sizes)) > 1 or len(set(input_split_sizes)) > 1:
             raise ValueError("the distsrv backend's all_to_all takes even splits only")
-        handle = self._server.iall_to_all(
-            input.reshape(self.size(), -1),
-            timeout=self._seconds(opts),
-            out=output.view(self.size(), -1),
-        )
-        return self._collective([handle], [output])
+        rows = output.view(self.size(), -1)
+        wait = self._start(opts, "all_to_all", input.reshape(self.size(), -1), out=rows)
+        return self._collective([wait], [output])
 
     def alltoall(self, outputs: Tensors, inputs: Tensors, opts: Any) -> Work:
-        handle = self._server.iall_to_all(torch.stack(inputs), timeout=self._seconds(opts))
+        wait = self._start(opts, "all_to_all", torch.stack(inputs))
 
         def finish() -> Tensors:
-            _copy_rows(handle.wait(), outputs)
+            _copy_rows(wait(), outputs)
             return outputs
 
-        return self._collectives.submit(finish)
-
-    def allgather_coalesced(self, outputs: list[Tensors], inputs: Tensors, opts: Any) -> Work:
-        return self.allgather(outputs, inputs, opts)
+        return self._collectives.work(finish)
 
     # torch before 2.15 calls these by their earlier names.
     _allgather_base = all_gather_single
@@ -330,8 +318,7 @@ class ProcessGroup(dist.ProcessGroup):
     alltoall_base = all_to_all_single
 
     def barrier(self, opts: Any) -> Work:
-        handle = self._server.ibarrier(timeout=self._seconds(opts))
-        return self._collective([handle], [])
+        return self._collective([self._start(opts, "barrier")], [])
 
     # -- point to point ---------------------------------------------------------------------
 
@@ -343,7 +330,7 @@ class ProcessGroup(dist.ProcessGroup):
                 handle.wait()
             return tensors
 
-        return self._messages.submit(finish)
+        return self._messages.work(finish)
 
     def recv(self, tensors: Tensors, srcRank: int, tag: int) -> Work:
         handles = [
@@ -356,7 +343,7 @@ class ProcessGroup(dist.ProcessGroup):
                 handle.wait()
             return tensors
 
-        return self._messages.submit(finish)
+        return self._messages.work(finish)
 
     def recv_anysource(self, tensors: Tensors, tag: int) -> Work:
         def finish() -> Tensors:
@@ -365,17 +352,41 @@ class ProcessGroup(dist.ProcessGroup):
                 self._server.recv_any(_message(tag), others, self._timeout, out=t)
             return tensors
 
-        return self._messages.submit(finish)
+        return self._messages.work(finish)
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _collective(self, handles: Sequence[Any], results: Tensors) -> Work:
+    def _start(self, opts: Any, name: str, *args: Any, **kwargs: Any) -> Callable[[], Any]:
+        """Starts collective ``name`` of the server; what waits for its result. torch marks a
+        call it waits on at once (no ``async_op``): that one runs here, in distsrv's blocking
+        form, which is quicker than a background one and a wait; others run in the
+        background. A failure is kept for the wait, where the Work makes it torch's."""
+        timeout = self._seconds(opts)
+        if opts.asyncOp:
+            handle = getattr(self._server, "i" + name)(*args, timeout=timeout, **kwargs)
+            return handle.wait  # type: ignore[no-any-return]
+        try:
+            result = getattr(self._server, name)(*args, timeout=timeout, **kwargs)
+        except OpError as error:
+            failure = error
+
+            def fail() -> Any:
+                raise failure
+
+            return fail
+        return lambda: result
+
+    def _collective(self, waits: Sequence[Callable[[], Any]], results: Tensors) -> Work:
         def finish() -> Tensors:
-            for handle in handles:
-                handle.wait()
+            for wait in waits:
+                wait()
             return results
 
-        return self._collectives.submit(finish)
+        return self._collectives.work(finish)
+
+    def _root(self, opts: Any) -> tuple[tuple[str, int], bool]:
+        """The root task of a rooted collective, and whether it is this one."""
+        return self._task(opts.rootRank), self.rank() == opts.rootRank
 
     def _task(self, rank: int) -> tuple[str, int]:
         return (JOB, self._global_ranks[rank])
