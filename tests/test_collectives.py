@@ -271,6 +271,38 @@ def test_all_reduce_ring_keeps_a_multidimensional_shape() -> None:
         check_all_reduce(servers, np.dtype(np.int16), "max", (2, 0, 5))
 
 
+@pytest.mark.parametrize("n", [2, 3])
+def test_an_in_place_ring_all_reduce_writes_into_the_array_itself(n: int) -> None:
+    """The native layer writes a ring's result into the array it was given (no new array),
+    every op and dtype alike, and the values are the out-of-place result's."""
+    count = large_count(4, n)
+    inputs = [sample(np.dtype(np.float32), "sum", (count,), seed) for seed in range(n)]
+    want = expected("sum", inputs)
+    arrays = [array.copy() for array in inputs]
+    addresses = [array.ctypes.data for array in arrays]
+    with servers_of(n) as servers:
+        results = on_every_task(
+            servers, lambda rank, server: server.all_reduce(arrays[rank], inplace=True)
+        )
+        assert all(result is array for result, array in zip(results, arrays, strict=True))
+        assert [array.ctypes.data for array in arrays] == addresses
+        assert_bitwise_identical(arrays)
+        assert_reduces_like_numpy(arrays[0], want, exact=True)
+        # In the background, the handle dropped at once: the result still lands in the array.
+        handles = on_every_task(
+            servers, lambda rank, server: server.iall_reduce(arrays[rank], "max", inplace=True)
+        )
+        for handle in handles:
+            assert handle.wait(timeout=60) is not None
+        np.testing.assert_array_equal(arrays[0], want)
+        dropped = [np.ones(count, np.float32) for _ in range(n)]
+        on_every_task(servers, lambda rank, server: server.iall_reduce(dropped[rank], inplace=True))
+        deadline = time.monotonic() + 30
+        while not np.all(dropped[0] == n) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert all(np.all(array == n) for array in dropped)
+
+
 def test_integer_sums_and_products_wrap_like_numpy() -> None:
     with servers_of(2) as servers:
         for dtype in (np.int8, np.uint8, np.int64, np.uint64):

@@ -126,6 +126,7 @@ class Server:
         op: str | None = None,
         root: _Task | None = None,
         timeout: float | None = None,
+        inplace: bool = False,
     ) -> npt.NDArray[Any] | None: ...
     def icollective(
         self,
@@ -135,6 +136,7 @@ class Server:
         op: str | None = None,
         root: _Task | None = None,
         timeout: float | None = None,
+        inplace: bool = False,
     ) -> Pending: ...
     # A read gives the value, a describe (dtype, shape), a list [(name, dtype, shape)], the
     # rest None.

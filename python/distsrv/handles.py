@@ -113,20 +113,28 @@ class Destination:
     made and checked before the operation starts, so that a wrong ``out`` fails at once rather
     than after a tensor is taken), else into a new array in ``prototype``'s kind."""
 
-    __slots__ = ("_out", "_prototype", "_view")
+    __slots__ = ("_out", "_prototype", "_view", "in_place")
 
     def __init__(
-        self, out: TensorLike | None, prototype: Any = None, view: npt.NDArray[Any] | None = None
+        self,
+        out: TensorLike | None,
+        prototype: Any = None,
+        view: npt.NDArray[Any] | None = None,
+        *,
+        in_place: bool = False,
     ) -> None:
         self._out = out
         self._prototype = prototype
         self._view = view if view is not None or out is None else writable_view(out)
+        #: Whether the native layer was asked to write the result into ``view`` itself (the
+        #: operation's input), giving None when it did.
+        self.in_place = in_place
 
     def fill(self, result: npt.NDArray[Any] | None) -> Any:
         """``out`` with ``result`` copied in when ``out`` was given, else ``result`` in the
-        prototype's kind; None for no result."""
+        prototype's kind; None for no result (``out`` where the result was written in place)."""
         if result is None:
-            return None
+            return self._out if self.in_place else None
         if self._view is None:
             return like(result, self._prototype)
         if self._view.shape != result.shape:

@@ -765,8 +765,10 @@ class Server:
         root: TaskLike | None = None,
     ) -> npt.NDArray[Any] | None:
         members = self._members(group)
-        given, destination = _prepared(array, out)
-        result = self._native.collective(kind, members, given, op, root, timeout)
+        given, destination = _prepared(kind, array, out)
+        result = self._native.collective(
+            kind, members, given, op, root, timeout, destination.in_place
+        )
         filled: npt.NDArray[Any] | None = destination.fill(result)
         return filled
 
@@ -782,8 +784,10 @@ class Server:
         root: TaskLike | None = None,
     ) -> CollectiveHandle:
         members = self._members(group)
-        given, destination = _prepared(array, out)
-        pending = self._native.icollective(kind, members, given, op, root, timeout)
+        given, destination = _prepared(kind, array, out)
+        pending = self._native.icollective(
+            kind, members, given, op, root, timeout, destination.in_place
+        )
         return CollectiveHandle(pending, destination)
 
     # -- parameter-server variables -----------------------------------------------------------
@@ -936,15 +940,17 @@ def _decoded(array: npt.NDArray[Any]) -> Any:
     return _native.decode_object(array.tobytes())
 
 
-def _prepared(array: Any, out: TensorLike | None) -> tuple[Any, Destination]:
+def _prepared(kind: str, array: Any, out: TensorLike | None) -> tuple[Any, Destination]:
     """A collective's array as the native layer reads it, and where its result goes. A torch
     or JAX tensor becomes a numpy view of its memory here, once, which the native layer lends
-    without calling back into Python; an in-place result is written through the same view."""
-    if array is None or isinstance(array, np.ndarray):
-        return array, Destination(out, array)
+    without calling back into Python. An all_reduce whose ``out`` is its input has the native
+    layer write the result into that memory itself, which saves a copy of the result."""
+    if array is None:
+        return array, Destination(out)
     view = as_array(array)
-    reuse = out is array and view.flags.writeable
-    return view, Destination(out, array, view if reuse else None)
+    if out is not array or not view.flags.writeable:
+        return view, Destination(out, array)
+    return view, Destination(out, array, view, in_place=kind == "all_reduce")
 
 
 def _in_place(array: Any, out: TensorLike | None, inplace: bool) -> TensorLike | None:

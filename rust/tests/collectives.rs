@@ -7,7 +7,7 @@ use distsrv::node::server::Server;
 use distsrv::ops::collectives::{Group, Kind};
 use distsrv::proto::DataType;
 use distsrv::tensor::reduce::ReduceOp;
-use distsrv::tensor::{Tensor, TensorMeta};
+use distsrv::tensor::{ResultMemory, Tensor, TensorMeta};
 
 mod common;
 
@@ -32,7 +32,9 @@ fn all_reduce(
             .begin(&task.exchange, &task.peers, group, None);
         let given = make(rank);
         async move {
-            let reduced = collective.run(Kind::AllReduce(op), Some(given)).await?;
+            let reduced = collective
+                .run(Kind::AllReduce(op), Some(given), None)
+                .await?;
             Ok(reduced.expect("all_reduce gives every member a tensor"))
         }
     });
@@ -73,4 +75,75 @@ fn tasks_that_disagree_all_fail() {
             assert_eq!(result.err().map(|e| e.code), Some(Code::InvalidArgument));
         }
     }
+}
+
+#[test]
+fn a_ring_all_reduce_writes_its_result_into_the_memory_it_is_given() {
+    let servers = common::cluster(2, 2);
+    let count = 1usize << 20; // 4 MiB: the ring
+    let runtime = servers[0].runtime().unwrap();
+    let mut memories = vec![vec![0u8; count * 4]; servers.len()];
+    let calls =
+        servers
+            .iter()
+            .zip(memories.iter_mut())
+            .enumerate()
+            .map(|(rank, (server, memory))| {
+                let task = server.task();
+                let group = Group::new(&task.exchange, None).unwrap();
+                let collective = task
+                    .collectives
+                    .begin(&task.exchange, &task.peers, group, None);
+                let given = floats((0..count).map(move |i| (i % 100) as f32 + rank as f32));
+                // SAFETY: the vector outlives the collective, which alone writes it.
+                let into = unsafe {
+                    ResultMemory::new(memory.as_mut_ptr(), memory.len(), async { true }, ())
+                };
+                collective.run(Kind::AllReduce(ReduceOp::Sum), Some(given), Some(into))
+            });
+    for result in runtime.block_on(futures::future::join_all(calls)) {
+        assert!(result.unwrap().is_none(), "the result went into the memory");
+    }
+    for memory in &memories {
+        let sums: &[f32] = bytemuck::cast_slice(memory);
+        for (i, sum) in sums.iter().enumerate().step_by(991) {
+            assert_eq!(*sum, 2.0 * (i % 100) as f32 + 1.0, "element {i}");
+        }
+    }
+}
+
+#[test]
+fn memory_that_is_not_let_go_in_time_gets_no_result_and_a_tensor_comes_back() {
+    let servers = common::cluster(2, 2);
+    let count = 1usize << 20;
+    let runtime = servers[0].runtime().unwrap();
+    let mut memories = vec![vec![0u8; count * 4]; servers.len()];
+    let calls = servers
+        .iter()
+        .zip(memories.iter_mut())
+        .map(|(server, memory)| {
+            let task = server.task();
+            let group = Group::new(&task.exchange, None).unwrap();
+            let collective = task
+                .collectives
+                .begin(&task.exchange, &task.peers, group, None);
+            let given = floats((0..count).map(|i| i as f32));
+            // SAFETY: as above; this memory never becomes free, so it is never written.
+            let into = unsafe {
+                ResultMemory::new(memory.as_mut_ptr(), memory.len(), async { false }, ())
+            };
+            collective.run(Kind::AllReduce(ReduceOp::Max), Some(given), Some(into))
+        });
+    for result in runtime.block_on(futures::future::join_all(calls)) {
+        let tensor = result
+            .unwrap()
+            .expect("a tensor, since the memory was not free");
+        let maxima: &[f32] = bytemuck::cast_slice(tensor.data.as_slice());
+        assert_eq!(maxima[12345], 12345.0);
+    }
+    assert!(
+        memories
+            .iter()
+            .all(|memory| memory.iter().all(|&byte| byte == 0))
+    );
 }

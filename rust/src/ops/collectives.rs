@@ -45,7 +45,9 @@ use crate::base::errors::{Code, Error, Result, within};
 use crate::exchange::Exchange;
 use crate::proto::{self, DataType};
 use crate::tensor::reduce::{self, ReduceOp};
-use crate::tensor::{COLLECTIVE_NAMES, Tensor, TensorBuf, TensorMeta, dtype_name, itemsize};
+use crate::tensor::{
+    COLLECTIVE_NAMES, ResultMemory, Tensor, TensorBuf, TensorMeta, dtype_name, itemsize,
+};
 use crate::transport::Peers;
 use crate::wire;
 
@@ -544,11 +546,13 @@ pub struct Collective {
 
 impl Collective {
     /// This member's part in `kind`, giving `given` (checked by [`Group::check`]); the result,
-    /// where this member gets one.
+    /// where this member gets one. An all_reduce given `into` (the memory of `given` itself)
+    /// may write its result there and give None.
     pub async fn run(
         self,
         kind: Kind,
-        given: Option<(TensorMeta, Bytes)>,
+        mut given: Option<(TensorMeta, Bytes)>,
+        into: Option<ResultMemory>,
     ) -> Result<Option<Tensor>> {
         let root = kind
             .root()
@@ -566,13 +570,15 @@ impl Collective {
             order: self.group.order(),
         };
         let work = async {
+            if let Kind::AllReduce(op) = &kind {
+                // Its input is handed over: an in-place result waits for it to be let go.
+                let (meta, data) = given.take().expect("checked: this member gives a tensor");
+                return self.all_reduce(&head, *op, &meta, data, into).await;
+            }
             let given = given.as_ref();
             let tensor = || given.expect("checked: this member gives a tensor");
             Ok(match &kind {
-                Kind::AllReduce(op) => {
-                    let (meta, data) = tensor();
-                    Some(self.all_reduce(&head, *op, meta, data).await?)
-                }
+                Kind::AllReduce(_) => unreachable!("reduced above"),
                 Kind::ReduceScatter(op) => {
                     let (meta, data) = tensor();
                     Some(self.reduce_scatter(&head, *op, meta, data).await?)
@@ -626,32 +632,46 @@ impl Collective {
         self.group.members.len()
     }
 
+    /// The reduction; or, written into `into` (a ring's result, once the input is let go),
+    /// None.
     async fn all_reduce(
         &self,
         head: &Head,
         op: ReduceOp,
         meta: &TensorMeta,
-        data: &Bytes,
-    ) -> Result<Tensor> {
+        data: Bytes,
+        into: Option<ResultMemory>,
+    ) -> Result<Option<Tensor>> {
         let n = self.size();
-        if data.len() * (n - 1) <= ALL_TO_ALL_BYTES {
+        let len = data.len();
+        if len * (n - 1) <= ALL_TO_ALL_BYTES {
             let arrivals = self.meet(head, |_| Some(data.clone())).await?;
-            return self.reduced(op, meta, &arrivals);
+            return self.reduced(op, meta, &arrivals).map(Some);
         }
         self.meet(head, |_| None).await?;
         let layout = Layout::new(meta, n);
-        let own = self.reduce_scatter_ring(op, meta, data, &layout).await?;
+        let own = self.reduce_scatter_ring(op, meta, &data, &layout).await?;
+        drop(data);
         let pieces = self.all_gather_ring(own, &layout).await?;
-        let mut out = TensorBuf::new(data.len());
+        let mut parts = Vec::with_capacity(n * layout.pieces);
         for (piece, segments) in pieces.iter().enumerate() {
             for (segment, bytes) in segments.iter().enumerate() {
-                out.as_mut_slice()[layout.range(segment, piece)].copy_from_slice(bytes);
+                parts.push((layout.range(segment, piece), &bytes[..]));
             }
         }
-        Ok(Tensor {
+        if let Some(into) = into
+            && into.write(parts.iter().cloned()).await
+        {
+            return Ok(None);
+        }
+        let mut out = TensorBuf::new(len);
+        for (range, bytes) in parts {
+            out.as_mut_slice()[range].copy_from_slice(bytes);
+        }
+        Ok(Some(Tensor {
             meta: meta.clone(),
             data: out,
-        })
+        }))
     }
 
     async fn reduce_scatter(

@@ -15,7 +15,7 @@ use super::errors::{IntoPyResult, to_py};
 use super::handlers::PyHandler;
 use super::peers::PeerEvents;
 use super::pending::{Completed, OnDrop, Pending, completion_pipe};
-use super::tensor::{HeldBuffer, array_in, array_out, numpy_dtype};
+use super::tensor::{HeldBuffer, array_in, array_in_place, array_out, numpy_dtype};
 use super::values;
 use super::wait::{current_pid, in_slices, wait, wait_lending};
 use crate::base::cluster::{Cluster, Jobs, ServerDef, TaskId, format_address};
@@ -24,8 +24,8 @@ use crate::base::security::Security;
 use crate::node::Server;
 use crate::ops::collectives::{Group, Kind};
 use crate::ops::variables::{Reply, Step};
-use crate::tensor::TensorMeta;
 use crate::tensor::reduce::ReduceOp;
+use crate::tensor::{ResultMemory, TensorMeta};
 
 #[pyclass(frozen, name = "Server", module = "distsrv._native")]
 pub struct NativeServer {
@@ -216,8 +216,9 @@ impl NativeServer {
     /// "broadcast", "barrier", "reduce", "gather", "scatter", "all_to_all") over `group` (its
     /// members in rank order; every task when None), giving `array`, with `op` for those that
     /// reduce and `root` for those that have one: the result, or None where this member gets
-    /// none.
-    #[pyo3(signature = (kind, group, array=None, op=None, root=None, timeout=None))]
+    /// none. With `inplace`, an all_reduce may write its result into `array` itself (a writable
+    /// C-contiguous ndarray) and give None.
+    #[pyo3(signature = (kind, group, array=None, op=None, root=None, timeout=None, inplace=false))]
     #[allow(clippy::too_many_arguments)] // one per argument of the Python call
     fn collective<'py>(
         &self,
@@ -228,11 +229,13 @@ impl NativeServer {
         op: Option<&str>,
         root: Option<TaskArg>,
         timeout: Option<f64>,
+        inplace: bool,
     ) -> PyResult<Option<Bound<'py, PyAny>>> {
         let server = self.server()?;
-        let (kind, group, held, given) = prepare(server, kind, group, array, op, root)?;
+        let (kind, group, held, given, into) =
+            prepare(server, kind, group, array, op, root, inplace)?;
         let collective = server.collective(group, seconds(timeout)?).into_py()?;
-        let running = collective.map(|collective| collective.run(kind, given));
+        let running = collective.map(|collective| collective.run(kind, given, into));
         wait_lending(py, running, held.into_iter().collect())?
             .into_py()?
             .map(|tensor| array_out(py, tensor))
@@ -240,7 +243,8 @@ impl NativeServer {
     }
 
     /// Like `collective`, but returns at once with a handle to wait on.
-    #[pyo3(signature = (kind, group, array=None, op=None, root=None, timeout=None))]
+    #[pyo3(signature = (kind, group, array=None, op=None, root=None, timeout=None, inplace=false))]
+    #[allow(clippy::too_many_arguments)] // one per argument of the Python call
     fn icollective(
         &self,
         kind: &str,
@@ -249,17 +253,21 @@ impl NativeServer {
         op: Option<&str>,
         root: Option<TaskArg>,
         timeout: Option<f64>,
+        inplace: bool,
     ) -> PyResult<Pending> {
         let server = self.server()?;
-        let (kind, group, held, given) = prepare(server, kind, group, array, op, root)?;
+        let (kind, group, held, given, into) =
+            prepare(server, kind, group, array, op, root, inplace)?;
         let collective = server.icollective(group, seconds(timeout)?).into_py()?;
         let (done, finished) = completion_pipe()?;
-        let (runtime, task) =
-            collective
-                .map(|collective| async move {
-                    collective.run(kind, given).await.map(Completed::Collected)
-                })
-                .spawn(finished);
+        let (runtime, task) = collective
+            .map(|collective| async move {
+                collective
+                    .run(kind, given, into)
+                    .await
+                    .map(Completed::Collected)
+            })
+            .spawn(finished);
         // A collective left unwaited still runs: the group's members count on its messages.
         Ok(Pending::new(
             runtime,
@@ -485,7 +493,13 @@ impl Drop for NativeServer {
 
 /// A collective call's arguments as the core takes them, checked for what this member can refuse
 /// alone.
-type Prepared = (Kind, Group, Option<HeldBuffer>, Option<(TensorMeta, Bytes)>);
+type Prepared = (
+    Kind,
+    Group,
+    Option<HeldBuffer>,
+    Option<(TensorMeta, Bytes)>,
+    Option<ResultMemory>,
+);
 
 fn prepare(
     server: &Server,
@@ -494,20 +508,26 @@ fn prepare(
     array: Option<Bound<'_, PyAny>>,
     op: Option<&str>,
     root: Option<TaskArg>,
+    inplace: bool,
 ) -> PyResult<Prepared> {
     let op = op.map(ReduceOp::parse).transpose().into_py()?;
     let kind = Kind::new(kind, op, root.map(|root| root.0)).into_py()?;
-    let (held, given) = match array {
-        Some(array) => {
+    let in_place = match &array {
+        Some(array) if inplace && matches!(kind, Kind::AllReduce(_)) => array_in_place(array)?,
+        _ => None,
+    };
+    let (held, given, into) = match (array, in_place) {
+        (_, Some((meta, bytes, into))) => (None, Some((meta, bytes)), Some(into)),
+        (Some(array), None) => {
             let (meta, held, bytes) = array_in(&array)?;
-            (Some(held), Some((meta, bytes)))
+            (Some(held), Some((meta, bytes)), None)
         }
-        None => (None, None),
+        (None, None) => (None, None, None),
     };
     let members = group.map(|tasks| tasks.into_iter().map(|task| task.0).collect());
     let group = server.group(members).into_py()?;
     group
         .check(&kind, given.as_ref().map(|(meta, _)| meta))
         .into_py()?;
-    Ok((kind, group, held, given))
+    Ok((kind, group, held, given, into))
 }

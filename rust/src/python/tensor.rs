@@ -18,7 +18,7 @@ use pyo3::types::{PyTuple, PyType};
 use super::errors::to_py;
 use crate::base::errors::Error;
 use crate::proto::DataType;
-use crate::tensor::{Tensor, TensorBuf, TensorMeta, dtype_name};
+use crate::tensor::{ResultMemory, Tensor, TensorBuf, TensorMeta, dtype_name};
 
 /// How long a finished send may take to drop its last view of the memory (the transport lets go of
 /// frames a moment after the reply). Past it the memory is leaked rather than handed back early.
@@ -33,11 +33,12 @@ unsafe impl Send for Export {}
 unsafe impl Sync for Export {}
 
 impl Export {
-    fn get(object: &Bound<'_, PyAny>) -> PyResult<Self> {
+    /// With `flags` `PyBUF_ND`, or that and `PyBUF_WRITABLE` for memory to be written.
+    fn get(object: &Bound<'_, PyAny>, flags: c_int) -> PyResult<Self> {
         // Boxed, so the view stays in place: an exporter may point its shape into it.
         let mut view = Box::new(ffi::Py_buffer::new());
         // SAFETY: a live object and a view for it to fill.
-        if unsafe { ffi::PyObject_GetBuffer(object.as_ptr(), &mut *view, ffi::PyBUF_ND) } == -1 {
+        if unsafe { ffi::PyObject_GetBuffer(object.as_ptr(), &mut *view, flags) } == -1 {
             return Err(PyErr::fetch(object.py()));
         }
         Ok(Self(view))
@@ -142,7 +143,11 @@ impl AsRef<[u8]> for Lease {
 impl HeldBuffer {
     /// Holds `object`'s buffer, which must be C-contiguous, and lends its bytes.
     pub fn hold(object: &Bound<'_, PyAny>) -> PyResult<(Self, Bytes)> {
-        let buffer = Export::get(object)?;
+        Self::hold_with(object, ffi::PyBUF_ND)
+    }
+
+    fn hold_with(object: &Bound<'_, PyAny>, flags: c_int) -> PyResult<(Self, Bytes)> {
+        let buffer = Export::get(object, flags)?;
         let returned = Arc::new(Returned::default());
         let lease = Lease {
             ptr: buffer.0.buf.cast_const().cast(),
@@ -159,6 +164,18 @@ impl HeldBuffer {
     /// The held array's shape, as its exporter gave it.
     fn shape(&self) -> Vec<u64> {
         self.buffer.as_ref().map(Export::shape).unwrap_or_default()
+    }
+
+    /// The held memory, for writing once nothing reads it.
+    fn memory(&self) -> (*mut u8, usize) {
+        self.buffer
+            .as_ref()
+            .map_or((std::ptr::null_mut(), 0), |buffer| {
+                (
+                    buffer.0.buf.cast(),
+                    usize::try_from(buffer.0.len).unwrap_or(0),
+                )
+            })
     }
 
     /// Tells when the lent bytes are all dropped.
@@ -291,6 +308,39 @@ pub fn array_in(array: &Bound<'_, PyAny>) -> PyResult<(TensorMeta, HeldBuffer, B
     let meta = TensorMeta::checked(code, shape).map_err(to_py)?;
     let (held, bytes) = HeldBuffer::hold(&flat)?;
     Ok((meta, held, bytes))
+}
+
+/// A writable C-contiguous ndarray of a dtype the wire carries, as `array_in` lends it, and
+/// the same memory for an in-place collective's result, which holds it until the collective
+/// ends; None for any other array (it goes through `array_in`, and its result is a new one).
+pub fn array_in_place(
+    array: &Bound<'_, PyAny>,
+) -> PyResult<Option<(TensorMeta, Bytes, ResultMemory)>> {
+    let py = array.py();
+    if !array.is_instance(NDARRAY.import(py, "numpy", "ndarray")?)? {
+        return Ok(None);
+    }
+    let codes = CODES.import(py, "distsrv.tensors", "DTYPE_CODES")?;
+    let Ok(code) = codes.get_item(array.getattr(intern!(py, "dtype"))?) else {
+        return Ok(None);
+    };
+    let Ok((held, bytes)) = HeldBuffer::hold_with(array, ffi::PyBUF_ND | ffi::PyBUF_WRITABLE)
+    else {
+        return Ok(None); // read-only or not C-contiguous
+    };
+    let meta = TensorMeta::checked(code.extract()?, held.shape()).map_err(to_py)?;
+    let (ptr, len) = held.memory();
+    let returned = held.returned();
+    let free = async move {
+        returned.is_done()
+            || tokio::time::timeout(LEASE_GRACE, returned.returned())
+                .await
+                .is_ok()
+    };
+    // SAFETY: the export, held by the memory's owner until it is dropped, keeps the array's
+    // memory in place; `free` resolves true only when no lent view of it remains.
+    let memory = unsafe { ResultMemory::new(ptr, len, free, held) };
+    Ok(Some((meta, bytes, memory)))
 }
 
 /// A received tensor as an ordinary writable numpy array over its buffer: nothing is copied.
