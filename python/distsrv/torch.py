@@ -15,10 +15,11 @@ server of its own, one task per rank, which finds the others through the group's
 else on the address its route to the store's host leaves from (127.0.0.1 for a store without
 a host); ``$DISTSRV_TOKEN`` and ``$DISTSRV_TLS_*`` secure it as they do any server.
 
-Operations start at once and complete in the background, in the order they were issued, as
-torch's ``Work`` objects and futures expect; a failure surfaces as
-``torch.distributed.DistBackendError`` naming distsrv's error (``DeadlineExceededError`` past
-the group's timeout), chained to it.
+A collective torch waits on at once (a call without ``async_op``) runs in distsrv's blocking
+form; the rest start when called and complete in the background (their futures on one thread
+per group, in the order they were handed to it), as torch's ``Work`` objects and futures
+expect. A failure surfaces as ``torch.distributed.DistBackendError`` naming distsrv's error
+(``DeadlineExceededError`` past the group's timeout), chained to it.
 """
 
 from __future__ import annotations
