@@ -16,14 +16,14 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 .PHONY: develop
-develop: $(VENV)/.installed ## Build the extension (dev profile) into .venv with the test, torch and jax extras
+develop: $(VENV)/.installed ## Build the extension (dev profile) into .venv with the test, torch, jax and tensorflow extras
 	rm -f python/distsrv/_native*.so
-	maturin develop --quiet --extras test,torch,jax
+	maturin develop --quiet --extras test,torch,jax,tensorflow
 
 .PHONY: develop-release
 develop-release: $(VENV)/.installed ## Build the extension optimised, for benchmarks
 	rm -f python/distsrv/_native*.so
-	maturin develop --quiet --release --extras test,torch,jax
+	maturin develop --quiet --release --extras test,torch,jax,tensorflow
 
 .PHONY: demo
 demo: develop ## Set up and run the main job: a local cluster at work

@@ -20,7 +20,9 @@ with warnings.catch_warnings():
     # TensorFlow's import warns about its own dependencies; the suite turns warnings into errors.
     warnings.simplefilter("ignore")
     tf = pytest.importorskip(
-        "tensorflow", reason="TensorFlow is not installed (pip install tensorflow-cpu)"
+        "tensorflow",
+        reason="TensorFlow is not installed: `make develop` installs tensorflow-cpu (the "
+        "tensorflow extra) where PyPI has a wheel for it, Linux on x86-64 only",
     )
     from tensorflow.core.framework import device_attributes_pb2
 
