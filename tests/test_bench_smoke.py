@@ -139,9 +139,8 @@ def test_quick_collectives_benchmark_runs_torch_on_distsrv_beside_gloo() -> None
         timeout=200,
     )
     assert result.returncode == 0, result.stderr
-    rows = [line.split() for line in result.stdout.splitlines() if line.lstrip().startswith("2 ")]
-    peers = {" ".join(row[3:-3]) for row in rows if row[1:3] == ["all_reduce", "4"]}
-    assert peers == {"torch on distsrv", "torch gloo"}, result.stdout
+    peers = re.findall(r"^\s+2\s+all_reduce 4 KiB\s+(.+?)\s+\d+µs", result.stdout, re.MULTILINE)
+    assert sorted(peers) == ["torch gloo", "torch on distsrv"], result.stdout
 
 
 def test_quick_ddp_benchmark_times_distsrv_gloo_and_one_process() -> None:

@@ -245,6 +245,8 @@ def _forked_task(server: distsrv.Server, report: Connection) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+# JAX, imported by the session's other tests, warns at every fork of its process.
+@pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 def test_a_server_used_after_fork_fails_clearly_and_the_child_can_make_its_own() -> None:
     context = multiprocessing.get_context("fork")
     with distsrv.Server({"parent": ["127.0.0.1:0"]}) as server:

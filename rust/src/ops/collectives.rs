@@ -371,6 +371,12 @@ impl Group {
     }
 
     /// `task`'s rank, or `InvalidArgument` if it is not a member.
+    /// Whether an all_reduce of `bytes` goes round a ring (which can write its result into its
+    /// input's memory) rather than all-to-all.
+    pub fn rings(&self, bytes: usize) -> bool {
+        bytes * (self.members.len() - 1) > ALL_TO_ALL_BYTES
+    }
+
     pub fn rank_of(&self, task: &TaskId) -> Result<usize> {
         self.members
             .iter()
@@ -644,7 +650,7 @@ impl Collective {
     ) -> Result<Option<Tensor>> {
         let n = self.size();
         let len = data.len();
-        if len * (n - 1) <= ALL_TO_ALL_BYTES {
+        if !self.group.rings(len) {
             let arrivals = self.meet(head, |_| Some(data.clone())).await?;
             return self.reduced(op, meta, &arrivals).map(Some);
         }

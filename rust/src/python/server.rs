@@ -512,8 +512,13 @@ fn prepare(
 ) -> PyResult<Prepared> {
     let op = op.map(ReduceOp::parse).transpose().into_py()?;
     let kind = Kind::new(kind, op, root.map(|root| root.0)).into_py()?;
+    let members = group.map(|tasks| tasks.into_iter().map(|task| task.0).collect());
+    let group = server.group(members).into_py()?;
+    // Only a ring writes its result in place: an all-to-all's result is small, and copied.
     let in_place = match &array {
-        Some(array) if inplace && matches!(kind, Kind::AllReduce(_)) => array_in_place(array)?,
+        Some(array) if inplace && matches!(kind, Kind::AllReduce(_)) => {
+            array_in_place(array, |bytes| group.rings(bytes))?
+        }
         _ => None,
     };
     let (held, given, into) = match (array, in_place) {
@@ -524,8 +529,6 @@ fn prepare(
         }
         (None, None) => (None, None, None),
     };
-    let members = group.map(|tasks| tasks.into_iter().map(|task| task.0).collect());
-    let group = server.group(members).into_py()?;
     group
         .check(&kind, given.as_ref().map(|(meta, _)| meta))
         .into_py()?;

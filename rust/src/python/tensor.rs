@@ -312,12 +312,17 @@ pub fn array_in(array: &Bound<'_, PyAny>) -> PyResult<(TensorMeta, HeldBuffer, B
 
 /// A writable C-contiguous ndarray of a dtype the wire carries, as `array_in` lends it, and
 /// the same memory for an in-place collective's result, which holds it until the collective
-/// ends; None for any other array (it goes through `array_in`, and its result is a new one).
+/// ends; None for any other array, or one whose size `wanted` refuses (it goes through
+/// `array_in`, and its result is a new one).
 pub fn array_in_place(
     array: &Bound<'_, PyAny>,
+    wanted: impl Fn(usize) -> bool,
 ) -> PyResult<Option<(TensorMeta, Bytes, ResultMemory)>> {
     let py = array.py();
     if !array.is_instance(NDARRAY.import(py, "numpy", "ndarray")?)? {
+        return Ok(None);
+    }
+    if !wanted(array.getattr(intern!(py, "nbytes"))?.extract()?) {
         return Ok(None);
     }
     let codes = CODES.import(py, "distsrv.tensors", "DTYPE_CODES")?;
@@ -339,8 +344,26 @@ pub fn array_in_place(
     };
     // SAFETY: the export, held by the memory's owner until it is dropped, keeps the array's
     // memory in place; `free` resolves true only when no lent view of it remains.
-    let memory = unsafe { ResultMemory::new(ptr, len, free, held) };
+    let memory = unsafe { ResultMemory::new(ptr, len, free, ResultHold(Some(held))) };
     Ok(Some((meta, bytes, memory)))
+}
+
+/// The hold on an in-place collective's array, given back when its result memory is dropped:
+/// at once where no lent view of it remains, else by a thread of its own that waits for them
+/// (as `HeldBuffer::release` does), since the task dropping it must not block.
+struct ResultHold(Option<HeldBuffer>);
+
+impl Drop for ResultHold {
+    fn drop(&mut self) {
+        let Some(held) = self.0.take() else {
+            return;
+        };
+        if held.returned.is_done() {
+            drop(held);
+        } else {
+            std::thread::spawn(move || drop(held));
+        }
+    }
 }
 
 /// A received tensor as an ordinary writable numpy array over its buffer: nothing is copied.
