@@ -21,9 +21,16 @@ RANKS = pathlib.Path(__file__).with_name("torch_ranks.py")
 
 
 def run_ranks(
-    scenario: str, backend: str, world: int, *, env_init: bool = False, output: str = ""
+    scenario: str,
+    backend: str,
+    world: int,
+    *,
+    env_init: bool = False,
+    output: str = "",
+    finishing: int | None = None,
 ) -> list[str]:
-    """Runs ``world`` ranks of ``scenario`` to their end; every rank's output."""
+    """Runs ``world`` ranks of ``scenario``, the first ``finishing`` (all by default) to their
+    end, then kills the rest; the output of those that finished."""
     port = free_ports(1)[0]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if env_init:
@@ -44,7 +51,7 @@ def run_ranks(
     ]
     outputs = []
     try:
-        for rank, process in enumerate(processes):
+        for rank, process in enumerate(processes[:finishing]):
             out, _ = process.communicate(timeout=90)
             assert process.returncode == 0, f"rank {rank} of {scenario} failed:\n{out}"
             assert f"ok {scenario}" in out, out
@@ -52,7 +59,7 @@ def run_ranks(
     finally:
         for process in processes:
             process.kill()
-            process.wait()
+            process.communicate()
     return outputs
 
 
@@ -75,3 +82,10 @@ def test_ddp_over_distsrv_trains_as_over_gloo(tmp_path: pathlib.Path) -> None:
 
 def test_a_collective_past_the_group_timeout_is_torch_s_backend_error() -> None:
     run_ranks("timeout", "distsrv", 2)
+
+
+@pytest.mark.parametrize("how", ["killed", "frozen"])
+def test_a_lost_rank_fails_the_others_within_peer_timeout(how: str) -> None:
+    """pg_options=distsrv.ServerConfig(peer_timeout=1.0): a rank that dies, or stops answering,
+    fails the others' next all_reduce with DistBackendError (UnavailableError) in seconds."""
+    run_ranks(how, "distsrv", 3, finishing=2)

@@ -4,6 +4,8 @@ what it can itself and prints ``ok SCENARIO``; ddp saves the trained parameters 
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 from datetime import timedelta
@@ -13,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.testing import assert_close
 
+import distsrv
 import distsrv.errors
 import distsrv.torch
 
@@ -140,6 +143,20 @@ def timeout(rank: int, world: int) -> None:
     assert 1.5 < time.monotonic() - started < 10, time.monotonic() - started
 
 
+def lost(rank: int, world: int, how: str) -> None:
+    """The last rank is killed (or frozen) after a barrier: within the tasks' peer_timeout the
+    others' all_reduce fails with torch's backend error, naming distsrv's UnavailableError."""
+    dist.barrier()
+    if rank == world - 1:
+        os.kill(os.getpid(), signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+    started = time.monotonic()
+    with pytest.raises(dist.DistBackendError, match="UnavailableError") as failure:
+        dist.all_reduce(torch.ones(1 << 10))
+    assert isinstance(failure.value.__cause__, distsrv.errors.UnavailableError)
+    # peer_timeout is 1 s; the group's timeout (60 s) is far off.
+    assert time.monotonic() - started < 15, time.monotonic() - started
+
+
 def main() -> None:
     scenario, backend, rank, world, init_method = sys.argv[1:6]
     group_timeout = timedelta(seconds=2 if scenario == "timeout" else 60)
@@ -149,6 +166,7 @@ def main() -> None:
         world_size=int(world),
         init_method=init_method,
         timeout=group_timeout,
+        pg_options=distsrv.ServerConfig(peer_timeout=1.0) if backend == "distsrv" else None,
     )
     if scenario == "collectives":
         collectives(int(rank), int(world))
@@ -156,6 +174,10 @@ def main() -> None:
         ddp(int(rank), int(world), sys.argv[6])
     elif scenario == "timeout":
         timeout(int(rank), int(world))
+    elif scenario in ("killed", "frozen"):
+        lost(int(rank), int(world), scenario)
+        print(f"ok {scenario}", flush=True)
+        os._exit(0)  # past a lost peer, torch's teardown would wait for it
     if scenario != "timeout":
         dist.destroy_process_group()
     print(f"ok {scenario}", flush=True)

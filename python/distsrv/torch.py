@@ -13,7 +13,9 @@ splits, ``barrier``, ``send``/``recv``/``isend``/``irecv``) run over distsrv, an
 server of its own, one task per rank, which finds the others through the group's store (the
 ``init_method``: ``env://``, ``tcp://``, a file). A task listens on ``$DISTSRV_HOST`` if set,
 else on the address its route to the store's host leaves from (127.0.0.1 for a store without
-a host); ``$DISTSRV_TOKEN`` and ``$DISTSRV_TLS_*`` secure it as they do any server.
+a host); ``$DISTSRV_TOKEN`` and ``$DISTSRV_TLS_*`` secure it as they do any server, and
+``init_process_group``'s ``pg_options`` may be its :class:`distsrv.ServerConfig` (a shorter
+``peer_timeout``, say: a rank lost or frozen fails the others' operations within it).
 
 A collective torch waits on at once (a call without ``async_op``) runs in distsrv's blocking
 form; the rest start when called and complete in the background (their futures on one thread
@@ -36,6 +38,7 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import PrefixStore, Store, TCPStore
 from torch._C._distributed_c10d import Work as TorchWork
 
+from distsrv.config import ServerConfig
 from distsrv.errors import OpError
 from distsrv.launch import free_ports
 from distsrv.rendezvous import host_towards
@@ -156,6 +159,7 @@ class ProcessGroup(dist.ProcessGroup):
         world_size: int,
         timeout: timedelta,
         global_ranks: Sequence[int] | None = None,
+        config: ServerConfig | None = None,
     ) -> None:
         super().__init__(rank, world_size)
         self._timeout = timeout.total_seconds()
@@ -173,6 +177,7 @@ class ProcessGroup(dist.ProcessGroup):
             {JOB: tasks},
             job_name=JOB,
             task_index=self._global_ranks[rank],
+            config=config,
             security=Security.from_env(),
         )
         self._server.wait_for_cluster(self._timeout)
@@ -429,12 +434,20 @@ def _copy_rows(rows: Any, targets: Tensors) -> None:
 
 
 def _create(options: Any, backend_options: Any) -> ProcessGroup:
+    """The group torch asks for; ``init_process_group``'s ``pg_options`` may be the
+    :class:`distsrv.ServerConfig` of its tasks."""
+    if backend_options is not None and not isinstance(backend_options, ServerConfig):
+        raise TypeError(
+            "pg_options of the distsrv backend must be a distsrv.ServerConfig, not "
+            f"{type(backend_options).__name__}"
+        )
     return ProcessGroup(
         options.store,
         options.group_rank,
         options.group_size,
         options.timeout,
         options.global_ranks_in_group,
+        backend_options,
     )
 
 
