@@ -70,6 +70,15 @@ def collectives(rank: int, world: int) -> None:
     swapped = torch.zeros(world)
     dist.all_to_all_single(swapped, torch.arange(float(world)) + 100 * rank)
     assert_close(swapped, 100 * ranks.float() + rank)
+    # Uneven splits: rank r sends j + 1 elements to rank j, so receives r + 1 from each.
+    uneven = torch.zeros((rank + 1) * world)
+    dist.all_to_all_single(
+        uneven,
+        torch.cat([torch.full((j + 1,), 100.0 * rank + j) for j in range(world)]),
+        output_split_sizes=[rank + 1] * world,
+        input_split_sizes=[j + 1 for j in range(world)],
+    )
+    assert_close(uneven, (100 * ranks.float() + rank).repeat_interleave(rank + 1))
     parts = [torch.zeros(1) for _ in range(world)]
     dist.all_to_all(parts, [torch.full((1,), 100.0 * rank + j) for j in range(world)])
     assert_close(torch.cat(parts), 100 * ranks.float() + rank)

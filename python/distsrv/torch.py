@@ -6,14 +6,14 @@ Importing this module registers the backend ``"distsrv"`` for CPU tensors::
     torch.distributed.init_process_group("distsrv", rank=rank, world_size=world_size)
 
 Then torch's collectives (``all_reduce`` with SUM, AVG, PRODUCT, MIN and MAX, ``broadcast``,
-``all_gather`` and ``all_gather_into_tensor``, ``reduce_scatter`` and
-``reduce_scatter_tensor``, ``reduce``, ``gather``, ``scatter``, ``all_to_all`` with even
-splits, ``barrier``, ``send``/``recv``/``isend``/``irecv``) run over distsrv, and
-``DistributedDataParallel`` works on the group unchanged. Each process group is a distsrv
-server of its own, one task per rank, which finds the others through the group's store (the
+``all_gather`` and ``all_gather_into_tensor``, ``reduce_scatter`` and ``reduce_scatter_tensor``,
+``reduce``, ``gather``, ``scatter``, ``all_to_all`` (uneven splits as point-to-point messages),
+``barrier``, ``send``/``recv``/``isend``/``irecv``) run over distsrv, and
+``DistributedDataParallel`` works on the group unchanged. Each process group is a distsrv server
+of its own, one task per rank, which finds the others through the group's store (the
 ``init_method``: ``env://``, ``tcp://``, a file). A task listens on ``$DISTSRV_HOST`` if set,
-else on the address its route to the store's host leaves from (127.0.0.1 for a store without
-a host); ``$DISTSRV_TOKEN`` and ``$DISTSRV_TLS_*`` secure it as they do any server, and
+else on the address its route to the store's host leaves from (127.0.0.1 for a store without a
+host); ``$DISTSRV_TOKEN`` and ``$DISTSRV_TLS_*`` secure it as they do any server, and
 ``init_process_group``'s ``pg_options`` may be its :class:`distsrv.ServerConfig` (a shorter
 ``peer_timeout``, say: a rank lost or frozen fails the others' operations within it).
 
@@ -181,6 +181,7 @@ class ProcessGroup(dist.ProcessGroup):
             security=Security.from_env(),
         )
         self._server.wait_for_cluster(self._timeout)
+        self._uneven_calls = 0
         self._collectives = _Completer(f"distsrv-torch-{rank}-collectives")
         self._messages = _Completer(f"distsrv-torch-{rank}-messages")
 
@@ -302,10 +303,43 @@ class ProcessGroup(dist.ProcessGroup):
         opts: Any,
     ) -> Work:
         if len(set(output_split_sizes)) > 1 or len(set(input_split_sizes)) > 1:
-            raise ValueError("the distsrv backend's all_to_all takes even splits only")
+            return self._uneven_all_to_all(
+                output, input, output_split_sizes, input_split_sizes, opts
+            )
         rows = output.view(self.size(), -1)
         wait = self._start(opts, "all_to_all", input.reshape(self.size(), -1), out=rows)
         return self._collective([wait], [output])
+
+    def _uneven_all_to_all(
+        self,
+        output: torch.Tensor,
+        input: torch.Tensor,
+        output_split_sizes: Sequence[int],
+        input_split_sizes: Sequence[int],
+        opts: Any,
+    ) -> Work:
+        """Chunk ``j`` of the input to rank ``j`` and chunk ``i`` of the output from rank ``i``,
+        as messages named by the call's place among this group's uneven all_to_alls (which
+        every rank makes in the same order, as it makes all its collectives)."""
+        self._uneven_calls += 1
+        name = f"torch.all_to_all/{self._uneven_calls}"
+        even = [output.shape[0] // self.size()] * self.size()
+        received = torch.split(output, list(output_split_sizes) or even)
+        sent = torch.split(input, list(input_split_sizes) or even)
+        me = self.rank()
+        timeout = self._seconds(opts)
+        handles = [
+            self._server.irecv(name, self._task(rank), timeout, out=chunk)
+            for rank, chunk in enumerate(received)
+            if rank != me
+        ]
+        handles += [
+            self._server.isend(name, chunk, self._task(rank))
+            for rank, chunk in enumerate(sent)
+            if rank != me
+        ]
+        received[me].copy_(sent[me])
+        return self._collective([handle.wait for handle in handles], [output])
 
     def alltoall(self, outputs: Tensors, inputs: Tensors, opts: Any) -> Work:
         wait = self._start(opts, "all_to_all", torch.stack(inputs))
