@@ -97,6 +97,11 @@ def collectives(rank: int, world: int) -> None:
     dist.recv(incoming, before)
     outgoing.wait()
     assert_close(incoming, torch.full((3,), float(before)))
+    # From any source: torch learns who sent it.
+    outgoing = dist.isend(torch.full((3,), rank + 0.25), after, tag=9)
+    assert dist.recv(incoming, tag=9) == before
+    outgoing.wait()
+    assert_close(incoming, torch.full((3,), before + 0.25))
     request = dist.irecv(incoming, before, tag=5)
     dist.send(torch.full((3,), rank + 0.5), after, tag=5)
     request.wait()

@@ -76,6 +76,8 @@ class Work(TorchWork):
         self._completer = completer
         self._claim = threading.Lock()
         self._future: torch.futures.Future[Tensors] = torch.futures.Future()
+        #: The group rank a receive from any source got its tensor from, once it has.
+        self.source: int | None = None
 
     def wait(self, timeout: timedelta | None = None) -> bool:
         self.complete()
@@ -92,6 +94,13 @@ class Work(TorchWork):
 
     def is_success(self) -> bool:
         return self.is_completed() and self.exception() is None
+
+    def _source_rank(self) -> int:
+        if self.source is None:
+            raise RuntimeError("only a finished receive from any source has a source rank")
+        return self.source
+
+    source_rank = _source_rank
 
     def exception(self) -> BaseException | None:
         if not self._future.done():
@@ -328,18 +337,19 @@ class ProcessGroup(dist.ProcessGroup):
         sent = torch.split(input, list(input_split_sizes) or even)
         me = self.rank()
         timeout = self._seconds(opts)
-        handles = [
+        receives = [
             self._server.irecv(name, self._task(rank), timeout, out=chunk)
             for rank, chunk in enumerate(received)
             if rank != me
         ]
-        handles += [
+        sends = [
             self._server.isend(name, chunk, self._task(rank))
             for rank, chunk in enumerate(sent)
             if rank != me
         ]
         received[me].copy_(sent[me])
-        return self._collective([handle.wait for handle in handles], [output])
+        waits = [handle.wait for handle in receives] + [handle.wait for handle in sends]
+        return self._collective(waits, [output])
 
     def alltoall(self, outputs: Tensors, inputs: Tensors, opts: Any) -> Work:
         wait = self._start(opts, "all_to_all", torch.stack(inputs))
@@ -389,10 +399,13 @@ class ProcessGroup(dist.ProcessGroup):
         def finish() -> Tensors:
             others = [self._task(r) for r in range(self.size()) if r != self.rank()]
             for t in tensors:
-                self._server.recv_any(_message(tag), others, self._timeout, out=t)
+                source, _ = self._server.recv_any(_message(tag), others, self._timeout, out=t)
+                index = int(source.rsplit(":", 1)[1])  # "/job:worker/task:<global rank>"
+                work.source = self._global_ranks.index(index)
             return tensors
 
-        return self._messages.work(finish)
+        work = self._messages.work(finish)
+        return work
 
     # -- helpers ----------------------------------------------------------------------------
 
