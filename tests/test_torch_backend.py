@@ -28,9 +28,11 @@ def run_ranks(
     env_init: bool = False,
     output: str = "",
     finishing: int | None = None,
+    rank_env: dict[str, str] | None = None,
 ) -> list[str]:
     """Runs ``world`` ranks of ``scenario``, the first ``finishing`` (all by default) to their
-    end, then kills the rest; the output of those that finished."""
+    end, then kills the rest; the output of those that finished. ``rank_env``'s variables are
+    set to their value followed by the rank."""
     port = free_ports(1)[0]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if env_init:
@@ -42,7 +44,7 @@ def run_ranks(
         subprocess.Popen(
             [sys.executable, str(RANKS), scenario, backend, str(rank), str(world), init_method]
             + ([f"{output}.{rank}"] if output else []),
-            env=env,
+            env={**env, **{name: f"{value}{rank}" for name, value in (rank_env or {}).items()}},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -89,3 +91,12 @@ def test_a_lost_rank_fails_the_others_within_peer_timeout(how: str) -> None:
     """pg_options=distsrv.ServerConfig(peer_timeout=1.0): a rank that dies, or stops answering,
     fails the others' next all_reduce with DistBackendError (UnavailableError) in seconds."""
     run_ranks(how, "distsrv", 3, finishing=2)
+
+
+def test_ranks_with_different_tokens_cannot_form_a_group() -> None:
+    run_ranks("wrong-token", "distsrv", 2, rank_env={"DISTSRV_TOKEN": "secret-of-rank-"})
+
+
+def test_ranks_with_one_token_form_a_secured_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISTSRV_TOKEN", "the-cluster-s-token")
+    run_ranks("collectives", "distsrv", 2, env_init=True)

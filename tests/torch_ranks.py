@@ -171,8 +171,26 @@ def lost(rank: int, world: int, how: str) -> None:
     assert time.monotonic() - started < 15, time.monotonic() - started
 
 
+def wrong_token(rank: int, world: int, init_method: str) -> None:
+    """Every rank has its own token ($DISTSRV_TOKEN): none admits another, and joining the
+    group fails within its timeout with torch's backend error saying the token is wrong."""
+    with pytest.raises(dist.DistBackendError, match="requires the cluster's token") as failure:
+        dist.init_process_group(
+            "distsrv",
+            rank=rank,
+            world_size=world,
+            init_method=init_method,
+            timeout=timedelta(seconds=3),
+        )
+    assert isinstance(failure.value.__cause__, distsrv.errors.OpError)
+
+
 def main() -> None:
     scenario, backend, rank, world, init_method = sys.argv[1:6]
+    if scenario == "wrong-token":
+        wrong_token(int(rank), int(world), init_method)
+        print(f"ok {scenario}", flush=True)
+        return
     group_timeout = timedelta(seconds=2 if scenario == "timeout" else 60)
     dist.init_process_group(
         backend,

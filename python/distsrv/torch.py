@@ -120,7 +120,7 @@ class Work(TorchWork):
         try:
             tensors = finish()
         except OpError as error:
-            failure = dist.DistBackendError(f"distsrv: {type(error).__name__}: {error}")
+            failure = _torch_error(error)
             failure.__cause__ = error
             # torch's stub types set_exception's argument as the future's value.
             self._future.set_exception(failure)  # type: ignore[arg-type]
@@ -450,6 +450,11 @@ class ProcessGroup(dist.ProcessGroup):
         return own if own > 0 else self._timeout
 
 
+def _torch_error(error: OpError) -> dist.DistBackendError:
+    """distsrv's ``error`` as torch's backend error, which names it."""
+    return dist.DistBackendError(f"distsrv: {type(error).__name__}: {error}")
+
+
 def _own_host(store: Store) -> str:
     if host := os.environ.get("DISTSRV_HOST"):
         return host
@@ -488,14 +493,17 @@ def _create(options: Any, backend_options: Any) -> ProcessGroup:
             "pg_options of the distsrv backend must be a distsrv.ServerConfig, not "
             f"{type(backend_options).__name__}"
         )
-    return ProcessGroup(
-        options.store,
-        options.group_rank,
-        options.group_size,
-        options.timeout,
-        options.global_ranks_in_group,
-        backend_options,
-    )
+    try:
+        return ProcessGroup(
+            options.store,
+            options.group_rank,
+            options.group_size,
+            options.timeout,
+            options.global_ranks_in_group,
+            backend_options,
+        )
+    except OpError as error:  # a peer refused (a wrong token) or never came up
+        raise _torch_error(error) from error
 
 
 dist.Backend.register_backend(BACKEND, _create, extended_api=True, devices=["cpu"])
