@@ -20,8 +20,9 @@ __all__ = ["TensorLike", "as_array", "like", "writable_view"]
 #: tensor, a JAX array (read only), or any DLPack or buffer-protocol tensor in CPU memory.
 TensorLike = Any
 
-# DLPack's device types (dlpack.h) whose memory the CPU can read in place.
-_HOST_DEVICES = {1: "cpu", 3: "cuda_host", 11: "rocm_host"}
+# DLPack's device types (dlpack.h) whose memory the CPU can read in place: CPU, CUDA and ROCm
+# pinned host memory.
+_HOST_DEVICES = frozenset({1, 3, 11})
 _DEVICE_NAMES = {2: "cuda", 4: "opencl", 7: "vulkan", 8: "metal", 10: "rocm", 13: "cuda_managed"}
 
 
