@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import PrefixStore, Store, TCPStore
 from torch._C._distributed_c10d import Work as TorchWork
 
+from distsrv import _native
 from distsrv.config import ServerConfig
 from distsrv.errors import OpError
 from distsrv.launch import free_ports
@@ -400,8 +401,8 @@ class ProcessGroup(dist.ProcessGroup):
             others = [self._task(r) for r in range(self.size()) if r != self.rank()]
             for t in tensors:
                 source, _ = self._server.recv_any(_message(tag), others, self._timeout, out=t)
-                index = int(source.rsplit(":", 1)[1])  # "/job:worker/task:<global rank>"
-                work.source = self._global_ranks.index(index)
+                _, global_rank = _native.parse_task(source)
+                work.source = self._global_ranks.index(global_rank)
             return tensors
 
         work = self._messages.work(finish)

@@ -370,13 +370,13 @@ impl Group {
         Ok(group)
     }
 
-    /// `task`'s rank, or `InvalidArgument` if it is not a member.
     /// Whether an all_reduce of `bytes` goes round a ring (which can write its result into its
     /// input's memory) rather than all-to-all.
     pub fn rings(&self, bytes: usize) -> bool {
         bytes * (self.members.len() - 1) > ALL_TO_ALL_BYTES
     }
 
+    /// `task`'s rank, or `InvalidArgument` if it is not a member.
     pub fn rank_of(&self, task: &TaskId) -> Result<usize> {
         self.members
             .iter()
